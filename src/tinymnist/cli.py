@@ -1,0 +1,187 @@
+"""The tinymnist command line. Every subcommand is a thin wrapper over library functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .errors import TinyMnistError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except None/False ones, whose help text already says what happens."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return v
+
+
+def _add_data_device(p: argparse.ArgumentParser) -> None:
+    from .data import ENV_VAR, default_data_dir
+    from .device import DEVICES
+
+    p.add_argument("--data-dir", default=None,
+                   help=f"directory holding the MNIST files (default: ${ENV_VAR}, else {default_data_dir()})")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where to train")
+    p.add_argument("--threads", type=_nonneg_int, default=0, help="CPU threads (0 = one per available core)")
+
+
+def _add_recipe_overrides(p: argparse.ArgumentParser) -> None:
+    """Options that override single fields of a step's recipe; unset ones keep the recipe's value."""
+    from .config import OPTIMIZERS, SCHEDULERS
+
+    g = p.add_argument_group("recipe overrides (default: the step's own value)")
+    g.add_argument("--epochs", type=_positive_int, default=None, help="number of epochs")
+    g.add_argument("--batch-size", type=_positive_int, default=None, help="training batch size")
+    g.add_argument("--lr", type=_positive_float, default=None, help="learning rate (the peak LR under onecycle)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="optimizer")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="LR schedule")
+    g.add_argument("--weight-decay", type=float, default=None, help="weight decay")
+    g.add_argument("--dropout", type=_fraction, default=None, help="dropout after each conv block")
+    g.add_argument("--limit-batches", type=_nonneg_int, default=None,
+                   help="at most this many train and test batches per epoch (smoke tests)")
+
+
+def _overrides(args: argparse.Namespace, **extra) -> dict:
+    keys = ("epochs", "batch_size", "lr", "optimizer", "scheduler", "weight_decay", "dropout", "limit_batches")
+    values = {k: getattr(args, k) for k in keys}
+    values.update(extra)
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .experiments import final_step, step_names
+    from .model import list_models
+
+    fmt = _Help
+    parser = _Parser(prog="tinymnist", formatter_class=fmt,
+                     description="Tiny CNNs for MNIST: train, summarise, check and use them.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("models", help="list the models and their parameter counts", formatter_class=fmt)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("summary", help="per-layer shapes, parameters, receptive field and MACs", formatter_class=fmt)
+    p.add_argument("model", choices=list_models(), metavar="MODEL", help=f"one of: {', '.join(list_models())}")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("train", help="train a step's recipe (default: the final step) and write a run directory",
+                       formatter_class=fmt)
+    p.add_argument("--step", choices=step_names(), default=None, metavar="STEP",
+                   help=f"experiment step whose recipe to train (one of: {', '.join(step_names())}; "
+                        f"default: {final_step().name})")
+    p.add_argument("--model", choices=list_models(), default=None, metavar="NAME",
+                   help=f"train this model with the step's recipe (one of: {', '.join(list_models())})")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seeds every RNG")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<name>-<timestamp>/)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_recipe_overrides(p)
+    _add_data_device(p)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .model import create_model, list_models, model_class
+
+    for name in list_models():
+        doc = (model_class(name).__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<10}{create_model(name).num_params():>9,} params  {doc}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .model import create_model
+    from .summary import format_summary, summarize
+
+    print(format_summary(summarize(create_model(args.model)), title=args.model))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import override
+    from .experiments import final_step, get_step
+    from .runs import train_run
+
+    step = get_step(args.step) if args.step else final_step()
+    name = step.name if args.model is None else args.model
+    cfg = override(step.config, _overrides(args, seed=args.seed, model=args.model)).validate()
+    run_dir, history = train_run(cfg, out=args.out, data_dir=args.data_dir, device=args.device, name=name,
+                                 progress=False if args.no_progress else None, threads=args.threads)
+    best = max(history, key=lambda r: r["test_acc"])
+    print(f"best test accuracy {best['test_acc']:.2f}% (epoch {best['epoch']}); "
+          f"final {history[-1]['test_acc']:.2f}%; run directory: {run_dir}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `tinymnist` console script."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except TinyMnistError as e:
+        print(f"tinymnist: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tinymnist: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

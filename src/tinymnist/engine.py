@@ -1,0 +1,133 @@
+"""The training loop: train_epoch and evaluate return their metrics; fit runs a whole recipe."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .config import TrainConfig
+from .data import MNIST, Loader
+from .device import seed_everything, sync
+from .model import Net, create_model
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Average loss and accuracy (percent) over `total` samples."""
+
+    loss: float
+    correct: int
+    total: int
+
+    @property
+    def acc(self) -> float:
+        return 100.0 * self.correct / max(1, self.total)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov), Adam or AdamW, as the config says."""
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Return (scheduler, per_batch): OneCycleLR steps every batch, StepLR every epoch, 'none' never."""
+    if cfg.scheduler == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, pct_start=cfg.pct_start,
+            div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor, cycle_momentum=False)
+        return sched, True
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma), False
+    return None, False
+
+
+def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler=None,
+                label_smoothing: float = 0.0, desc: str = "train", progress: Optional[bool] = None) -> Metrics:
+    """One pass over `loader`. Counts stay on the device; the host reads them once, at the end."""
+    model.train()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    # progress=None lets tqdm decide: a bar on a terminal, nothing in a log file
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if progress is None else not progress, dynamic_ncols=True)
+    refresh = max(1, len(loader) // 25)  # the bar reads the counters ~25 times an epoch, not every step
+    for i, (x, y) in enumerate(bar):
+        out = model(x)
+        loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = y.shape[0]
+        seen += n
+        loss_sum += loss.detach() * n
+        correct += (out.detach().argmax(1) == y).sum()
+        if not bar.disable and (i + 1) % refresh == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}%",
+                            lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+    return Metrics(loss_sum.item() / max(1, seen), int(correct.item()), seen)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: Loader, verbose: bool = True) -> Metrics:
+    """Average loss and accuracy on `loader`, printed in the classic one-line form when verbose."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    for x, y in loader:
+        out = model(x)
+        loss_sum += F.cross_entropy(out, y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        seen += y.shape[0]
+    m = Metrics(loss_sum.item() / max(1, seen), int(correct.item()), seen)
+    if verbose:
+        print(f"Test set: Average loss: {m.loss:.4f}, Accuracy: {m.correct}/{m.total} ({m.acc:.2f}%)")
+    return m
+
+
+def fit(cfg: TrainConfig, data: MNIST, on_epoch: Optional[Callable[[dict, Net], None]] = None,
+        progress: Optional[bool] = None, verbose: bool = True) -> tuple[Net, list[dict]]:
+    """Train `cfg` on `data` (already on the training device); return the model and per-epoch history."""
+    device = data.train_images.device
+    seed_everything(cfg.seed)
+    model = create_model(cfg.model, dropout=cfg.dropout).to(device)
+    train = Loader(data.train_images, data.train_labels, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                   aug=cfg.aug, limit_batches=cfg.limit_batches)
+    test = Loader(data.test_images, data.test_labels, cfg.eval_batch_size, limit_batches=cfg.limit_batches)
+    optimizer = make_optimizer(model, cfg)
+    scheduler, per_batch = make_scheduler(optimizer, cfg, len(train))
+    history: list[dict] = []
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]  # the LR at the start of the epoch
+        tr = train_epoch(model, train, optimizer, scheduler if per_batch else None, cfg.label_smoothing,
+                         desc=f"epoch {epoch}/{cfg.epochs}", progress=progress)
+        if verbose:
+            print(f"Epoch {epoch:2d}/{cfg.epochs}: train loss {tr.loss:.4f}, train accuracy {tr.acc:.2f}%, lr {lr:.3e}")
+        te = evaluate(model, test, verbose=verbose)
+        if scheduler is not None and not per_batch:
+            scheduler.step()
+        sync(device)
+        record = {"epoch": epoch, "train_loss": round(tr.loss, 6), "train_acc": round(tr.acc, 4),
+                  "test_loss": round(te.loss, 6), "test_acc": round(te.acc, 4), "lr": lr,
+                  "seconds": round(time.perf_counter() - t0, 3)}
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record, model)
+    return model, history

@@ -1,0 +1,112 @@
+"""The experiment series: an ordered list of steps, each a model, a full recipe, a Target and an Analysis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .config import AugConfig, TrainConfig
+from .errors import TinyMnistError
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # short id used on the command line and under results/
+    title: str  # heading in the README
+    config: TrainConfig  # the full training recipe, model included
+    target: str  # what this step sets out to show, written before it ran
+    analysis: str  # what happened, why, and what the next step changes; written after seeing the result
+
+
+# Steps 1-5 keep the classic recipe (plain SGD, LR 0.01, no schedule, no augmentation) so that each
+# change of architecture is measured alone; later steps change one training ingredient at a time.
+_CLASSIC = TrainConfig(epochs=15, batch_size=128, optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False)
+_AUG = AugConfig(rotate=10.0, translate=0.08, scale=0.08)
+
+STEPS: tuple[Step, ...] = (
+    Step(
+        name="setup",
+        title="1. Setup: a working pipeline with a large model",
+        config=replace(_CLASSIC, model="Model_1"),
+        target="Get the data, loader, training loop, evaluation and logging right end to end, with a model big "
+               "enough that capacity is not the question: no batch norm, no regularisation, no schedule.",
+        analysis="",
+    ),
+    Step(
+        name="skeleton",
+        title="2. Skeleton: the shape of the final network",
+        config=replace(_CLASSIC, model="Model_2"),
+        target="Fix the architecture's shape before its size: two 3x3 blocks, a transition (max pool, then a 1x1 "
+               "conv that squeezes channels), three 3x3 blocks down to 6x6, and a classifier whose receptive "
+               "field covers the whole 28x28 digit. Expect roughly the same accuracy as step 1 at a quarter "
+               "of the parameters.",
+        analysis="",
+    ),
+    Step(
+        name="lighter",
+        title="3. Lighter: under 8,000 parameters",
+        config=replace(_CLASSIC, model="Model_3"),
+        target="Meet the parameter budget by cutting channels (8-12 wide) without changing the shape. Expect "
+               "slower, noisier training: without normalisation a thin, deep net is hard to optimise with "
+               "plain SGD.",
+        analysis="",
+    ),
+    Step(
+        name="batchnorm",
+        title="4. Batch norm",
+        config=replace(_CLASSIC, model="Model_4"),
+        target="Add batch norm after every conv (48 parameters). Expect faster, steadier convergence and a "
+               "higher test accuracy, and a train accuracy that runs ahead of the test accuracy.",
+        analysis="",
+    ),
+    Step(
+        name="dropout",
+        title="5. Regularisation: dropout",
+        config=replace(_CLASSIC, model="Model_5"),
+        target="Add 5% dropout after every block to close the train/test gap of step 4.",
+        analysis="",
+    ),
+    Step(
+        name="gap",
+        title="6. GAP, capacity and receptive field",
+        config=replace(_CLASSIC, model="Model_6"),
+        target="Replace the 6x6 classifier conv (3,600 of step 5's parameters, half the budget) with global "
+               "average pooling and a 1x1 conv (160), and spend the saving on width: 16 channels instead of "
+               "10-12, still under 8,000 parameters, receptive field 28 at the output.",
+        analysis="",
+    ),
+    Step(
+        name="augmentation",
+        title="7. Augmentation instead of dropout",
+        config=replace(_CLASSIC, model="Model_6", dropout=0.0, aug=_AUG),
+        target="Regularise with data instead of noise: random rotation (+-10 degrees), shift (+-8%) and zoom "
+               "(+-8%) of every training image, applied per sample on the whole batch, with dropout off. "
+               "Expect train accuracy below test accuracy, and a test accuracy that no longer plateaus early.",
+        analysis="",
+    ),
+    Step(
+        name="final",
+        title="8. Final: OneCycle LR schedule",
+        config=replace(_CLASSIC, model="Model_6", dropout=0.0, aug=_AUG, lr=0.1, nesterov=True,
+                       weight_decay=1e-4, scheduler="onecycle", pct_start=0.25),
+        target="Reach 99.4% in every one of the last 5 of 15 epochs, for every seed: warm the LR up to 0.1 "
+               "over the first quarter, then anneal it to 1e-4 (OneCycle, stepped per batch), with Nesterov "
+               "momentum and a little weight decay, so the last epochs settle instead of bouncing.",
+        analysis="",
+    ),
+)
+
+
+def step_names() -> list[str]:
+    return [s.name for s in STEPS]
+
+
+def get_step(name: str) -> Step:
+    for s in STEPS:
+        if s.name == name:
+            return s
+    raise TinyMnistError(f"unknown step {name!r} (choose from {', '.join(step_names())})")
+
+
+def final_step() -> Step:
+    """The last step: the headline model and recipe."""
+    return STEPS[-1]

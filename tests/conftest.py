@@ -1,0 +1,58 @@
+"""Shared fixtures: synthetic IDX files and the real MNIST directory."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REAL_DATA = os.environ.get("TINYMNIST_DATA")
+
+
+def idx_bytes(array: torch.Tensor) -> bytes:
+    """Encode a uint8 tensor as an IDX file."""
+    head = bytes([0, 0, 0x08, array.dim()]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return head + array.contiguous().numpy().tobytes()
+
+
+def synthetic_mnist(root: Path, n_train: int = 64, n_test: int = 32, gz: bool = True, seed: int = 0) -> dict:
+    """Write four small valid MNIST-format files; return name -> bytes as written."""
+    g = torch.Generator().manual_seed(seed)
+    arrays = {
+        "train-images-idx3-ubyte": torch.randint(0, 256, (n_train, 28, 28), generator=g, dtype=torch.uint8),
+        "train-labels-idx1-ubyte": torch.randint(0, 10, (n_train,), generator=g, dtype=torch.uint8),
+        "t10k-images-idx3-ubyte": torch.randint(0, 256, (n_test, 28, 28), generator=g, dtype=torch.uint8),
+        "t10k-labels-idx1-ubyte": torch.randint(0, 10, (n_test,), generator=g, dtype=torch.uint8),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, arr in arrays.items():
+        raw = idx_bytes(arr)
+        data = gzip.compress(raw, mtime=0) if gz else raw
+        fname = name + (".gz" if gz else "")
+        (root / fname).write_bytes(data)
+        written[fname] = data
+    return written
+
+
+@pytest.fixture
+def synth_dir(tmp_path: Path) -> Path:
+    synthetic_mnist(tmp_path / "mnist")
+    return tmp_path / "mnist"
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The real MNIST directory from $TINYMNIST_DATA; under CI its absence is a failure, not a skip."""
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    path = Path(REAL_DATA) if REAL_DATA else None
+    ok = path is not None and all((path / n).exists() or (path / (n + ".gz")).exists() for n in names)
+    if not ok:
+        msg = f"real MNIST not found (set TINYMNIST_DATA to a directory holding the four files; got {REAL_DATA!r})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path

@@ -1,0 +1,96 @@
+"""The command line: usage errors are one line with exit code 2; user errors one line with exit code 1."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tinymnist.cli import main
+
+
+def run(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse exits for --help and usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--model", "Nope"], "invalid choice: 'Nope' (choose from 'Model_1'"),
+    (["train", "--epochs", "0"], "expected a positive integer, got 0"),
+    (["train", "--epochs", "ten"], "expected a positive integer, got 'ten'"),
+    (["train", "--lr", "-1"], "expected a positive number"),
+    (["train", "--dropout", "1.5"], "expected a number in [0, 1)"),
+    (["train", "--device", "tpu"], "invalid choice: 'tpu'"),
+    (["summary", "Model_99"], "invalid choice: 'Model_99'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "required: COMMAND"),
+])
+def test_usage_errors_are_one_line_exit_2(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_help_shows_defaults(capsys):
+    code, out, _ = run(capsys, "train", "--help")
+    assert code == 0 and "(default: auto)" in out and "(default: 0)" in out
+
+
+def test_models_lists_every_model_with_its_size(capsys):
+    from tinymnist.model import create_model, list_models
+
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    for name in list_models():
+        assert f"{create_model(name).num_params():,} params" in out
+
+
+def test_summary_prints_rows_and_totals(capsys):
+    code, out, _ = run(capsys, "summary", "Model_6")
+    assert code == 0 and "Conv2d-1" in out and "Total params: 7,432" in out and "Receptive field" in out
+
+
+def test_offline_empty_data_dir_is_one_line_and_leaves_nothing(tmp_path):
+    data = tmp_path / "empty"
+    data.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "TINYMNIST_MIRRORS": "http://127.0.0.1:9/,https://127.0.0.1:9/",
+           "HOME": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-m", "tinymnist.cli", "train", "--data-dir", str(data), "--no-progress",
+                        "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "train-images-idx3-ubyte.gz" in lines[0] and str(data) in lines[0] and "127.0.0.1:9" in lines[0]
+    assert list(data.iterdir()) == []
+
+
+def test_corrupt_data_is_one_line(tmp_path, capsys):
+    from conftest import synthetic_mnist
+
+    synthetic_mnist(tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
+    code, _, err = run(capsys, "train", "--data-dir", str(tmp_path), "--no-progress", "--out", str(tmp_path / "r"))
+    assert code == 1 and "t10k-images-idx3-ubyte.gz" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_smoke_on_synthetic_data(tmp_path, capsys):
+    from conftest import synthetic_mnist
+
+    synthetic_mnist(tmp_path / "d", n_train=256, n_test=64)
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "train", "--model", "Model_6", "--epochs", "2", "--batch-size", "64",
+                            "--data-dir", str(tmp_path / "d"), "--out", str(out), "--no-progress")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "curves.png", "history.json", "model.pt"]
+    history = json.loads((out / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert set(history[0]) == {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["config"]["model"] == "Model_6" and meta["params"] == 7432 and meta["seed"] == 0
+    assert meta["env"]["torch"] and meta["env"]["device"] == "cpu"
+    assert "Test set: Average loss:" in stdout

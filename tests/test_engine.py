@@ -1,0 +1,71 @@
+import dataclasses
+
+import pytest
+import torch
+
+from tinymnist.config import AugConfig, TrainConfig, override
+from tinymnist.data import load_mnist
+from tinymnist.engine import fit
+from tinymnist.errors import TinyMnistError
+from tinymnist.runs import load_checkpoint, save_checkpoint
+
+from conftest import synthetic_mnist
+
+
+def _strip_time(history):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+@pytest.mark.parametrize("optimizer, scheduler", [("sgd", "onecycle"), ("adamw", "step"), ("adam", "none")])
+def test_same_seed_same_history(tmp_path, optimizer, scheduler):
+    synthetic_mnist(tmp_path, n_train=192, n_test=64)
+    data = load_mnist(tmp_path, download=False)
+    cfg = TrainConfig(model="Model_5", epochs=2, batch_size=32, optimizer=optimizer, scheduler=scheduler,
+                      lr=0.01, step_size=1, aug=AugConfig(rotate=10, translate=0.1, erase_p=0.5))
+    _, h1 = fit(cfg, data, progress=False, verbose=False)
+    _, h2 = fit(cfg, data, progress=False, verbose=False)
+    _, h3 = fit(dataclasses.replace(cfg, seed=1), data, progress=False, verbose=False)
+    assert _strip_time(h1) == _strip_time(h2)
+    assert _strip_time(h1) != _strip_time(h3)
+
+
+def test_schedules_move_the_lr(tmp_path):
+    synthetic_mnist(tmp_path, n_train=128, n_test=32)
+    data = load_mnist(tmp_path, download=False)
+    base = TrainConfig(model="Model_6", epochs=3, batch_size=32, lr=0.1)
+    _, step = fit(override(base, {"scheduler": "step", "step_size": 1, "gamma": 0.5}), data, progress=False, verbose=False)
+    assert [r["lr"] for r in step] == pytest.approx([0.1, 0.05, 0.025])
+    _, one = fit(override(base, {"scheduler": "onecycle"}), data, progress=False, verbose=False)
+    assert one[0]["lr"] == pytest.approx(0.01) and one[-1]["lr"] < 0.1
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    synthetic_mnist(tmp_path, n_train=64, n_test=32)
+    data = load_mnist(tmp_path, download=False)
+    cfg = TrainConfig(model="Model_6", epochs=1, batch_size=32)
+    model, _ = fit(cfg, data, progress=False, verbose=False)
+    save_checkpoint(tmp_path / "m.pt", model, cfg)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert payload["config"]["model"] == "Model_6"
+    loaded, cfg2 = load_checkpoint(tmp_path / "m.pt")
+    assert cfg2 == cfg
+    x = torch.randn(4, 1, 28, 28)
+    model.eval()
+    assert torch.allclose(loaded(x), model(x))
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(TinyMnistError, match="unknown config key"):
+        override(TrainConfig(), {"learning_rate": 0.1})
+    with pytest.raises(TinyMnistError, match="unknown AugConfig key"):
+        override(TrainConfig(), {"aug": {"rotation": 5}})
+    with pytest.raises(TinyMnistError, match="unknown optimizer"):
+        TrainConfig(optimizer="lion").validate()
+    with pytest.raises(TinyMnistError, match="unknown model"):
+        TrainConfig(model="Model_0").validate()
+    assert override(TrainConfig(), {"aug": {"rotate": 5}}).aug.rotate == 5
+
+
+def test_config_dict_roundtrip():
+    cfg = TrainConfig(model="Model_4", aug=AugConfig(rotate=3, erase_area=(0.1, 0.2)), dropout=0.1)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
