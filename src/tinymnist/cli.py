@@ -130,6 +130,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_overrides(p)
     _add_data_device(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("experiments", help="the experiment series, one line per step", formatter_class=fmt)
+    p.set_defaults(func=cmd_experiments)
+
+    p = sub.add_parser("reproduce", help="train the steps, write results/ and regenerate the README section",
+                       formatter_class=fmt)
+    p.add_argument("--only", nargs="+", choices=step_names(), metavar="STEP", default=None,
+                   help=f"train only these steps (default: all of {', '.join(step_names())})")
+    p.add_argument("--results", default="results", help="results directory")
+    p.add_argument("--readme", default="README.md", help="README whose experiments section is regenerated")
+    p.add_argument("--runs", default="runs", help="where the run directories go")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_data_device(p)
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("report", help="regenerate the README's experiments section from results/ (no training)",
+                       formatter_class=fmt)
+    p.add_argument("--results", default="results", help="results directory")
+    p.add_argument("--readme", default="README.md", help="README to update")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("check", help="train a step with seeds 0..N-1 and judge the target rules", formatter_class=fmt)
+    p.add_argument("step", choices=step_names(), metavar="STEP", help=f"one of: {', '.join(step_names())}")
+    p.add_argument("--seeds", type=_positive_int, default=5, help="number of seeds, 0..N-1")
+    p.add_argument("--last", type=_positive_int, default=5, help="epochs at the end that must all pass")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the evidence (histories, verdict) here")
+    p.add_argument("--runs", default="runs", help="where the run directories go")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_data_device(p)
+    p.set_defaults(func=cmd_check)
     return parser
 
 
@@ -167,6 +197,59 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"best test accuracy {best['test_acc']:.2f}% (epoch {best['epoch']}); "
           f"final {history[-1]['test_acc']:.2f}%; run directory: {run_dir}")
     return 0
+
+
+def cmd_experiments(args: argparse.Namespace) -> int:
+    from .experiments import STEPS
+    from .model import create_model
+
+    for i, s in enumerate(STEPS, 1):
+        params = create_model(s.config.model, dropout=s.config.dropout).num_params()
+        print(f"{s.name:<14}{s.config.model:<9}{params:>8,} params  {s.config.epochs:>2} epochs  {s.title}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .experiments import STEPS
+    from .report import collect_run, render, update_readme
+    from .runs import new_run_dir, train_run
+
+    names = args.only or [s.name for s in STEPS]
+    for s in STEPS:
+        if s.name not in names:
+            continue
+        run_dir, history = train_run(s.config, out=new_run_dir(s.name, args.runs), data_dir=args.data_dir,
+                                     device=args.device, name=s.name, threads=args.threads,
+                                     progress=False if args.no_progress else None)
+        dest = collect_run(run_dir, s.name, Path(args.results))
+        print(f"{s.name}: best test {max(r['test_acc'] for r in history):.2f}%, results in {dest}", flush=True)
+    changed = update_readme(Path(args.readme), render(Path(args.results)))
+    print(f"{args.readme}: experiments section {'regenerated' if changed else 'unchanged'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .report import render, update_readme
+
+    changed = update_readme(Path(args.readme), render(Path(args.results)))
+    print(f"{args.readme}: experiments section {'regenerated' if changed else 'already up to date'}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import run_check
+    from .fileio import write_json
+
+    evidence = run_check(args.step, args.seeds, args.last, data_dir=args.data_dir, device=args.device,
+                         out_root=args.runs, progress=False if args.no_progress else None, threads=args.threads)
+    if args.json:
+        write_json(args.json, evidence)
+        print(f"evidence written to {args.json}")
+    return 0 if evidence["passed"] else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,86 @@
+"""The series: models, steps, the check verdict, and the README section generated from results/."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinymnist.check import verdict
+from tinymnist.experiments import STEPS, final_step, get_step
+from tinymnist.model import create_model, list_models
+from tinymnist.report import generated_section, render, step_result
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_builds_with_the_right_output(name):
+    model = create_model(name).eval()
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_models_are_numbered_in_series_order():
+    used = [s.config.model for s in STEPS]
+    assert used == sorted(used, key=lambda n: int(n.split("_")[1]))
+    assert list_models() == [f"Model_{i}" for i in range(1, len(list_models()) + 1)]
+    assert set(used) == set(list_models())  # no model outside the series, no step without a model
+
+
+def test_final_step_meets_the_budget():
+    s = final_step()
+    assert s is STEPS[-1] and get_step(s.name) is s
+    assert create_model(s.config.model, dropout=s.config.dropout).num_params() < 8000
+    assert s.config.epochs <= 15
+
+
+def test_readme_parameter_counts_match_the_models():
+    section = generated_section(ROOT / "README.md")
+    rows = re.findall(r"^\| \[(\w+)\]\([^)]*\) \| (Model_\d+) \| ([\d,]+) \|", section, re.M)
+    assert [r[0] for r in rows] == [s.name for s in STEPS]
+    for step, model, params in rows:
+        assert int(params.replace(",", "")) == create_model(model, dropout=get_step(step).config.dropout).num_params()
+
+
+def test_readme_section_is_what_the_generator_produces():
+    assert generated_section(ROOT / "README.md") == render(ROOT / "results"), \
+        "README is stale: run `tinymnist report`"
+
+
+def test_results_record_their_run():
+    for s in STEPS:
+        r = step_result(s, ROOT / "results")
+        if r is None:
+            continue
+        meta = r["meta"]
+        assert meta["config"]["model"] == s.config.model and meta["config"]["seed"] == s.config.seed
+        assert meta["params"] == create_model(s.config.model, dropout=s.config.dropout).num_params()
+        assert meta["env"]["torch"] and meta["env"]["device"]
+        assert [h["epoch"] for h in r["history"]] == list(range(1, s.config.epochs + 1))
+
+
+def _history(accs):
+    return [{"epoch": i + 1, "test_acc": a} for i, a in enumerate(accs)]
+
+
+def test_verdict_passes_when_every_seed_holds():
+    hs = [_history([98.0] * 10 + [99.41, 99.5, 99.45, 99.6, 99.4]), _history([99.0] * 10 + [99.5] * 5)]
+    rules = verdict(7432, 15, hs, last=5)
+    assert all(r.passed for r in rules)
+
+
+@pytest.mark.parametrize("params, epochs, accs, failing", [
+    (7432, 15, [99.5, 99.5, 99.39, 99.5, 99.5], 2),  # one dip in the window
+    (8000, 15, [99.5] * 5, 0),  # the budget is strictly fewer than 8,000
+    (7432, 16, [99.5] * 5, 1),
+])
+def test_verdict_fails_on_each_rule(params, epochs, accs, failing):
+    hs = [_history([99.0] * 10 + [99.5] * 5), _history([99.0] * 10 + accs)]
+    rules = verdict(params, epochs, hs, last=5)
+    assert [i for i, r in enumerate(rules) if not r.passed] == [failing]
+
+
+def test_verdict_ignores_epochs_before_the_window_and_needs_enough_epochs():
+    assert verdict(7000, 15, [_history([10.0] + [99.5] * 5)], last=5)[2].passed
+    assert not verdict(7000, 15, [_history([99.5] * 3)], last=5)[2].passed
+    assert not verdict(7000, 15, [], last=5)[2].passed
