@@ -56,3 +56,27 @@ def real_data_dir() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(real_data_dir, tmp_path_factory) -> Path:
+    """One epoch of the default recipe on the real MNIST via the CLI, shared by the tests that need a trained model."""
+    from tinymnist.cli import main
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    code = main(["train", "--epochs", "1", "--out", str(out), "--data-dir", str(real_data_dir), "--no-progress"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture
+def untrained_checkpoint(tmp_path) -> Path:
+    """A valid checkpoint of an untrained default model, for tests that only need the file format."""
+    from tinymnist.experiments import final_step
+    from tinymnist.model import create_model
+    from tinymnist.runs import save_checkpoint
+
+    cfg = final_step().config
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, create_model(cfg.model, dropout=cfg.dropout), cfg)
+    return path

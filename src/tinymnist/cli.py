@@ -67,6 +67,13 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _top_k(text: str) -> int:
+    v = _positive_int(text)
+    if v > 10:
+        raise argparse.ArgumentTypeError(f"expected 1 to 10, got {v}")
+    return v
+
+
 def _add_data_device(p: argparse.ArgumentParser) -> None:
     from .data import ENV_VAR, default_data_dir
     from .device import DEVICES
@@ -101,6 +108,7 @@ def _overrides(args: argparse.Namespace, **extra) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .device import DEVICES
     from .experiments import final_step, step_names
     from .model import list_models
 
@@ -145,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_device(p)
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("report", help="regenerate the README's experiments section from results/ (no training)",
+    p = sub.add_parser("report", help="regenerate the README's generated sections from results/ (no training)",
                        formatter_class=fmt)
     p.add_argument("--results", default="results", help="results directory")
     p.add_argument("--readme", default="README.md", help="README to update")
@@ -160,6 +168,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_data_device(p)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("predict", help="classify digits in image files with a trained model", formatter_class=fmt)
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's model.pt")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, BMP, GIF, TIFF, WebP ... any size or mode")
+    p.add_argument("--top", type=_top_k, default=3, help="how many of the most likely digits to show (1-10)")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of one line per image")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the model")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained model to ONNX (needs pip install 'tinymnist[onnx]')",
+                       formatter_class=fmt)
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's model.pt")
+    p.add_argument("--onnx", required=True, metavar="OUT", help="where to write the .onnx file")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="throughput: our pipeline vs the classic DataLoader pipeline vs the bare model",
+                       formatter_class=fmt)
+    p.add_argument("--model", choices=list_models(), default=None, metavar="NAME",
+                   help=f"model to train (default: the final step's, {final_step().config.model})")
+    p.add_argument("--steps", type=_positive_int, default=60, help="timed training steps per repeat")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="repeats per pipeline; the median is reported")
+    p.add_argument("--batch-size", type=_positive_int, default=final_step().config.batch_size, help="batch size")
+    p.add_argument("--workers", type=_nonneg_int, default=2, help="DataLoader workers of the classic pipeline")
+    p.add_argument("--no-epoch", action="store_true", help="skip timing one full epoch plus a test pass")
+    p.add_argument("--train-runs", type=_nonneg_int, default=0,
+                   help="also time N complete `tinymnist train` runs of the default recipe (minutes each)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the figures and ratios here")
+    _add_data_device(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -213,7 +250,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .experiments import STEPS
-    from .report import collect_run, render, update_readme
+    from .report import collect_run, update_readme
     from .runs import new_run_dir, train_run
 
     names = args.only or [s.name for s in STEPS]
@@ -225,18 +262,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                                      progress=False if args.no_progress else None)
         dest = collect_run(run_dir, s.name, Path(args.results))
         print(f"{s.name}: best test {max(r['test_acc'] for r in history):.2f}%, results in {dest}", flush=True)
-    changed = update_readme(Path(args.readme), render(Path(args.results)))
-    print(f"{args.readme}: experiments section {'regenerated' if changed else 'unchanged'}")
+    changed = update_readme(Path(args.readme), Path(args.results))
+    print(f"{args.readme}: regenerated {', '.join(changed) if changed else 'nothing (already up to date)'}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .report import render, update_readme
+    from .report import update_readme
 
-    changed = update_readme(Path(args.readme), render(Path(args.results)))
-    print(f"{args.readme}: experiments section {'regenerated' if changed else 'already up to date'}")
+    changed = update_readme(Path(args.readme), Path(args.results))
+    print(f"{args.readme}: regenerated {', '.join(changed) if changed else 'nothing (already up to date)'}")
     return 0
 
 
@@ -250,6 +287,69 @@ def cmd_check(args: argparse.Namespace) -> int:
         write_json(args.json, evidence)
         print(f"evidence written to {args.json}")
     return 0 if evidence["passed"] else 1
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .device import pick_device
+    from .predict import ImageError, classify, load_image
+    from .runs import load_checkpoint
+
+    model, _ = load_checkpoint(args.checkpoint, pick_device(args.device))
+    images, names, failed = [], [], 0
+    for path in args.images:
+        try:
+            images.append(load_image(path))
+            names.append(path)
+        except ImageError as e:
+            print(f"tinymnist: error: {e}", file=sys.stderr)
+            failed += 1
+    preds = classify(model, torch.stack(images), names, args.top) if images else []
+    if args.json:
+        print(json.dumps([p.to_dict() for p in preds], indent=2))
+    else:
+        for p in preds:
+            top = ", ".join(f"{d} {q:.3f}" for d, q in p.top)
+            print(f"{p.file}: {p.digit} (p={p.probability:.3f})  top {len(p.top)}: {top}")
+    return 1 if failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+    from .runs import load_checkpoint
+
+    model, cfg = load_checkpoint(args.checkpoint)
+    path = export_onnx(model, args.onnx)
+    print(f"wrote {path} ({cfg.model}; input 'image' (N, 1, 28, 28) normalised, output 'logits' (N, 10))")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .bench import run_bench
+    from .data import load_mnist
+    from .device import configure_threads, pick_device
+    from .experiments import final_step
+    from .fileio import write_json
+
+    device = pick_device(args.device)
+    configure_threads(args.threads)
+    cfg = replace(final_step().config, batch_size=args.batch_size)
+    data = load_mnist(args.data_dir, device=device)
+    result = run_bench(data, args.model or cfg.model, cfg, steps=args.steps, repeats=args.repeats,
+                       epoch=not args.no_epoch, workers=args.workers)
+    if args.train_runs:
+        from .bench import time_training
+
+        result["train_runs"] = time_training(args.train_runs, args.data_dir, args.device)
+    if args.json:
+        write_json(args.json, result)
+        print(f"results written to {args.json}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
