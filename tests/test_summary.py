@@ -16,19 +16,19 @@ def test_receptive_field_of_a_known_stack():
         nn.AdaptiveAvgPool2d(1),                # rf 22 + (2 - 1) * 4 = 26
     )
     s = summarize(model)
-    assert [l.rf for l in s.layers] == [3, 5, 6, 10, 18, 22, 26]
-    assert [l.jump for l in s.layers] == [1, 1, 2, 2, 2, 4, 4]
-    assert [l.shape[-1] for l in s.layers] == [26, 24, 12, 10, 6, 2, 1]
+    assert [x.rf for x in s.layers] == [3, 5, 6, 10, 18, 22, 26]
+    assert [x.jump for x in s.layers] == [1, 1, 2, 2, 2, 4, 4]
+    assert [x.shape[-1] for x in s.layers] == [26, 24, 12, 10, 6, 2, 1]
 
 
 def test_params_and_macs():
     model = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
                           nn.Linear(8 * 26 * 26, 10))
     s = summarize(model)
-    assert [l.params for l in s.layers] == [72, 16, 0, 0, 8 * 26 * 26 * 10 + 10]
+    assert [x.params for x in s.layers] == [72, 16, 0, 0, 8 * 26 * 26 * 10 + 10]
     assert s.layers[0].macs == 8 * 26 * 26 * 9
     assert s.layers[-1].macs == 8 * 26 * 26 * 10
-    assert s.total_params == s.trainable_params == sum(l.params for l in s.layers)
+    assert s.total_params == s.trainable_params == sum(x.params for x in s.layers)
     assert s.rf == 3 + 25  # the dense layer sees the whole 26x26 map
 
 

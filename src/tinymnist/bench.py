@@ -100,10 +100,10 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
     measure("ours", endless(lambda: iter(ours_loader)))
     classic = torch.utils.data.DataLoader(
         ClassicDataset(data.train_images, data.train_labels, cfg.aug), batch_size=bs, shuffle=True,
-        num_workers=workers, persistent_workers=workers > 0, worker_init_fn=_worker_init,
-        generator=torch.Generator().manual_seed(0))
-    measure("classic", endless(lambda: iter(classic)))
-    del classic
+        num_workers=workers, worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(0))
+    batches = endless(lambda: iter(classic))
+    measure("classic", batches)
+    batches.close()  # drops the DataLoader iterator, which stops its workers before the epoch timing
 
     if epoch:
         full = Loader(data.train_images, data.train_labels, bs, shuffle=True, seed=0, aug=cfg.aug)

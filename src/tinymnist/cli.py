@@ -240,7 +240,7 @@ def cmd_experiments(args: argparse.Namespace) -> int:
     from .experiments import STEPS
     from .model import create_model
 
-    for i, s in enumerate(STEPS, 1):
+    for s in STEPS:
         params = create_model(s.config.model, dropout=s.config.dropout).num_params()
         print(f"{s.name:<14}{s.config.model:<9}{params:>8,} params  {s.config.epochs:>2} epochs  {s.title}")
     return 0

@@ -29,7 +29,7 @@ class Summary:
 
     @property
     def macs(self) -> int:
-        return sum(l.macs for l in self.layers)
+        return sum(layer.macs for layer in self.layers)
 
     @property
     def rf(self) -> int:
@@ -91,9 +91,10 @@ def format_summary(s: Summary, title: str = "") -> str:
     rule = "=" * len(head)
     lines = [title] if title else []
     lines += [rule, head, rule]
-    for i, l in enumerate(s.layers, 1):
-        shape = "[" + ", ".join(str(d) for d in l.shape) + "]"
-        lines.append(f"{f'{l.kind}-{i}':<24}{shape:>18}{l.params:>10,}{l.rf:>6}{l.jump:>6}{l.macs:>12,}")
+    for i, layer in enumerate(s.layers, 1):
+        shape = "[" + ", ".join(str(d) for d in layer.shape) + "]"
+        lines.append(f"{f'{layer.kind}-{i}':<24}{shape:>18}{layer.params:>10,}{layer.rf:>6}{layer.jump:>6}"
+                     f"{layer.macs:>12,}")
     lines += [rule,
               f"Total params: {s.total_params:,}",
               f"Trainable params: {s.trainable_params:,}",
