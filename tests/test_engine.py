@@ -69,3 +69,32 @@ def test_config_rejects_unknown_keys_and_bad_values():
 def test_config_dict_roundtrip():
     cfg = TrainConfig(model="Model_4", aug=AugConfig(rotate=3, erase_area=(0.1, 0.2)), dropout=0.1)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_ema_averages_weights_and_bn_statistics():
+    from tinymnist.engine import EMA
+    from tinymnist.model import create_model
+
+    model = create_model("Model_6")
+    ema = EMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.add_(1) if t.is_floating_point() else t.fill_(7)
+    ema.update(model)
+    d = min(0.9, 2 / 11)  # the warm-up decay of the first update
+    for k, v in ema.model.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, before[k] + (1 - d)), k
+        else:
+            assert int(v) == 7, k
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_fit_with_ema_returns_the_averaged_model(tmp_path):
+    synthetic_mnist(tmp_path, n_train=64, n_test=32)
+    data = load_mnist(tmp_path, download=False)
+    raw, _ = fit(TrainConfig(model="Model_6", epochs=1, batch_size=32), data, progress=False, verbose=False)
+    avg, _ = fit(TrainConfig(model="Model_6", epochs=1, batch_size=32, ema=0.99), data, progress=False, verbose=False)
+    assert not avg.training
+    assert not torch.equal(raw.net[0][0].weight, avg.net[0][0].weight)

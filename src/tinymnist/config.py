@@ -60,6 +60,8 @@ class TrainConfig:
     final_div_factor: float = 100.0  # OneCycleLR: final LR = initial LR / final_div_factor
     dropout: Optional[float] = None  # dropout after each conv block; None keeps the model's own default
     label_smoothing: float = 0.0  # cross-entropy label smoothing
+    ema: float = 0.0  # decay of a moving average of the weights (and BN statistics) that is evaluated and saved
+    # instead of the raw weights; it smooths out the epoch-to-epoch noise of SGD. 0 = off.
     aug: AugConfig = field(default_factory=AugConfig)  # training-time augmentation
     seed: int = 0  # seeds every RNG: init, batch order, augmentation
     eval_batch_size: int = 2000  # evaluation batch size (no gradients, so large is cheap)
@@ -86,6 +88,7 @@ class TrainConfig:
             (self.dropout is None or 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}"),
             (self.limit_batches >= 0, f"limit_batches must be >= 0, got {self.limit_batches}"),
         ]
         for ok, msg in checks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -30,6 +31,27 @@ class Metrics:
         return 100.0 * self.correct / max(1, self.total)
 
 
+class EMA:
+    """An exponential moving average of a model's floating-point parameters and buffers."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+        self._float = [(a, b) for a, b in pairs if a.is_floating_point()]
+        self._other = [(a, b) for a, b in pairs if not a.is_floating_point()]  # e.g. BN's batch counter
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        # a short warm-up, so the average is not dominated by the random initialisation
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_([a for a, _ in self._float], [b for _, b in self._float], 1.0 - decay)
+        for a, b in self._other:
+            a.copy_(b)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum, optional Nesterov), Adam or AdamW, as the config says."""
     params = model.parameters()
@@ -54,7 +76,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 
 def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler=None,
-                label_smoothing: float = 0.0, desc: str = "train", progress: Optional[bool] = None) -> Metrics:
+                label_smoothing: float = 0.0, desc: str = "train", progress: Optional[bool] = None,
+                ema: Optional[EMA] = None) -> Metrics:
     """One pass over `loader`. Counts stay on the device; the host reads them once, at the end."""
     model.train()
     device = next(model.parameters()).device
@@ -72,6 +95,8 @@ def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimiz
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update(model)
         n = y.shape[0]
         seen += n
         loss_sum += loss.detach() * n
@@ -103,7 +128,9 @@ def evaluate(model: nn.Module, loader: Loader, verbose: bool = True) -> Metrics:
 
 def fit(cfg: TrainConfig, data: MNIST, on_epoch: Optional[Callable[[dict, Net], None]] = None,
         progress: Optional[bool] = None, verbose: bool = True) -> tuple[Net, list[dict]]:
-    """Train `cfg` on `data` (already on the training device); return the model and per-epoch history."""
+    """Train `cfg` on `data` (already on the training device); return the model and per-epoch history.
+
+    With cfg.ema, the averaged model is the one evaluated and returned; train metrics are the raw model's."""
     device = data.train_images.device
     seed_everything(cfg.seed)
     model = create_model(cfg.model, dropout=cfg.dropout).to(device)
@@ -112,15 +139,17 @@ def fit(cfg: TrainConfig, data: MNIST, on_epoch: Optional[Callable[[dict, Net], 
     test = Loader(data.test_images, data.test_labels, cfg.eval_batch_size, limit_batches=cfg.limit_batches)
     optimizer = make_optimizer(model, cfg)
     scheduler, per_batch = make_scheduler(optimizer, cfg, len(train))
+    ema = EMA(model, cfg.ema) if cfg.ema else None
+    final = ema.model if ema else model
     history: list[dict] = []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]  # the LR at the start of the epoch
         tr = train_epoch(model, train, optimizer, scheduler if per_batch else None, cfg.label_smoothing,
-                         desc=f"epoch {epoch}/{cfg.epochs}", progress=progress)
+                         desc=f"epoch {epoch}/{cfg.epochs}", progress=progress, ema=ema)
         if verbose:
             print(f"Epoch {epoch:2d}/{cfg.epochs}: train loss {tr.loss:.4f}, train accuracy {tr.acc:.2f}%, lr {lr:.3e}")
-        te = evaluate(model, test, verbose=verbose)
+        te = evaluate(final, test, verbose=verbose)
         if scheduler is not None and not per_batch:
             scheduler.step()
         sync(device)
@@ -129,5 +158,5 @@ def fit(cfg: TrainConfig, data: MNIST, on_epoch: Optional[Callable[[dict, Net], 
                   "seconds": round(time.perf_counter() - t0, 3)}
         history.append(record)
         if on_epoch is not None:
-            on_epoch(record, model)
-    return model, history
+            on_epoch(record, final)
+    return final, history

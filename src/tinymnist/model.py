@@ -171,3 +171,15 @@ class Model_6(Net):
         GAP, out(1),  # (N,10,1,1) RF 28
     )
 
+
+
+@register
+class Model_7(Net):
+    """Model_6 with the last 324 parameters of the budget spent on a wider transition (10 channels, not 8)."""
+
+    layout = (
+        conv(8), conv(16),  # (N,16,24,24) RF 5
+        POOL, conv(10, k=1),  # (N,10,12,12) RF 6
+        conv(16), conv(16), conv(16),  # (N,16,6,6) RF 18
+        GAP, out(1),  # (N,10,1,1) RF 28
+    )

@@ -69,7 +69,7 @@ def _check_section(step: Step, results: Path) -> list[str]:
     mean, std = final_accuracy_stats(histories)
     k = ev["last"]
     out = [f"### Proof over {len(histories)} seeds: `{step.name}`", "",
-           f"`tinymnist check {step.name} --seeds {len(histories)} --last {k} --json {path.as_posix()}` trained the "
+           f"`tinymnist check {step.name} --seeds {len(histories)} --last {k} --json results/{path.name}` trained the "
            f"final recipe once per seed. Verdict: **{'PASS' if ev['passed'] else 'FAIL'}**.", "",
            f"| seed | last {k} test accuracies (%) | min | final |", "| ---: | --- | ---: | ---: |"]
     for s in ev["seeds"]:
@@ -121,7 +121,8 @@ def render(results: Path = RESULTS) -> str:
         opt = cfg.optimizer.upper() + (f" momentum {cfg.momentum:g}{' Nesterov' if cfg.nesterov else ''}"
                                        if cfg.optimizer == "sgd" else "")
         out += [f"**Recipe.** `{s.config.model}`, {cfg.epochs} epochs, batch {cfg.batch_size}, {opt}, LR {cfg.lr:g}, "
-                f"{sched}, weight decay {cfg.weight_decay:g}, dropout {model.dropout:g}, augmentation: {aug_text}. "
+                f"{sched}, weight decay {cfg.weight_decay:g}, dropout {model.dropout:g}, augmentation: {aug_text}"
+                f"{f', weight EMA {cfg.ema:g} (evaluated and saved)' if cfg.ema else ''}. "
                 f"Run it with `tinymnist train --step {s.name}`.", ""]
         if r is None:
             out += ["**Result.** Not run yet.", ""]
@@ -158,7 +159,7 @@ def render_performance(results: Path = RESULTS) -> str:
                                 "", end])
     b = read_json(bench)
     env = b["env"]
-    out += [f"`tinymnist bench --json {bench.as_posix()}` trained `{env['model']}` at batch {env['batch_size']} with the "
+    out += [f"`tinymnist bench --json results/{bench.name}` trained `{env['model']}` at batch {env['batch_size']} with the "
             f"same augmentation (rotate ±{env['aug']['rotate']:g}°, shift ±{env['aug']['translate']:g}, zoom "
             f"±{env['aug']['scale']:g}) through three pipelines, on {env['device']} with {env['threads']} threads "
             f"({env['cpu_count']} cores, {env['processor']}, {env['platform']}, torch {env['torch']}). Each figure "
