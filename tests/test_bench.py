@@ -1,0 +1,37 @@
+"""bench: all three pipelines measured and both ratios reported (tiny sizes; this checks shape, not speed)."""
+
+import json
+
+from tinymnist.cli import main
+
+from conftest import synthetic_mnist
+
+
+def test_bench_writes_three_figures_and_two_ratios(tmp_path, capsys):
+    synthetic_mnist(tmp_path / "d", n_train=256, n_test=64)
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--steps", "2", "--repeats", "1", "--workers", "0", "--batch-size", "32",
+                 "--data-dir", str(tmp_path / "d"), "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    for k in ("ours", "classic", "model_only"):
+        assert result[k]["images_per_s"] > 0 and result[k]["batch_size"] == 32
+    assert result["ours"]["epoch_plus_test_s"] > 0
+    r = result["ratios"]
+    assert r["ours/classic"] == round(result["ours"]["images_per_s"] / result["classic"]["images_per_s"], 3)
+    assert r["ours/model-only"] == round(result["ours"]["images_per_s"] / result["model_only"]["images_per_s"], 3)
+    assert result["env"]["torch"] and result["env"]["batch_size"] == 32
+    assert "ours/classic" in capsys.readouterr().out
+
+
+def test_classic_dataset_matches_our_normalisation():
+    import torch
+
+    from tinymnist.bench import ClassicDataset
+    from tinymnist.config import AugConfig
+    from tinymnist.data import normalize
+
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    ds = ClassicDataset(images, torch.arange(4), AugConfig())  # zero magnitude: no change but normalisation
+    x, y = ds[2]
+    assert y == 2 and torch.allclose(x, normalize(images[2:3])[0], atol=1e-5)
