@@ -270,8 +270,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .report import update_readme
+    from .experiments import STEPS
+    from .report import replot, step_result, update_readme
 
+    for s in STEPS:
+        if step_result(s, Path(args.results)) is not None:
+            replot(s, Path(args.results))
     changed = update_readme(Path(args.readme), Path(args.results))
     print(f"{args.readme}: regenerated {', '.join(changed) if changed else 'nothing (already up to date)'}")
     return 0

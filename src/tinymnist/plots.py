@@ -23,8 +23,10 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "
     ax_acc.plot(epochs, [r["train_acc"] for r in history], "o-", label="train", ms=3)
     ax_acc.plot(epochs, [r["test_acc"] for r in history], "o-", label="test", ms=3)
     ax_acc.axhline(99.4, color="grey", ls="--", lw=1, label="99.4%")
-    lo = min(min(r["train_acc"], r["test_acc"]) for r in history) if history else 0
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy", ylim=(max(lo - 0.5, 90 if lo > 90 else 0), 100))
+    # zoom on where the runs differ: the first epoch (often far lower) may leave the axis
+    later = history[1:] or history
+    lo = min(min(r["train_acc"], r["test_acc"]) for r in later) if later else 0
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy", ylim=(max(lo - 0.3, 0), 100))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -37,6 +37,16 @@ def collect_run(run_dir: Path, step: str, results: Path = RESULTS) -> Path:
     return dest
 
 
+def replot(step: Step, results: Path = RESULTS) -> None:
+    """Redraw results/<step>/curves.png from its history.json, so every plot has the current style."""
+    from .plots import plot_curves
+
+    d = results / step.name
+    meta = read_json(d / "config.json")
+    plot_curves(read_json(d / "history.json"), d / "curves.png",
+                title=f"{step.name} ({meta['model']}, {meta['params']:,} params)")
+
+
 def step_result(step: Step, results: Path = RESULTS) -> Optional[dict]:
     """The numbers of a step's run, read from results/<step>/, or None if it has not run."""
     d = results / step.name
