@@ -98,3 +98,14 @@ def test_fit_with_ema_returns_the_averaged_model(tmp_path):
     avg, _ = fit(TrainConfig(model="Model_6", epochs=1, batch_size=32, ema=0.99), data, progress=False, verbose=False)
     assert not avg.training
     assert not torch.equal(raw.net[0][0].weight, avg.net[0][0].weight)
+
+
+def test_bf16_precision_trains_and_is_validated(tmp_path):
+    synthetic_mnist(tmp_path, n_train=64, n_test=32)
+    data = load_mnist(tmp_path, download=False)
+    model, history = fit(TrainConfig(model="Model_6", epochs=1, batch_size=32, precision="bf16"), data,
+                         progress=False, verbose=False)
+    assert next(model.parameters()).dtype == torch.float32  # autocast leaves the weights in float32
+    assert history[0]["train_loss"] > 0
+    with pytest.raises(TinyMnistError, match="unknown precision"):
+        TrainConfig(precision="fp8").validate()

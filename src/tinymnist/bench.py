@@ -15,7 +15,7 @@ from PIL import Image
 
 from .config import AugConfig, TrainConfig
 from .data import MEAN, MNIST, STD, Loader
-from .device import seed_everything, sync
+from .device import autocast, seed_everything, sync
 from .engine import evaluate, make_optimizer, train_epoch
 from .model import create_model
 
@@ -74,7 +74,8 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
 
     def step(x, y):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = F.cross_entropy(model(x), y)
+        with autocast(device, cfg.precision):
+            loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -110,9 +111,9 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
         test = Loader(data.test_images, data.test_labels, cfg.eval_batch_size)
         sync(device)
         t0 = time.perf_counter()
-        train_epoch(model, full, opt, progress=False)
+        train_epoch(model, full, opt, progress=False, precision=cfg.precision)
         t1 = time.perf_counter()
-        evaluate(model, test, verbose=False)
+        evaluate(model, test, verbose=False, precision=cfg.precision)
         sync(device)
         t2 = time.perf_counter()
         results["ours"].update(epoch_s=round(t1 - t0, 2), test_pass_s=round(t2 - t1, 2),
@@ -123,6 +124,7 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
     ours, classic_r, ceiling = (results[k]["images_per_s"] for k in ("ours", "classic", "model_only"))
     results["ratios"] = {"ours/classic": round(ours / classic_r, 3), "ours/model-only": round(ours / ceiling, 3)}
     results["env"] = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+                      "precision": cfg.precision,
                       "classic_workers": workers, "model": model_name, "batch_size": bs,
                       "aug": {"rotate": cfg.aug.rotate, "translate": cfg.aug.translate, "scale": cfg.aug.scale},
                       "python": platform.python_version(), "platform": platform.platform(),
@@ -133,7 +135,8 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
     return results
 
 
-def time_training(runs: int, data_dir: Optional[str], device: str, log: Optional[Callable[[str], None]] = print) -> dict:
+def time_training(runs: int, data_dir: Optional[str], device: str, precision: str = "fp32",
+                  log: Optional[Callable[[str], None]] = print) -> dict:
     """Wall time of the full default `tinymnist train`, as `time` would measure it, `runs` times."""
     import os
     import subprocess
@@ -141,7 +144,7 @@ def time_training(runs: int, data_dir: Optional[str], device: str, log: Optional
     import tempfile
 
     seconds = []
-    cmd = [sys.executable, "-m", "tinymnist.cli", "train", "--no-progress", "--device", device]
+    cmd = [sys.executable, "-m", "tinymnist.cli", "train", "--no-progress", "--device", device, "--precision", precision]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     for i in range(runs):
@@ -154,7 +157,8 @@ def time_training(runs: int, data_dir: Optional[str], device: str, log: Optional
         seconds.append(round(dt, 1))
         if log:
             log(f"tinymnist train (full default recipe), run {i + 1}/{runs}: {dt:.1f} s")
-    return {"command": "tinymnist train", "seconds": seconds, "median_s": statistics.median(seconds)}
+    shown = "tinymnist train" + (f" --precision {precision}" if precision != "fp32" else "")
+    return {"command": shown, "seconds": seconds, "median_s": statistics.median(seconds)}
 
 
 def _cpus() -> int:

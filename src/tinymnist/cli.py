@@ -27,51 +27,26 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _checked(convert, ok, expected: str):
+    """An argparse `type` that converts, then checks, and names what it expected when either fails."""
+
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
-    return v
-
-
-def _top_k(text: str) -> int:
-    v = _positive_int(text)
-    if v > 10:
-        raise argparse.ArgumentTypeError(f"expected 1 to 10, got {v}")
-    return v
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
+_positive_float = _checked(float, lambda v: v > 0, "a positive number")
+_fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_top_k = _checked(int, lambda v: 1 <= v <= 10, "an integer from 1 to 10")
 
 
 def _add_data_device(p: argparse.ArgumentParser) -> None:
@@ -96,12 +71,15 @@ def _add_recipe_overrides(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="LR schedule")
     g.add_argument("--weight-decay", type=float, default=None, help="weight decay")
     g.add_argument("--dropout", type=_fraction, default=None, help="dropout after each conv block")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="bf16 autocasts forward passes to bfloat16: faster on CPUs with AMX and on recent GPUs")
     g.add_argument("--limit-batches", type=_nonneg_int, default=None,
                    help="at most this many train and test batches per epoch (smoke tests)")
 
 
 def _overrides(args: argparse.Namespace, **extra) -> dict:
-    keys = ("epochs", "batch_size", "lr", "optimizer", "scheduler", "weight_decay", "dropout", "limit_batches")
+    keys = ("epochs", "batch_size", "lr", "optimizer", "scheduler", "weight_decay", "dropout", "precision",
+            "limit_batches")
     values = {k: getattr(args, k) for k in keys}
     values.update(extra)
     return values
@@ -192,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=final_step().config.batch_size, help="batch size")
     p.add_argument("--workers", type=_nonneg_int, default=2, help="DataLoader workers of the classic pipeline")
     p.add_argument("--no-epoch", action="store_true", help="skip timing one full epoch plus a test pass")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="precision of the training step, the same for all three pipelines")
     p.add_argument("--train-runs", type=_nonneg_int, default=0,
                    help="also time N complete `tinymnist train` runs of the default recipe (minutes each)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures and ratios here")
@@ -342,14 +322,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     configure_threads(args.threads)
-    cfg = replace(final_step().config, batch_size=args.batch_size)
+    cfg = replace(final_step().config, batch_size=args.batch_size, precision=args.precision)
     data = load_mnist(args.data_dir, device=device)
     result = run_bench(data, args.model or cfg.model, cfg, steps=args.steps, repeats=args.repeats,
                        epoch=not args.no_epoch, workers=args.workers)
     if args.train_runs:
         from .bench import time_training
 
-        result["train_runs"] = time_training(args.train_runs, args.data_dir, args.device)
+        result["train_runs"] = time_training(args.train_runs, args.data_dir, args.device, args.precision)
     if args.json:
         write_json(args.json, result)
         print(f"results written to {args.json}")

@@ -302,10 +302,6 @@ class Loader:
         n = math.ceil(len(self.labels) / self.batch_size)
         return min(n, self.limit_batches) if self.limit_batches else n
 
-    @property
-    def num_samples(self) -> int:
-        return min(len(self.labels), len(self) * self.batch_size)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         device = self.images.device

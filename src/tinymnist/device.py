@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -55,3 +56,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """Mixed-precision context: bf16 runs convolutions in bfloat16 (fast with AMX on CPU, or on recent GPUs);
+    weights, optimizer state and the loss stay float32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision != "bf16":
+        raise TinyMnistError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .config import TrainConfig
 from .data import MNIST, Loader
-from .device import seed_everything, sync
+from .device import autocast, seed_everything, sync
 from .model import Net, create_model
 
 
@@ -77,7 +77,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler=None,
                 label_smoothing: float = 0.0, desc: str = "train", progress: Optional[bool] = None,
-                ema: Optional[EMA] = None) -> Metrics:
+                ema: Optional[EMA] = None, precision: str = "fp32") -> Metrics:
     """One pass over `loader`. Counts stay on the device; the host reads them once, at the end."""
     model.train()
     device = next(model.parameters()).device
@@ -88,8 +88,9 @@ def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimiz
     bar = tqdm(loader, desc=desc, leave=False, disable=None if progress is None else not progress, dynamic_ncols=True)
     refresh = max(1, len(loader) // 25)  # the bar reads the counters ~25 times an epoch, not every step
     for i, (x, y) in enumerate(bar):
-        out = model(x)
-        loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+        with autocast(device, precision):
+            out = model(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -108,7 +109,7 @@ def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimiz
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Loader, verbose: bool = True) -> Metrics:
+def evaluate(model: nn.Module, loader: Loader, verbose: bool = True, precision: str = "fp32") -> Metrics:
     """Average loss and accuracy on `loader`, printed in the classic one-line form when verbose."""
     model.eval()
     device = next(model.parameters()).device
@@ -116,7 +117,8 @@ def evaluate(model: nn.Module, loader: Loader, verbose: bool = True) -> Metrics:
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
     for x, y in loader:
-        out = model(x)
+        with autocast(device, precision):
+            out = model(x).float()
         loss_sum += F.cross_entropy(out, y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
         seen += y.shape[0]
@@ -146,10 +148,10 @@ def fit(cfg: TrainConfig, data: MNIST, on_epoch: Optional[Callable[[dict, Net], 
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]  # the LR at the start of the epoch
         tr = train_epoch(model, train, optimizer, scheduler if per_batch else None, cfg.label_smoothing,
-                         desc=f"epoch {epoch}/{cfg.epochs}", progress=progress, ema=ema)
+                         desc=f"epoch {epoch}/{cfg.epochs}", progress=progress, ema=ema, precision=cfg.precision)
         if verbose:
             print(f"Epoch {epoch:2d}/{cfg.epochs}: train loss {tr.loss:.4f}, train accuracy {tr.acc:.2f}%, lr {lr:.3e}")
-        te = evaluate(final, test, verbose=verbose)
+        te = evaluate(final, test, verbose=verbose, precision=cfg.precision)
         if scheduler is not None and not per_batch:
             scheduler.step()
         sync(device)

@@ -92,7 +92,12 @@ STEPS: tuple[Step, ...] = (
         target="Replace the 6x6 classifier conv (3,600 of step 5's parameters, half the budget) with global "
                "average pooling and a 1x1 conv (160), and spend the saving on width: 16 channels instead of "
                "10-12, still under 8,000 parameters, receptive field 28 at the output.",
-        analysis="",
+        analysis='Global average pooling gives every output the whole digit, as the 6x6 classifier did, for 160 '
+                 'parameters instead of 3,600, and the freed budget buys 16-channel layers. The best test accuracy'
+                 ' is the highest yet and test accuracy stays above train accuracy, but it still moves by a tenth '
+                 'or more from epoch to epoch and never reaches 99.4%: the constant LR keeps the weights moving, '
+                 'and the network sees exactly the same 60,000 images every epoch. Next: regularise with more '
+                 'varied data instead of dropout noise.',
     ),
     Step(
         name="augmentation",
@@ -101,7 +106,12 @@ STEPS: tuple[Step, ...] = (
         target="Regularise with data instead of noise: random rotation (+-10 degrees), shift (+-8%) and zoom "
                "(+-8%) of every training image, applied per sample on the whole batch, with dropout off. "
                "Expect train accuracy below test accuracy, and a test accuracy that no longer plateaus early.",
-        analysis="",
+        analysis='Augmentation makes the task harder, as intended: train accuracy is the lowest of the batch-norm '
+                 'models and still rising at the end, and test accuracy stays above it without any dropout, which '
+                 'also makes each epoch cheaper. But the best test accuracy ends no higher than the previous '
+                 "step's: at a constant LR of 0.01 the model has not converged on the harder task in 15 epochs, "
+                 'and the test curve still wobbles. What is missing is optimisation, not regularisation: a higher '
+                 'LR early to learn faster, and a small one at the end to settle. Next: OneCycle.',
     ),
     Step(
         name="onecycle",
@@ -111,7 +121,12 @@ STEPS: tuple[Step, ...] = (
         target="Let the LR do the settling: warm up to 0.1 over the first quarter, then anneal to 1e-4 "
                "(OneCycle, stepped per batch), with Nesterov momentum and a little weight decay. Expect a "
                "higher peak and calm last epochs.",
-        analysis="",
+        analysis='The schedule gives the best single epoch of the series so far and calm last epochs: as the LR '
+                 'anneals, test accuracy climbs steadily through the final third. It still misses the target: the '
+                 'first of the last five epochs are too close to the high-LR phase and fall just short of 99.4%, '
+                 'and only the end of the run clears it. The weights themselves are the problem: every SGD step at'
+                 ' a sizeable LR moves them, so the model evaluated at the end of an epoch is a noisy sample. '
+                 'Next: evaluate an average of the weights instead.',
     ),
     Step(
         name="final",
@@ -122,7 +137,14 @@ STEPS: tuple[Step, ...] = (
                "still free on a wider transition (8 -> 10 channels), and evaluate an exponential moving average "
                "of the weights and BN statistics (decay 0.999, about two epochs) instead of the raw SGD iterate, "
                "which removes most of the epoch-to-epoch noise.",
-        analysis="",
+        analysis='All five seeds hold at least 99.4% through the last five epochs, and the final accuracy is about'
+                 ' 99.5% with a spread of a few hundredths (see the proof above). The averaged weights make the '
+                 'difference: in this run they are above 99.4% from the fifth epoch on and then move by only a few'
+                 ' hundredths per epoch, while the raw weights, whose train accuracy is in the log, are still '
+                 'being pushed around by the peak LR. The average lags the raw weights by about two epochs, which '
+                 'costs nothing once the LR has annealed. How much of the gain comes from the wider transition and'
+                 ' how much from the average was not separated here; a run of Model_6 with the same average would '
+                 'tell.',
     ),
 )
 

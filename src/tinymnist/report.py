@@ -90,7 +90,7 @@ def _check_section(step: Step, results: Path) -> list[str]:
     out += [f"- {'✅' if r['passed'] else '❌'} {r['rule']}" for r in ev["rules"]]
     env = ev.get("env", {})
     if env:
-        out += ["", f"Measured with torch {env.get('torch')} on {env.get('device')} ({env.get('threads')} threads), "
+        out += ["", f"Measured with torch {env.get('torch')} on {env.get('device')} (threads: {env.get('threads')}), "
                     f"{env.get('platform')}."]
     return out + [""]
 
@@ -141,7 +141,9 @@ def render(results: Path = RESULTS) -> str:
                     f"best train accuracy {r['best_train']:.2f}%, best test accuracy {r['best_test']:.2f}%; "
                     f"last 5 test accuracies {', '.join(f'{a:.2f}' for a in r['last5'])} "
                     f"(min {r['min_last5']:.2f}%); {r['seconds']:.0f} s of training and evaluation on "
-                    f"{r['meta']['env']['device']}.", "",
+                    f"{r['meta']['env']['device']}"
+                    + (f" (this is the `{r['meta']['name']}` run of the multi-seed check)"
+                       if r["meta"].get("name") != s.name else "") + ".", "",
                     f"![{s.name} curves](results/{s.name}/curves.png)", "",
                     "<details><summary>Epoch-by-epoch log</summary>", "", _log_table(r["history"]), "", "</details>",
                     ""]
@@ -186,11 +188,21 @@ def render_performance(results: Path = RESULTS) -> str:
     if "epoch_plus_test_s" in b["ours"]:
         out += ["", f"One full epoch of ours took {b['ours']['epoch_s']:.1f} s and the test pass "
                     f"{b['ours']['test_pass_s']:.1f} s."]
+    bf16 = results / "bench-bf16.json"
+    if bf16.is_file():
+        h = read_json(bf16)
+        out += ["", f"With `--precision bf16` (forward passes autocast to bfloat16; this CPU has AMX bf16 units), "
+                    f"`tinymnist bench --precision bf16 --json results/{bf16.name}` measured ours "
+                    f"{h['ours']['images_per_s']:,.0f}, classic {h['classic']['images_per_s']:,.0f} and model only "
+                    f"{h['model_only']['images_per_s']:,.0f} images/s: ours/classic = "
+                    f"{h['ratios']['ours/classic']:.2f}×, ours/model-only = {h['ratios']['ours/model-only']:.2f}. "
+                    f"Every experiment result in this README was trained in fp32; bf16 training has not been checked over seeds yet."]
     if "train_runs" in b:
         t = b["train_runs"]
         out += ["", f"A complete `{t['command']}` (the final recipe: {STEPS[-1].config.epochs} epochs, each followed by "
                     f"a test pass, plus start-up, data loading and writing the run directory), timed as `time` "
-                    f"would in {len(t['seconds'])} runs: {', '.join(f'{x:.0f}' for x in t['seconds'])} s, median "
+                    f"would, in {len(t['seconds'])} run{'s' if len(t['seconds']) != 1 else ''}: "
+                    f"{', '.join(f'{x:.0f}' for x in t['seconds'])} s, median "
                     f"**{statistics.median(t['seconds']):.0f} s**."]
     return "\n".join(out + ["", end])
 
