@@ -21,6 +21,8 @@ class Step:
 # change of architecture is measured alone; later steps change one training ingredient at a time.
 _CLASSIC = TrainConfig(epochs=15, batch_size=128, optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False)
 _AUG = AugConfig(rotate=10.0, translate=0.08, scale=0.08)
+_AUGMENTED = replace(_CLASSIC, model="Model_6", dropout=0.0, aug=_AUG)
+_ONECYCLE = replace(_AUGMENTED, lr=0.1, nesterov=True, weight_decay=1e-4, scheduler="onecycle", pct_start=0.25)
 
 STEPS: tuple[Step, ...] = (
     Step(
@@ -102,7 +104,7 @@ STEPS: tuple[Step, ...] = (
     Step(
         name="augmentation",
         title="7. Augmentation instead of dropout",
-        config=replace(_CLASSIC, model="Model_6", dropout=0.0, aug=_AUG),
+        config=_AUGMENTED,
         target="Regularise with data instead of noise: random rotation (+-10 degrees), shift (+-8%) and zoom "
                "(+-8%) of every training image, applied per sample on the whole batch, with dropout off. "
                "Expect train accuracy below test accuracy, and a test accuracy that no longer plateaus early.",
@@ -116,8 +118,7 @@ STEPS: tuple[Step, ...] = (
     Step(
         name="onecycle",
         title="8. OneCycle LR schedule",
-        config=replace(_CLASSIC, model="Model_6", dropout=0.0, aug=_AUG, lr=0.1, nesterov=True,
-                       weight_decay=1e-4, scheduler="onecycle", pct_start=0.25),
+        config=_ONECYCLE,
         target="Let the LR do the settling: warm up to 0.1 over the first quarter, then anneal to 1e-4 "
                "(OneCycle, stepped per batch), with Nesterov momentum and a little weight decay. Expect a "
                "higher peak and calm last epochs.",
@@ -131,8 +132,7 @@ STEPS: tuple[Step, ...] = (
     Step(
         name="final",
         title="9. Final: the last of the budget, and an average of the weights",
-        config=replace(_CLASSIC, model="Model_7", dropout=0.0, aug=_AUG, lr=0.1, nesterov=True,
-                       weight_decay=1e-4, scheduler="onecycle", pct_start=0.25, ema=0.999),
+        config=replace(_ONECYCLE, model="Model_7", ema=0.999),
         target="Reach 99.4% in every one of the last 5 of 15 epochs, for every seed. Spend the 324 parameters "
                "still free on a wider transition (8 -> 10 channels), and evaluate an exponential moving average "
                "of the weights and BN statistics (decay 0.999, about two epochs) instead of the raw SGD iterate, "
