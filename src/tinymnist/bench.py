@@ -15,7 +15,7 @@ from PIL import Image
 
 from .config import AugConfig, TrainConfig
 from .data import MEAN, MNIST, STD, Loader
-from .device import autocast, seed_everything, sync
+from .device import autocast, available_cores, seed_everything, sync
 from .engine import evaluate, make_optimizer, train_epoch
 from .model import create_model
 
@@ -128,7 +128,7 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
                       "classic_workers": workers, "model": model_name, "batch_size": bs,
                       "aug": {"rotate": cfg.aug.rotate, "translate": cfg.aug.translate, "scale": cfg.aug.scale},
                       "python": platform.python_version(), "platform": platform.platform(),
-                      "processor": platform.processor() or platform.machine(), "cpu_count": _cpus()}
+                      "processor": platform.processor() or platform.machine(), "cpu_count": available_cores()}
     if log:
         log(f"ratios: ours/classic {results['ratios']['ours/classic']:.2f}x, "
             f"ours/model-only {results['ratios']['ours/model-only']:.2f}")
@@ -159,12 +159,3 @@ def time_training(runs: int, data_dir: Optional[str], device: str, precision: st
             log(f"tinymnist train (full default recipe), run {i + 1}/{runs}: {dt:.1f} s")
     shown = "tinymnist train" + (f" --precision {precision}" if precision != "fp32" else "")
     return {"command": shown, "seconds": seconds, "median_s": statistics.median(seconds)}
-
-
-def _cpus() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1

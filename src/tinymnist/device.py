@@ -38,13 +38,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def configure_threads(threads: int = 0) -> int:
     """Use `threads` intra-op threads (0 = one per available core); return the count in use."""
     if threads <= 0:
-        try:
-            threads = len(os.sched_getaffinity(0))
-        except AttributeError:  # macOS, Windows
-            threads = os.cpu_count() or 1
+        threads = available_cores()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
