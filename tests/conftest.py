@@ -28,6 +28,7 @@ def synthetic_mnist(root: Path, n_train: int = 64, n_test: int = 32, gz: bool = 
         "t10k-labels-idx1-ubyte": torch.randint(0, 10, (n_test,), generator=g, dtype=torch.uint8),
     }
     root.mkdir(parents=True, exist_ok=True)
+    os.environ["TINYMNIST_VERIFY"] = "0"  # made data has no known MD5; the autouse fixture restores the check
     written = {}
     for name, arr in arrays.items():
         raw = idx_bytes(arr)
@@ -36,6 +37,13 @@ def synthetic_mnist(root: Path, n_train: int = 64, n_test: int = 32, gz: bool = 
         (root / fname).write_bytes(data)
         written[fname] = data
     return written
+
+
+@pytest.fixture(autouse=True)
+def _verified_data(monkeypatch, tmp_path_factory):
+    """Every test starts with MD5 verification on and a private cache (verified-file stamps go there)."""
+    monkeypatch.setenv("TINYMNIST_VERIFY", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture

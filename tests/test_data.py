@@ -153,3 +153,107 @@ def test_loader_limit_batches(synth_dir):
     m = load_mnist(synth_dir, download=False)
     loader = Loader(m.train_images, m.train_labels, 10, limit_batches=2)
     assert len(loader) == 2 and len(list(loader)) == 2
+
+
+# ---------------------------------------------------------------- the validation split
+
+
+def test_validation_split_is_stratified_disjoint_and_fixed():
+    from tinymnist.data import split_fingerprint, validation_split
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.cat([torch.full((n,), k) for k, n in enumerate([590, 674, 596, 613, 584, 542, 592, 627, 585, 597])])
+    labels = labels[torch.randperm(len(labels), generator=g)]
+    train, val = validation_split(labels, 1000)
+    assert len(val) == 1000 and len(train) + len(val) == len(labels)
+    assert not set(train.tolist()) & set(val.tolist())
+    share = torch.bincount(labels[val], minlength=10).float() / 1000
+    assert torch.allclose(share, torch.bincount(labels, minlength=10).float() / len(labels), atol=0.001)
+    again = validation_split(labels.clone(), 1000)[1]
+    assert torch.equal(val, again) and split_fingerprint(val) == split_fingerprint(again)
+    assert split_fingerprint(validation_split(labels, 1000, seed=1)[1]) != split_fingerprint(val)
+
+
+def test_validation_split_rejects_impossible_sizes():
+    from tinymnist.data import validation_split
+    from tinymnist.errors import DataError
+
+    with pytest.raises(DataError, match="cannot hold out"):
+        validation_split(torch.zeros(10, dtype=torch.long), 10)
+
+
+def test_fit_with_val_records_val_metrics_and_trains_on_the_rest(synth_dir):
+    from tinymnist.config import TrainConfig
+    from tinymnist.engine import fit
+
+    data = load_mnist(synth_dir, download=False)
+    cfg = TrainConfig(model="Model_7", epochs=2, batch_size=16, val=16)
+    _, history = fit(cfg, data, progress=False, verbose=False)
+    assert all({"val_loss", "val_acc", "test_acc"} <= set(r) for r in history)
+    # the train pass saw 64 - 16 images: 3 batches of 16, so its accuracy is a multiple of 1/48
+    assert all(abs(r["train_acc"] * 48 / 100 - round(r["train_acc"] * 48 / 100)) < 1e-3 for r in history)
+
+
+# ---------------------------------------------------------------- integrity of present files
+
+
+def _real_copy(tmp_path, real_data_dir):
+    import shutil
+
+    d = tmp_path / "mnist"
+    shutil.copytree(real_data_dir, d)
+    return d
+
+
+def test_a_changed_but_parseable_label_file_is_refused_in_one_line(tmp_path, real_data_dir):
+    import gzip
+    import subprocess
+    import sys
+
+    d = _real_copy(tmp_path, real_data_dir)
+    f = d / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(f.read_bytes()))
+    raw[8] = (raw[8] + 1) % 10  # one changed label: still a valid IDX file
+    f.write_bytes(gzip.compress(bytes(raw)))
+    p = subprocess.run([sys.executable, "-m", "tinymnist.cli", "train", "--epochs", "1", "--limit-batches", "1",
+                        "--data-dir", str(d), "--out", str(tmp_path / "run"), "--no-progress"],
+                       capture_output=True, text=True)
+    assert p.returncode == 1
+    assert p.stderr.count("\n") == 1 and "t10k-labels-idx1-ubyte.gz: MD5 mismatch" in p.stderr
+    assert not (tmp_path / "run").exists()  # never used
+
+
+def test_raw_twins_are_verified_too(tmp_path, real_data_dir):
+    import gzip
+
+    from tinymnist.errors import DataError
+
+    d = _real_copy(tmp_path, real_data_dir)
+    f = d / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(f.read_bytes()))
+    f.unlink()
+    (d / "train-labels-idx1-ubyte").write_bytes(bytes(raw))
+    load_mnist(d, download=False)  # the original, gunzipped: accepted
+    raw[-1] = (raw[-1] + 1) % 10
+    (d / "train-labels-idx1-ubyte").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte: MD5 mismatch"):
+        load_mnist(d, download=False)
+
+
+def test_each_file_is_hashed_once_then_trusted_until_it_changes(tmp_path, real_data_dir, monkeypatch):
+    import os
+
+    import tinymnist.data as data
+
+    d = _real_copy(tmp_path, real_data_dir)
+    hashed = []
+    real = data.md5sum
+    monkeypatch.setattr(data, "md5sum", lambda p: hashed.append(p.name) or real(p))
+    data.load_mnist(d, download=False)
+    assert len(hashed) == 4
+    data.load_mnist(d, download=False)
+    assert len(hashed) == 4  # the stamps held
+    f = d / "t10k-labels-idx1-ubyte.gz"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    data.load_mnist(d, download=False)
+    assert hashed[4:] == ["t10k-labels-idx1-ubyte.gz"]

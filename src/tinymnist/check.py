@@ -21,59 +21,88 @@ class Rule:
 
 
 def verdict(params: int, epochs: int, histories: Sequence[Sequence[dict]], last: int = 5,
-            threshold: float = THRESHOLD) -> list[Rule]:
-    """Judge the three rules on per-seed histories (history.json lists)."""
+            threshold: float = THRESHOLD, metric: str = "test_acc") -> list[Rule]:
+    """Judge the three rules on per-seed histories (history.json lists), on `metric` (test_acc or val_acc)."""
     if last < 1:
         raise TinyMnistError(f"--last must be >= 1, got {last}")
-    mins = [min(r["test_acc"] for r in h[-last:]) if len(h) >= last else float("nan") for h in histories]
+    mins = [worst_of_last(h, last, metric) for h in histories]
     complete = all(len(h) >= last for h in histories) and len(histories) > 0
     worst = min(mins) if complete else float("nan")
+    what = "validation" if metric == "val_acc" else "test"
     return [
         Rule(f"parameters {params:,} < {MAX_PARAMS:,}", params < MAX_PARAMS),
         Rule(f"epochs {epochs} <= {MAX_EPOCHS}", epochs <= MAX_EPOCHS),
-        Rule(f"every seed's last {last} test accuracies >= {threshold:.2f}% (worst {worst:.2f}%, "
+        Rule(f"every seed's last {last} {what} accuracies >= {threshold:.2f}% (worst {worst:.2f}%, "
              f"{len(histories)} seeds)", complete and worst >= threshold),
     ]
 
 
-def final_accuracy_stats(histories: Sequence[Sequence[dict]]) -> tuple[float, float]:
-    """Mean and sample standard deviation of the last epoch's test accuracy over seeds."""
-    finals = [h[-1]["test_acc"] for h in histories]
+def worst_of_last(history: Sequence[dict], last: int = 5, metric: str = "test_acc") -> float:
+    """The assignment's rule as one number: the lowest `metric` of the last `last` epochs (nan if fewer ran)."""
+    return min(r[metric] for r in history[-last:]) if len(history) >= last else float("nan")
+
+
+def final_accuracy_stats(histories: Sequence[Sequence[dict]], metric: str = "test_acc") -> tuple[float, float]:
+    """Mean and sample standard deviation of the last epoch's accuracy over seeds."""
+    finals = [h[-1][metric] for h in histories]
     return statistics.mean(finals), (statistics.stdev(finals) if len(finals) > 1 else 0.0)
 
 
 def run_check(step_name: str, seeds: int, last: int = 5, data_dir: Optional[str] = None, device: str = "auto",
-              out_root: str = "runs", progress: Optional[bool] = None, threads: int = 0) -> dict:
-    """Train `step_name` with seeds 0..seeds-1; return the evidence object that --json writes."""
+              out_root: str = "runs", progress: Optional[bool] = None, threads: int = 0, jobs: int = 0,
+              overrides: Optional[dict] = None) -> dict:
+    """Train `step_name` with seeds 0..seeds-1, `jobs` at a time; return the evidence object that --json writes.
+
+    `overrides` replaces recipe fields. With a `val` among them, every seed holds out that many training images
+    and the rule is judged on validation accuracy."""
+    from .device import pick_device
     from .experiments import get_step
-    from .model import create_model
-    from .runs import new_run_dir, train_run
+    from .fileio import read_json
+    from .parallel import Job, plan, run_jobs
+    from .runs import new_run_dir, train_job
 
     step = get_step(step_name)
-    if last > step.config.epochs:
-        raise TinyMnistError(f"--last {last} is more than the step's {step.config.epochs} epochs")
-    params = create_model(step.config.model, dropout=step.config.dropout).num_params()
-    results = []
-    for seed in range(seeds):
-        cfg = replace(step.config, seed=seed)
-        run_dir = new_run_dir(f"check-{step.name}-seed{seed}", out_root)
-        _, history = train_run(cfg, out=run_dir, data_dir=data_dir, device=device, name=f"{step.name}-seed{seed}",
-                               progress=progress, verbose=False, threads=threads)
-        tail = [r["test_acc"] for r in history[-last:]]
-        print(f"seed {seed}: last {last} test accuracies {', '.join(f'{a:.2f}' for a in tail)}; min {min(tail):.2f}%"
-              f"  ({run_dir})", flush=True)
-        results.append({"seed": seed, "history": history, "run_dir": str(run_dir)})
-    from .fileio import read_json
+    from .config import override
 
+    base = override(step.config, overrides or {}).validate()
+    metric = "val_acc" if base.val else "test_acc"
+    if last > base.epochs:
+        raise TinyMnistError(f"--last {last} is more than the step's {base.epochs} epochs")
+    params = base.build_model().num_params()
+    workers, per_run = plan(seeds, jobs, threads, pick_device(device).type)
+    print(f"check {step.name}: {seeds} seeds, {workers} at a time with {per_run} thread(s) each", flush=True)
+    runs = []
+    for seed in range(seeds):
+        run_dir = new_run_dir(f"check-{step.name}-seed{seed}", out_root)
+        run_dir.mkdir(parents=True)  # claim the name now: every seed starts within the same second
+        runs.append(Job(f"seed {seed}", train_job, dict(
+            config=replace(base, seed=seed).to_dict(), run_dir=str(run_dir), name=f"{step.name}-seed{seed}",
+            data_dir=data_dir, device=device, threads=per_run)))
+
+    def report(o) -> None:
+        if not o.ok:
+            print(f"{o.label}: FAILED: {o.error}", flush=True)
+            return
+        tail = [r[metric] for r in o.result["history"][-last:]]
+        print(f"{o.label}: last {last} {metric.split('_')[0]} accuracies {', '.join(f'{a:.2f}' for a in tail)}; "
+              f"min {min(tail):.2f}%  ({o.result['run_dir']})", flush=True)
+
+    outcomes = run_jobs(runs, workers, per_run, on_done=report, progress=progress, desc=f"check {step.name}")
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        raise TinyMnistError(f"{len(failed)} of {seeds} runs failed ({', '.join(o.label for o in failed)}); "
+                             "the finished runs are complete in their run directories")
+    results = [o.result for o in outcomes]
     env = read_json(Path(results[0]["run_dir"]) / "config.json")["env"]
-    rules = verdict(params, step.config.epochs, [r["history"] for r in results], last)
-    mean, std = final_accuracy_stats([r["history"] for r in results])
+    histories = [r["history"] for r in results]
+    rules = verdict(params, base.epochs, histories, last, metric=metric)
+    mean, std = final_accuracy_stats(histories, metric)
     for rule in rules:
         print(f"{'PASS' if rule.passed else 'FAIL'}  {rule.text}")
-    print(f"final-epoch test accuracy over {seeds} seeds: {mean:.2f} +- {std:.2f}%")
-    return {"step": step.name, "model": step.config.model, "params": params, "epochs": step.config.epochs,
-            "last": last, "threshold": THRESHOLD, "passed": all(r.passed for r in rules),
+    print(f"final-epoch {metric.split('_')[0]} accuracy over {seeds} seeds: {mean:.2f} +- {std:.2f}%")
+    return {"step": step.name, "model": base.model, "params": params, "epochs": base.epochs,
+            "last": last, "threshold": THRESHOLD, "metric": metric, "passed": all(r.passed for r in rules),
             "rules": [{"rule": r.text, "passed": r.passed} for r in rules],
             "final_acc_mean": round(mean, 4), "final_acc_std": round(std, 4),
-            "config": step.config.to_dict(), "env": env, "seeds": results}
-
+            "jobs": workers, "threads_per_run": per_run,
+            "config": base.to_dict(), "env": env, "seeds": results}

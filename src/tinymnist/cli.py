@@ -47,6 +47,7 @@ _nonneg_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _checked(float, lambda v: v > 0, "a positive number")
 _fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 _top_k = _checked(int, lambda v: 1 <= v <= 10, "an integer from 1 to 10")
+_val_size = _checked(int, lambda v: 0 <= v < 60000, "a number of images from 0 to 59999")
 
 
 def _add_data_device(p: argparse.ArgumentParser) -> None:
@@ -56,7 +57,13 @@ def _add_data_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None,
                    help=f"directory holding the MNIST files (default: ${ENV_VAR}, else {default_data_dir()})")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to train")
-    p.add_argument("--threads", type=_nonneg_int, default=0, help="CPU threads (0 = one per available core)")
+    p.add_argument("--threads", type=_nonneg_int, default=0,
+                   help="CPU threads per run (0 = the available cores, divided among the parallel runs)")
+
+
+def _add_jobs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", type=_nonneg_int, default=0,
+                   help="runs trained at once, each in its own process (0 = one per core on a CPU, 1 on a GPU)")
 
 
 def _add_recipe_overrides(p: argparse.ArgumentParser) -> None:
@@ -75,11 +82,17 @@ def _add_recipe_overrides(p: argparse.ArgumentParser) -> None:
                    help="bf16 autocasts forward passes to bfloat16: faster on CPUs with AMX and on recent GPUs")
     g.add_argument("--limit-batches", type=_nonneg_int, default=None,
                    help="at most this many train and test batches per epoch (smoke tests)")
+    g.add_argument("--val", type=_val_size, default=None,
+                   help="hold out N training images (class-stratified, a fixed split) and record val_acc per epoch; "
+                        "check then judges the rule on validation accuracy")
+    g.add_argument("--layout", default=None, metavar="TEXT",
+                   help='train this network instead of the model\'s own, in the layout grammar of model.py, '
+                        'e.g. "c8 c16 P c10/1 c16 c16 c16 G o"')
 
 
 def _overrides(args: argparse.Namespace, **extra) -> dict:
     keys = ("epochs", "batch_size", "lr", "optimizer", "scheduler", "weight_decay", "dropout", "precision",
-            "limit_batches")
+            "limit_batches", "val", "layout")
     values = {k: getattr(args, k) for k in keys}
     values.update(extra)
     return values
@@ -128,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", default="README.md", help="README whose experiments section is regenerated")
     p.add_argument("--runs", default="runs", help="where the run directories go")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_jobs(p)
     _add_data_device(p)
     p.set_defaults(func=cmd_reproduce)
 
@@ -144,8 +158,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="write the evidence (histories, verdict) here")
     p.add_argument("--runs", default="runs", help="where the run directories go")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_recipe_overrides(p)
+    _add_jobs(p)
     _add_data_device(p)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("sweep", help="search recipes on validation with Optuna (needs pip install 'tinymnist[sweep]')",
+                       formatter_class=fmt)
+    p.add_argument("space", metavar="SPACE.toml", help="the search space: base step, [fixed], [search], seeds, "
+                                                        "max_params (see the README)")
+    p.add_argument("--trials", type=_positive_int, required=True,
+                   help="complete trials the study should hold; the same command again resumes it")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="Optuna storage, e.g. postgresql://user:pass@host/db for workers on several machines "
+                        "(default: sqlite in --out)")
+    p.add_argument("--study", default=None, metavar="NAME", help="study name (default: the space file's name)")
+    p.add_argument("--out", default="sweeps", help="directory for the SQLite study and every trial's run directory")
+    p.add_argument("--heartbeat", type=_positive_int, default=60, metavar="SECONDS",
+                   help="a running trial's heartbeat; one silent for twice this is marked failed and queued again")
+    _add_jobs(p)
+    _add_data_device(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("sweep-report", help="the best trials of a study, and its plots", formatter_class=fmt)
+    p.add_argument("target", metavar="DIR_OR_STORAGE", help="a sweep's --out directory, or a storage URL")
+    p.add_argument("--study", default=None, metavar="NAME", help="study name (default: the only study there)")
+    p.add_argument("--top", type=_positive_int, default=10, help="how many trials to list")
+    p.add_argument("--show-test", action="store_true",
+                   help="also show each trial's test accuracy (for the record: choose on validation)")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="write the optimisation history and parameter importances here (default: the sweep's "
+                        "directory, or the current one for a URL)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write every complete trial as JSON (an audit trail)")
+    p.set_defaults(func=cmd_sweep_report)
 
     p = sub.add_parser("predict", help="classify digits in image files with a trained model", formatter_class=fmt)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's model.pt")
@@ -218,10 +263,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_experiments(args: argparse.Namespace) -> int:
     from .experiments import STEPS
-    from .model import create_model
 
     for s in STEPS:
-        params = create_model(s.config.model, dropout=s.config.dropout).num_params()
+        params = s.config.build_model().num_params()
         print(f"{s.name:<14}{s.config.model:<9}{params:>8,} params  {s.config.epochs:>2} epochs  {s.title}")
     return 0
 
@@ -229,21 +273,37 @@ def cmd_experiments(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .device import pick_device
     from .experiments import STEPS
+    from .parallel import Job, plan, run_jobs
     from .report import collect_run, update_readme
-    from .runs import new_run_dir, train_run
+    from .runs import new_run_dir, train_job
 
-    names = args.only or [s.name for s in STEPS]
-    for s in STEPS:
-        if s.name not in names:
-            continue
-        run_dir, history = train_run(s.config, out=new_run_dir(s.name, args.runs), data_dir=args.data_dir,
-                                     device=args.device, name=s.name, threads=args.threads,
-                                     progress=False if args.no_progress else None)
-        dest = collect_run(run_dir, s.name, Path(args.results))
-        print(f"{s.name}: best test {max(r['test_acc'] for r in history):.2f}%, results in {dest}", flush=True)
+    steps = [s for s in STEPS if s.name in (args.only or [s.name for s in STEPS])]
+    workers, threads = plan(len(steps), args.jobs, args.threads, pick_device(args.device).type)
+    jobs = []
+    for s in steps:
+        run_dir = new_run_dir(s.name, args.runs)
+        run_dir.mkdir(parents=True)
+        jobs.append(Job(s.name, train_job, dict(config=s.config.to_dict(), run_dir=str(run_dir), name=s.name,
+                                                data_dir=args.data_dir, device=args.device, threads=threads)))
+
+    def done(o) -> None:
+        if not o.ok:
+            print(f"{o.label}: FAILED: {o.error}", flush=True)
+            return
+        dest = collect_run(Path(o.result["run_dir"]), o.label, Path(args.results))
+        print(f"{o.label}: best test {max(r['test_acc'] for r in o.result['history']):.2f}%, results in {dest}",
+              flush=True)
+
+    print(f"reproduce: {len(steps)} steps, {workers} at a time with {threads} thread(s) each", flush=True)
+    outcomes = run_jobs(jobs, workers, threads, on_done=done, progress=False if args.no_progress else None,
+                        desc="reproduce")
     changed = update_readme(Path(args.readme), Path(args.results))
     print(f"{args.readme}: regenerated {', '.join(changed) if changed else 'nothing (already up to date)'}")
+    failed = [o.label for o in outcomes if not o.ok]
+    if failed:
+        raise TinyMnistError(f"{len(failed)} of {len(steps)} steps failed: {', '.join(failed)}")
     return 0
 
 
@@ -266,11 +326,40 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .fileio import write_json
 
     evidence = run_check(args.step, args.seeds, args.last, data_dir=args.data_dir, device=args.device,
-                         out_root=args.runs, progress=False if args.no_progress else None, threads=args.threads)
+                         out_root=args.runs, progress=False if args.no_progress else None, threads=args.threads,
+                         jobs=args.jobs, overrides=_overrides(args))
     if args.json:
         write_json(args.json, evidence)
         print(f"evidence written to {args.json}")
     return 0 if evidence["passed"] else 1
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import format_report, run_sweep
+
+    summary = run_sweep(args.space, args.trials, jobs=args.jobs, storage=args.storage, study=args.study, out=args.out,
+                        data_dir=args.data_dir, device=args.device, threads=args.threads, heartbeat=args.heartbeat)
+    print(format_report(summary, top=5))
+    return 0
+
+
+def cmd_sweep_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .fileio import write_json
+    from .sweep import format_report, load_study, plot_study, resolve_storage, summarize_study
+
+    url = resolve_storage(args.target)
+    st = load_study(url, args.study)
+    summary = summarize_study(st)
+    print(format_report(summary, top=args.top, show_test=args.show_test))
+    plots = args.plots or (args.target if "://" not in args.target and Path(args.target).is_dir() else ".")
+    for path in plot_study(st, plots):
+        print(f"wrote {path}")
+    if args.json:
+        write_json(args.json, summary)
+        print(f"trials written to {args.json}")
+    return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -45,6 +45,7 @@ class TrainConfig:
     """One training recipe: model, optimisation, schedule and augmentation."""
 
     model: str = "Model_1"  # registry name of the model class
+    layout: str = ""  # a network in the layout grammar of model.py, replacing the model's own; "" keeps it
     epochs: int = 15  # full passes over the 60,000 training images
     batch_size: int = 128  # training batch size
     optimizer: str = "sgd"  # one of OPTIMIZERS
@@ -67,6 +68,7 @@ class TrainConfig:
     seed: int = 0  # seeds every RNG: init, batch order, augmentation
     eval_batch_size: int = 2000  # evaluation batch size (no gradients, so large is cheap)
     limit_batches: int = 0  # train/eval at most this many batches per epoch (0 = all); for smoke tests
+    val: int = 0  # hold out this many training images (class-stratified, fixed split) as a validation set; 0 = none
 
     def validate(self) -> "TrainConfig":
         """Raise TinyMnistError on a value that cannot train; return self."""
@@ -92,12 +94,21 @@ class TrainConfig:
             (self.precision in ("fp32", "bf16"), f"unknown precision {self.precision!r} (choose from fp32, bf16)"),
             (0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}"),
             (self.limit_batches >= 0, f"limit_batches must be >= 0, got {self.limit_batches}"),
+            (0 <= self.val < 60000, f"val must be in [0, 60000), got {self.val}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise TinyMnistError(msg)
         self.aug.validate()
+        if self.layout:
+            self.build_model().check_shapes()
         return self
+
+    def build_model(self):
+        """The untrained network this recipe trains: its model class, dropout and layout."""
+        from .model import create_model
+
+        return create_model(self.model, dropout=self.dropout, layout=self.layout)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -23,6 +23,7 @@ from .fileio import atomic_path
 
 ENV_VAR = "TINYMNIST_DATA"
 MIRRORS_VAR = "TINYMNIST_MIRRORS"
+VERIFY_VAR = "TINYMNIST_VERIFY"  # "0" skips the MD5 check of present files: only for data you made on purpose
 MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel statistics, in [0, 1] units
 
 # (file name, MD5 of the gzipped file), in the order train images, train labels, test images, test labels
@@ -32,6 +33,13 @@ RESOURCES = (
     ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
     ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
 )
+# MD5s of the same four files gunzipped, computed from the verified originals above
+RAW_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
 # HTTPS mirrors first; the original site is last because it is plain HTTP and often refuses bots.
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -123,6 +131,48 @@ def _fetch(url: str, dest: Path, md5: str, progress: bool) -> None:
             raise DataError(f"{url}: MD5 mismatch (got {h.hexdigest()}, expected {md5})")
 
 
+def _stamp_path() -> Path:
+    """Where verified files are remembered: the user's cache, never the data directory (it may be shared)."""
+    return default_data_dir().parent / "verified.json"
+
+
+def verify_files(paths: dict[str, Path], resources: Sequence[tuple[str, str]] = RESOURCES) -> None:
+    """Check every file against its known MD5 (gz or gunzipped); hash each file once, then trust its stamp.
+
+    A stamp is the file's absolute path, size, mtime and inode with the MD5 it had; a file that changed since is
+    hashed again. A mismatch is one DataError naming the file, which is then never read."""
+    from .fileio import read_json, write_json
+
+    stamp_file = _stamp_path()
+    try:
+        stamps = read_json(stamp_file) if stamp_file.is_file() else {}
+    except (OSError, ValueError):
+        stamps = {}
+    if not isinstance(stamps, dict):
+        stamps = {}
+    changed = False
+    for name, md5 in resources:
+        path = paths[name]
+        expected = md5 if path.name == name else RAW_MD5.get(path.name)
+        if expected is None:
+            continue
+        st = path.stat()
+        key = str(path.resolve())
+        mark = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "md5": expected}
+        if stamps.get(key) == mark:
+            continue
+        got = md5sum(path)
+        if got != expected:
+            raise DataError(f"{path}: MD5 mismatch (got {got}, expected {expected}): not the original MNIST file, so "
+                            f"it is not used; delete it to download it again")
+        stamps[key], changed = mark, True
+    if changed:
+        try:
+            write_json(stamp_file, stamps)
+        except OSError:
+            pass  # a read-only cache only means hashing again next time
+
+
 def _present(root: Path, name: str) -> Optional[Path]:
     """The gzipped file, or its raw (gunzipped) twin, if either exists."""
     for p in (root / name, root / name[:-3] if name.endswith(".gz") else None):
@@ -193,8 +243,10 @@ class MNIST:
 
 
 def load_mnist(data_dir: Optional[str | os.PathLike] = None, device: torch.device | str = "cpu",
-               download: bool = True, progress: bool = True) -> MNIST:
-    """Find (or download), parse and verify MNIST, and place it on `device` as uint8."""
+               download: bool = True, progress: bool = True, verify: Optional[bool] = None) -> MNIST:
+    """Find (or download), verify, parse and check MNIST, and place it on `device` as uint8.
+
+    verify=None checks MD5s unless $TINYMNIST_VERIFY is "0" (for IDX files you made yourself)."""
     root = resolve_data_dir(data_dir)
     if download:
         paths = ensure_files(root, progress=progress)
@@ -203,6 +255,10 @@ def load_mnist(data_dir: Optional[str | os.PathLike] = None, device: torch.devic
         missing = [n for n, p in paths.items() if p is None]
         if missing:
             raise DataError(f"MNIST file(s) missing from {root}: {', '.join(missing)}")
+    if verify is None:
+        verify = os.environ.get(VERIFY_VAR, "1") != "0"
+    if verify:
+        verify_files(paths)
     arrays = []
     for (name, _), ndim in zip(RESOURCES, (3, 1, 3, 1)):
         arrays.append(read_idx(paths[name], expect_ndim=ndim))
@@ -215,6 +271,42 @@ def load_mnist(data_dir: Optional[str | os.PathLike] = None, device: torch.devic
         if labels.numel() and int(labels.max()) > 9:
             raise DataError(f"{split} labels contain {int(labels.max())}, expected digits 0-9")
     return MNIST(tri, trl.long(), tei, tel.long()).to(torch.device(device))
+
+
+# ---------------------------------------------------------------- the validation split
+
+VAL_SEED = 20_240_607  # the split's own seed: the same held-out images for every run seed and device
+
+
+def validation_split(labels: torch.Tensor, n: int, seed: int = VAL_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val) of the training set: `n` images held out, class-stratified, drawn from `seed` alone.
+
+    Each class gives n x (its share of the set) images, rounded by largest remainder so they sum to `n`.
+    Both index vectors are sorted and on the CPU."""
+    labels = labels.cpu()
+    total = labels.numel()
+    if not 0 <= n < total:
+        raise DataError(f"cannot hold out {n} of {total} training images for validation")
+    counts = torch.bincount(labels, minlength=10).tolist()
+    quota = [n * c / total for c in counts]
+    take = [int(q) for q in quota]
+    by_remainder = sorted(range(len(counts)), key=lambda k: (take[k] - quota[k], k))  # largest remainder first
+    for k in by_remainder[: n - sum(take)]:
+        take[k] += 1
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for k, t in enumerate(take):
+        members = torch.nonzero(labels == k).flatten()
+        picked.append(members[torch.randperm(members.numel(), generator=gen)[:t]])
+    val = torch.cat(picked).sort().values
+    keep = torch.ones(total, dtype=torch.bool)
+    keep[val] = False
+    return torch.nonzero(keep).flatten(), val
+
+
+def split_fingerprint(val_idx: torch.Tensor) -> str:
+    """A short hash of the held-out indices, recorded with every run so that a split can be compared."""
+    return hashlib.sha256(val_idx.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
 def to_unit(images_u8: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,9 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import TrainConfig
-from .data import MNIST, Loader
+from .data import MNIST, Loader, validation_split
 from .device import autocast, seed_everything, sync
-from .model import Net, create_model
+from .model import Net
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,14 @@ def fit(cfg: TrainConfig, data: MNIST, on_epoch: Optional[Callable[[dict, Net], 
     With cfg.ema, the averaged model is the one evaluated and returned; train metrics are the raw model's."""
     device = data.train_images.device
     seed_everything(cfg.seed)
-    model = create_model(cfg.model, dropout=cfg.dropout).to(device)
-    train = Loader(data.train_images, data.train_labels, cfg.batch_size, shuffle=True, seed=cfg.seed,
+    model = cfg.build_model().to(device)
+    train_images, train_labels = data.train_images, data.train_labels
+    val = None
+    if cfg.val:
+        keep, held = (i.to(device) for i in validation_split(data.train_labels, cfg.val))
+        val = Loader(train_images[held], train_labels[held], cfg.eval_batch_size, limit_batches=cfg.limit_batches)
+        train_images, train_labels = train_images[keep], train_labels[keep]
+    train = Loader(train_images, train_labels, cfg.batch_size, shuffle=True, seed=cfg.seed,
                    aug=cfg.aug, limit_batches=cfg.limit_batches)
     test = Loader(data.test_images, data.test_labels, cfg.eval_batch_size, limit_batches=cfg.limit_batches)
     optimizer = make_optimizer(model, cfg)
@@ -151,13 +157,18 @@ def fit(cfg: TrainConfig, data: MNIST, on_epoch: Optional[Callable[[dict, Net], 
                          desc=f"epoch {epoch}/{cfg.epochs}", progress=progress, ema=ema, precision=cfg.precision)
         if verbose:
             print(f"Epoch {epoch:2d}/{cfg.epochs}: train loss {tr.loss:.4f}, train accuracy {tr.acc:.2f}%, lr {lr:.3e}")
+        record = {"epoch": epoch, "train_loss": round(tr.loss, 6), "train_acc": round(tr.acc, 4)}
+        if val is not None:
+            va = evaluate(final, val, verbose=False, precision=cfg.precision)
+            record.update(val_loss=round(va.loss, 6), val_acc=round(va.acc, 4))
+            if verbose:
+                print(f"Validation set: Average loss: {va.loss:.4f}, Accuracy: {va.correct}/{va.total} ({va.acc:.2f}%)")
         te = evaluate(final, test, verbose=verbose, precision=cfg.precision)
         if scheduler is not None and not per_batch:
             scheduler.step()
         sync(device)
-        record = {"epoch": epoch, "train_loss": round(tr.loss, 6), "train_acc": round(tr.acc, 4),
-                  "test_loss": round(te.loss, 6), "test_acc": round(te.acc, 4), "lr": lr,
-                  "seconds": round(time.perf_counter() - t0, 3)}
+        record.update(test_loss=round(te.loss, 6), test_acc=round(te.acc, 4), lr=lr,
+                      seconds=round(time.perf_counter() - t0, 3))
         history.append(record)
         if on_epoch is not None:
             on_epoch(record, final)

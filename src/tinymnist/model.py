@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -30,18 +32,20 @@ def model_class(name: str) -> type["Net"]:
         raise TinyMnistError(f"unknown model {name!r} (choose from {', '.join(list_models())})") from None
 
 
-def create_model(name: str, dropout: Optional[float] = None) -> "Net":
-    """Build a registered model; `dropout` overrides the model's default."""
-    return model_class(name)(dropout=dropout)
+def create_model(name: str, dropout: Optional[float] = None, layout: Optional[str] = None) -> "Net":
+    """Build a registered model; `dropout` overrides its default, and a `layout` string replaces its layout."""
+    return model_class(name)(dropout=dropout, layout=layout or None)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def block(cin: int, cout: int, k: int = 3, padding: int = 0, bn: bool = True, dropout: float = 0.0) -> nn.Sequential:
+def block(cin: int, cout: int, k: int = 3, padding: int = 0, bn: bool = True, dropout: float = 0.0,
+          stride: int = 1, dilation: int = 1, groups: int = 1) -> nn.Sequential:
     """conv -> (BN) -> ReLU -> (dropout). The conv has no bias when BN follows, since BN's shift replaces it."""
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, padding=padding, bias=not bn)]
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation,
+                                         groups=groups, bias=not bn)]
     if bn:
         layers.append(nn.BatchNorm2d(cout))
     layers.append(nn.ReLU(inplace=True))
@@ -50,47 +54,102 @@ def block(cin: int, cout: int, k: int = 3, padding: int = 0, bn: bool = True, dr
     return nn.Sequential(*layers)
 
 
-# Layout vocabulary: each entry is a tuple whose first item says what it is.
-#   ("conv", out_channels, kernel, padding)  a block(): conv -> BN -> ReLU -> dropout
-#   ("pool",)                                2x2 max pool
-#   ("gap",)                                 global average pool to 1x1
-#   ("out", kernel)                          the classifier: a plain conv to 10 channels, no BN/ReLU
-def conv(out: int, k: int = 3, pad: int = 0) -> tuple:
-    return ("conv", out, k, pad)
+# ---------------------------------------------------------------- layouts as text
+#
+# LAYOUT GRAMMAR. A layout is a string of tokens separated by spaces, read left to right from the 1x28x28 input.
+#
+#   cN           a conv block (conv -> BN -> ReLU -> optional dropout) with N output channels, 3x3, no padding
+#   cN/K         the same with a KxK kernel: c10/1 is a 1x1 transition
+#     suffixes, in this order, each optional:
+#     p          "same" padding (K//2 x dilation), so the block keeps the map size
+#     dD         dilation D (RF grows by (K-1) x D x jump)
+#     sS         stride S
+#     gG         G groups; "gN" with N = the input channels is a depthwise conv
+#   dw, dw/K     a depthwise KxK block: as many output channels as input channels, one filter each
+#   P            2x2 max pool
+#   G            global average pool to 1x1
+#   o, o/K       the classifier: a plain conv to 10 channels (1x1, or KxK), no BN or ReLU; last token
+#
+# Examples: "c8 c16 P c10/1 c16 c16 c16 G o" is Model_7; "c8p c8 P dw c16/1 ..." starts a depthwise-separable net.
+# Without BN (a model class with bn = False) every conv has a bias; with BN none does, as BN's shift replaces it.
+
+_CONV = re.compile(r"c(?P<out>\d+)(?:/(?P<k>\d+))?(?P<same>p)?(?:d(?P<d>\d+))?(?:s(?P<s>\d+))?(?:g(?P<g>\d+))?")
+_DW = re.compile(r"dw(?:/(?P<k>\d+))?(?P<same>p)?(?:d(?P<d>\d+))?(?:s(?P<s>\d+))?")
+_OUT = re.compile(r"o(?:/(?P<k>\d+))?")
 
 
-POOL, GAP = ("pool",), ("gap",)
+@dataclass(frozen=True)
+class Layer:
+    """One parsed token: kind is conv, pool, gap or out; convs carry their geometry."""
+
+    kind: str
+    out: int = 0  # output channels (0 for a depthwise conv: as many as its input)
+    k: int = 3
+    pad: int = 0
+    dilation: int = 1
+    stride: int = 1
+    groups: int = 1  # 0 for a depthwise conv: as many as its input channels
 
 
-def out(k: int = 1) -> tuple:
-    return ("out", k)
+def parse_layout(text: str) -> tuple[Layer, ...]:
+    """Parse a layout string (grammar above); any bad token is one TinyMnistError naming it."""
+    tokens = text.split()
+    if not tokens:
+        raise TinyMnistError("empty layout")
+    layers = []
+    for i, tok in enumerate(tokens):
+        if tok == "P":
+            layers.append(Layer("pool"))
+        elif tok == "G":
+            layers.append(Layer("gap"))
+        elif m := _OUT.fullmatch(tok):
+            if i != len(tokens) - 1:
+                raise TinyMnistError(f"layout {text!r}: the classifier {tok!r} must be the last token")
+            layers.append(Layer("out", out=10, k=int(m["k"] or 1)))
+        elif m := _CONV.fullmatch(tok) or _DW.fullmatch(tok):
+            k, d = int(m["k"] or 3), int(m["d"] or 1)
+            dw = tok.startswith("dw")
+            layer = Layer("conv", out=0 if dw else int(m["out"]), k=k, pad=(k // 2) * d if m["same"] else 0,
+                          dilation=d, stride=int(m["s"] or 1), groups=0 if dw else int(m["g"] or 1))
+            if min(k, d, layer.stride) < 1 or (not dw and (layer.out < 1 or layer.groups < 1)):
+                raise TinyMnistError(f"layout {text!r}: token {tok!r} has a zero size")
+            layers.append(layer)
+        else:
+            raise TinyMnistError(
+                f"layout {text!r}: unknown token {tok!r} (expected cN[/K][p][dD][sS][gG], dw[/K][p][dD][sS], P, G, "
+                "o or o/K; see model.py)")
+    if layers[-1].kind != "out":
+        raise TinyMnistError(f"layout {text!r}: must end with the classifier 'o' (or 'o/K')")
+    return tuple(layers)
 
 
 class Net(nn.Module):
-    """A CNN assembled from `layout`; subclasses only set the layout and defaults. Returns logits (N, 10)."""
+    """A CNN assembled from a layout string; subclasses only set the layout and defaults. Returns logits (N, 10)."""
 
-    layout: tuple = ()
+    layout: str = ""  # in the layout grammar above
     bn: bool = True  # batch norm in every conv block
     default_dropout: float = 0.0  # dropout after every conv block, unless overridden at construction
 
-    def __init__(self, dropout: Optional[float] = None):
+    def __init__(self, dropout: Optional[float] = None, layout: Optional[str] = None):
         super().__init__()
         p = self.default_dropout if dropout is None else dropout
+        if layout is not None:
+            self.layout = layout  # an instance attribute: the class keeps its own
         layers: list[nn.Module] = []
         c = 1
-        for kind, *args in self.layout:
-            if kind == "conv":
-                cout, k, pad = args
-                layers.append(block(c, cout, k, pad, self.bn, p))
+        for layer in parse_layout(self.layout):
+            if layer.kind == "conv":
+                cout, groups = layer.out or c, layer.groups or c
+                if c % groups or cout % groups:
+                    raise TinyMnistError(f"layout {self.layout!r}: {groups} groups do not divide {c} -> {cout} channels")
+                layers.append(block(c, cout, layer.k, layer.pad, self.bn, p, layer.stride, layer.dilation, groups))
                 c = cout
-            elif kind == "pool":
+            elif layer.kind == "pool":
                 layers.append(nn.MaxPool2d(2))
-            elif kind == "gap":
+            elif layer.kind == "gap":
                 layers.append(nn.AdaptiveAvgPool2d(1))
-            elif kind == "out":
-                layers.append(nn.Conv2d(c, 10, args[0], bias=not self.bn))
             else:
-                raise ValueError(f"unknown layout entry {kind!r}")
+                layers.append(nn.Conv2d(c, 10, layer.k, bias=not self.bn))
         layers.append(nn.Flatten())
         self.net = nn.Sequential(*layers)
         self.dropout = p
@@ -100,6 +159,21 @@ class Net(nn.Module):
 
     def num_params(self) -> int:
         return count_params(self)
+
+    def check_shapes(self) -> None:
+        """Run one blank image through the net: a layout that shrinks the map below a kernel, or does not end
+        at 1x1, is one TinyMnistError."""
+        was = self.training
+        try:
+            with torch.no_grad():
+                out = self.eval()(torch.zeros(1, 1, 28, 28, device=next(self.parameters()).device))
+        except RuntimeError as e:
+            raise TinyMnistError(f"layout {self.layout!r} does not fit a 28x28 input: {str(e).splitlines()[0]}") from None
+        finally:
+            self.train(was)
+        if tuple(out.shape) != (1, 10):
+            raise TinyMnistError(f"layout {self.layout!r} gives an output of shape {tuple(out.shape[1:])}, not (10,): "
+                                 "end with G o, or shrink the map to 1x1 before o")
 
 
 # ---------------------------------------------------------------- the series, in experiment order
@@ -111,12 +185,8 @@ class Model_1(Net):
     """First working setup: wide, no batch norm, a big 6x6 classifier conv."""
 
     bn = False
-    layout = (
-        conv(16), conv(32),  # (N,32,24,24) RF 5
-        POOL,  # (N,32,12,12) RF 6
-        conv(64), conv(64), conv(64),  # (N,64,6,6) RF 18
-        out(6),  # (N,10,1,1) RF 28
-    )
+    # (N,32,24,24) RF 5 | pool (N,32,12,12) RF 6 | (N,64,6,6) RF 18 | 6x6 classifier (N,10,1,1) RF 28
+    layout = "c16 c32 P c64 c64 c64 o/6"
 
 
 @register
@@ -124,12 +194,8 @@ class Model_2(Net):
     """Skeleton: the final shape (two blocks, pool + 1x1 transition, three blocks, classifier), still wide."""
 
     bn = False
-    layout = (
-        conv(16), conv(32),  # (N,32,24,24) RF 5
-        POOL, conv(16, k=1),  # (N,16,12,12) RF 6: the transition squeezes channels
-        conv(16), conv(32), conv(32),  # (N,32,6,6) RF 18
-        out(6),  # (N,10,1,1) RF 28
-    )
+    # (N,32,24,24) RF 5 | pool + 1x1 squeeze (N,16,12,12) RF 6 | (N,32,6,6) RF 18 | (N,10,1,1) RF 28
+    layout = "c16 c32 P c16/1 c16 c32 c32 o/6"
 
 
 @register
@@ -137,12 +203,8 @@ class Model_3(Net):
     """Lighter: the skeleton with channels cut to get under 8,000 parameters."""
 
     bn = False
-    layout = (
-        conv(8), conv(12),  # (N,12,24,24) RF 5
-        POOL, conv(8, k=1),  # (N,8,12,12) RF 6
-        conv(10), conv(10), conv(10),  # (N,10,6,6) RF 18
-        out(6),  # (N,10,1,1) RF 28
-    )
+    # (N,12,24,24) RF 5 | (N,8,12,12) RF 6 | (N,10,6,6) RF 18 | (N,10,1,1) RF 28
+    layout = "c8 c12 P c8/1 c10 c10 c10 o/6"
 
 
 @register
@@ -164,22 +226,13 @@ class Model_6(Net):
     """GAP head: the 3,600-parameter 6x6 classifier becomes GAP + 1x1, and the saving buys wider layers."""
 
     default_dropout = 0.05
-    layout = (
-        conv(8), conv(16),  # (N,16,24,24) RF 5
-        POOL, conv(8, k=1),  # (N,8,12,12) RF 6
-        conv(16), conv(16), conv(16),  # (N,16,6,6) RF 18
-        GAP, out(1),  # (N,10,1,1) RF 28
-    )
-
+    # (N,16,24,24) RF 5 | (N,8,12,12) RF 6 | (N,16,6,6) RF 18 | GAP + 1x1 (N,10,1,1) RF 28
+    layout = "c8 c16 P c8/1 c16 c16 c16 G o"
 
 
 @register
 class Model_7(Net):
     """Model_6 with the last 324 parameters of the budget spent on a wider transition (10 channels, not 8)."""
 
-    layout = (
-        conv(8), conv(16),  # (N,16,24,24) RF 5
-        POOL, conv(10, k=1),  # (N,10,12,12) RF 6
-        conv(16), conv(16), conv(16),  # (N,16,6,6) RF 18
-        GAP, out(1),  # (N,10,1,1) RF 28
-    )
+    # (N,16,24,24) RF 5 | (N,10,12,12) RF 6 | (N,16,6,6) RF 18 | GAP + 1x1 (N,10,1,1) RF 28
+    layout = "c8 c16 P c10/1 c16 c16 c16 G o"

@@ -11,7 +11,6 @@ from typing import Optional
 from .check import final_accuracy_stats
 from .experiments import STEPS, Step
 from .fileio import atomic_path, read_json
-from .model import create_model
 from .summary import format_summary, summarize
 
 RESULTS = Path("results")
@@ -107,7 +106,7 @@ def render(results: Path = RESULTS) -> str:
     for s in STEPS:
         r = res[s.name]
         if r is None:
-            params = create_model(s.config.model, dropout=s.config.dropout).num_params()
+            params = s.config.build_model().num_params()
             out.append(f"| [{s.name}](#{_anchor(s.title)}) | {s.config.model} | {params:,} | not run | not run | "
                        "not run |")
         else:
@@ -118,7 +117,7 @@ def render(results: Path = RESULTS) -> str:
     out += _check_section(final, results)
     for s in STEPS:
         r = res[s.name]
-        model = create_model(s.config.model, dropout=s.config.dropout)
+        model = s.config.build_model()
         summ = summarize(model)
         out += [f"### {s.title}", "", f"**Target.** {s.target}", ""]
         cfg = s.config

@@ -9,18 +9,18 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from . import __version__
 from .config import TrainConfig
-from .data import load_mnist
+from .data import MNIST, VAL_SEED, load_mnist, split_fingerprint, validation_split
 from .device import configure_threads, pick_device
 from .engine import fit
 from .errors import TinyMnistError
 from .fileio import atomic_path, write_json
-from .model import Net, count_params, create_model, model_class
+from .model import Net, count_params, model_class
 from .plots import plot_curves
 
 CHECKPOINT_FORMAT = "tinymnist-checkpoint-v1"
@@ -79,7 +79,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise TinyMnistError(f"{path}: not a tinymnist checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     cfg = TrainConfig.from_dict(payload["config"])
-    model = create_model(cfg.model, dropout=cfg.dropout)
+    model = cfg.build_model()
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:
@@ -89,30 +89,49 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
 
 def train_run(cfg: TrainConfig, out: Optional[str | os.PathLike] = None, data_dir: Optional[str] = None,
               device: str = "auto", name: Optional[str] = None, progress: Optional[bool] = None,
-              verbose: bool = True, threads: int = 0) -> tuple[Path, list[dict]]:
-    """Train `cfg` and write its run directory; return the directory and the history."""
+              verbose: bool = True, threads: int = 0, data: Optional[MNIST] = None,
+              on_epoch: Optional[Callable[[dict], None]] = None) -> tuple[Path, list[dict]]:
+    """Train `cfg` and write its run directory; return the directory and the history.
+
+    `data` (already on the device) skips loading; `on_epoch` sees each record after history.json holds it, and
+    may raise to stop the run (a sweep's pruner does): the epochs done stay on disk."""
     cfg.validate()
     if cfg.dropout is None:  # record the dropout actually used, not "model default"
         cfg = replace(cfg, dropout=model_class(cfg.model).default_dropout)
     dev = pick_device(device)
     configure_threads(threads)
-    data = load_mnist(data_dir, device=dev, progress=progress is not False)
+    if data is None:
+        data = load_mnist(data_dir, device=dev, progress=progress is not False)
     run_dir = Path(out) if out else new_run_dir(name or cfg.model)
     run_dir.mkdir(parents=True, exist_ok=True)
-    params = count_params(create_model(cfg.model, dropout=cfg.dropout))
+    params = count_params(cfg.build_model())
     meta = {"name": name or cfg.model, "model": cfg.model, "params": params, "seed": cfg.seed,
             "config": cfg.to_dict(), "env": environment(dev),
             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:]}
+    if cfg.val:
+        _, held = validation_split(data.train_labels, cfg.val)
+        meta["val_split"] = {"images": cfg.val, "seed": VAL_SEED, "stratified": True,
+                             "fingerprint": split_fingerprint(held)}
     write_json(run_dir / "config.json", meta)
     if verbose:
         print(f"{meta['name']}: {cfg.model}, {params:,} parameters, {cfg.epochs} epochs on {dev}; writing {run_dir}")
     history: list[dict] = []
 
-    def on_epoch(record: dict, _model: Net) -> None:
+    def record_epoch(record: dict, _model: Net) -> None:
         history.append(record)
         write_json(run_dir / "history.json", history)  # rewritten each epoch: a crash keeps the epochs done
+        if on_epoch is not None:
+            on_epoch(record)
 
-    model, history_out = fit(cfg, data, on_epoch=on_epoch, progress=progress, verbose=verbose)
+    model, history_out = fit(cfg, data, on_epoch=record_epoch, progress=progress, verbose=verbose)
     save_checkpoint(run_dir / "model.pt", model, cfg)
     plot_curves(history_out, run_dir / "curves.png", title=f"{meta['name']} ({cfg.model}, {params:,} params)")
     return run_dir, history_out
+
+
+def train_job(config: dict, run_dir: str, name: str, data_dir: Optional[str], device: str, threads: int) -> dict:
+    """Train a recipe (as a to_dict() dict) into `run_dir`, quietly; module-level, so a worker process can run it."""
+    cfg = TrainConfig.from_dict(config)
+    _, history = train_run(cfg, out=run_dir, data_dir=data_dir, device=device, name=name, progress=False,
+                           verbose=False, threads=threads)
+    return {"seed": cfg.seed, "history": history, "run_dir": run_dir}

@@ -1,0 +1,491 @@
+"""Recipe search on Optuna: a TOML space, an objective measured on validation only, storage that spreads over machines.
+
+The objective is the assignment's rule read on the validation split: the worst validation accuracy of the last
+epochs, the minimum over the trial's seeds. The test set chooses nothing; its numbers are kept in each trial's
+run directory and shown by `sweep-report --show-test` only. Storage is a SQLite file in --out by default, or any
+RDB URL Optuna accepts: with PostgreSQL, workers on several machines share one study. Heartbeats let a worker mark
+the trial of a killed one failed (and queue it again), so a dead worker loses only its own run."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import platform
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import AugConfig, TrainConfig, override
+from .errors import TinyMnistError
+
+STUDY_FILE = "study.db"
+DEFAULT_VAL = 10000  # held-out training images when the space does not say
+HEARTBEAT = 60  # seconds between a running trial's heartbeats; a trial silent for 2 of them is failed and retried
+
+
+def require_optuna() -> None:
+    """One line naming the extra to install, instead of an ImportError."""
+    if importlib.util.find_spec("optuna") is None:
+        raise TinyMnistError("sweeps need Optuna: pip install 'tinymnist[sweep]'")
+
+
+# ---------------------------------------------------------------- the search space
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched recipe field: a range (low, high, log) or a list of choices."""
+
+    name: str  # a TrainConfig field, or aug.<field>
+    low: Any = None
+    high: Any = None
+    log: bool = False
+    choices: Optional[tuple] = None
+
+    def suggest(self, trial) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if isinstance(self.low, int) and isinstance(self.high, int):
+            return trial.suggest_int(self.name, self.low, self.high, log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
+
+
+@dataclass(frozen=True)
+class Space:
+    """A sweep: the base step, fixed and searched recipe fields, seeds per trial, and the parameter budget."""
+
+    step: str
+    fixed: dict
+    search: tuple[Param, ...]
+    seeds: tuple[int, ...] = (0,)
+    max_params: int = 8000 - 1
+    last: int = 5  # the rule's window: the worst of the last `last` epochs
+    startup_trials: int = 5  # the pruner compares a trial with the median only after this many finished
+    warmup_epochs: int = 5  # and only from this epoch of a seed on
+
+    def config(self, values: dict) -> TrainConfig:
+        """The base step's recipe with the fixed fields and `values` (flat names, aug.x for augmentation)."""
+        from .experiments import get_step
+
+        merged = _nest({**self.fixed, **values})
+        return override(get_step(self.step).config, merged).validate()
+
+
+_SPACE_KEYS = {"step", "fixed", "search", "seeds", "max_params", "last", "pruner"}
+
+
+def _flatten(table: dict, prefix: str = "") -> dict:
+    """{"aug": {"rotate": 5}} -> {"aug.rotate": 5}; a range table ({low, high}) stays one value."""
+    flat = {}
+    for k, v in table.items():
+        if isinstance(v, dict) and not ({"low", "high"} & set(v)):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for k, v in flat.items():
+        if k.startswith("aug."):
+            out.setdefault("aug", {})[k[4:]] = tuple(v) if isinstance(v, list) else v
+        else:
+            out[k] = v
+    return out
+
+
+def _check_name(name: str, where: str) -> None:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"aug"}
+    aug = {f"aug.{f.name}" for f in dataclasses.fields(AugConfig)}
+    if name not in fields | aug:
+        raise TinyMnistError(f"{where}: unknown recipe field {name!r} (valid: {', '.join(sorted(fields | aug))})")
+
+
+def parse_space(data: dict, where: str = "space") -> Space:
+    """Build a Space from a parsed TOML table; every mistake is one TinyMnistError naming the key."""
+    from .experiments import get_step, step_names
+
+    unknown = sorted(set(data) - _SPACE_KEYS)
+    if unknown:
+        raise TinyMnistError(f"{where}: unknown key(s) {', '.join(unknown)} (valid: {', '.join(sorted(_SPACE_KEYS))})")
+    step = data.get("step", step_names()[-1])
+    get_step(step)
+    fixed = _flatten(data.get("fixed", {}))
+    for name in fixed:
+        _check_name(name, f"{where} [fixed]")
+    search = []
+    for name, spec in _flatten(data.get("search", {})).items():
+        _check_name(name, f"{where} [search]")
+        if name in fixed:
+            raise TinyMnistError(f"{where}: {name!r} is both fixed and searched")
+        if isinstance(spec, list):
+            if not spec:
+                raise TinyMnistError(f"{where} [search] {name}: empty list of choices")
+            search.append(Param(name, choices=tuple(spec)))
+        elif isinstance(spec, dict) and {"low", "high"} <= set(spec) and set(spec) <= {"low", "high", "log"}:
+            lo, hi = spec["low"], spec["high"]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)) or not lo < hi:
+                raise TinyMnistError(f"{where} [search] {name}: needs numbers low < high, got {lo!r}, {hi!r}")
+            if spec.get("log") and lo <= 0:
+                raise TinyMnistError(f"{where} [search] {name}: a log range needs low > 0")
+            search.append(Param(name, lo, hi, bool(spec.get("log", False))))
+        else:
+            raise TinyMnistError(f"{where} [search] {name}: expected a list of choices or {{low, high, log}}")
+    seeds = data.get("seeds", 1)
+    seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
+    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise TinyMnistError(f"{where}: seeds must be a positive count or a list of seeds")
+    pruner = data.get("pruner", {})
+    if set(pruner) - {"startup_trials", "warmup_epochs"}:
+        raise TinyMnistError(f"{where} [pruner]: valid keys are startup_trials and warmup_epochs")
+    fixed.setdefault("val", DEFAULT_VAL)
+    if not fixed["val"] and "val" not in {p.name for p in search}:
+        raise TinyMnistError(f"{where}: a sweep chooses on validation, so val must be > 0")
+    space = Space(step, fixed, tuple(search), seeds, int(data.get("max_params", 8000 - 1)), int(data.get("last", 5)),
+                  int(pruner.get("startup_trials", 5)), int(pruner.get("warmup_epochs", 5)))
+    probe = space.config({p.name: (p.choices[0] if p.choices else p.low) for p in search})  # fields and values fit
+    if space.last > probe.epochs:
+        raise TinyMnistError(f"{where}: last = {space.last} is more than the {probe.epochs} epochs")
+    return space
+
+
+# ---------------------------------------------------------------- storage
+
+
+def storage_url(storage: Optional[str], out: str | Path) -> str:
+    """An explicit URL, else a SQLite file in `out`."""
+    if storage:
+        return storage
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(out).resolve() / STUDY_FILE}"
+
+
+def open_storage(url: str, heartbeat: Optional[int] = HEARTBEAT):
+    """Optuna's RDB storage with heartbeats; a URL it cannot open is one TinyMnistError."""
+    require_optuna()
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    kwargs: dict = {}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 60}  # workers wait for each other's writes instead of failing
+    hb = {}
+    if heartbeat:
+        hb = dict(heartbeat_interval=heartbeat, grace_period=2 * heartbeat)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if heartbeat:
+                hb["heartbeat_stale_trial_callback"] = RetryFailedTrialCallback(max_retry=1)
+            return RDBStorage(url, engine_kwargs=kwargs, **hb)
+    except ModuleNotFoundError as e:
+        raise TinyMnistError(f"storage {_safe(url)} needs the package {e.name}: pip install 'tinymnist[sweep]'") from None
+    except Exception as e:  # SQLAlchemy's errors: bad URL, server down, wrong password, no such database
+        raise TinyMnistError(f"cannot open study storage {_safe(url)}: {_first_line(e)}") from None
+
+
+def _safe(url: str) -> str:
+    """The URL without its password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
+    return url
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [s for s in str(getattr(e, "orig", None) or e).strip().splitlines() if s.strip()]
+    return lines[0] if lines else e.__class__.__name__
+
+
+def load_study(storage: str, study: Optional[str], heartbeat: Optional[int] = None):
+    """An existing study; with no name, the only study in the storage."""
+    import optuna
+
+    store = open_storage(storage, heartbeat)
+    names = [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
+    if study is None:
+        if len(names) != 1:
+            raise TinyMnistError(f"{_safe(storage)} holds {len(names)} studies ({', '.join(names) or 'none'}); "
+                                 "name one with --study")
+        study = names[0]
+    if study not in names:
+        raise TinyMnistError(f"{_safe(storage)} has no study {study!r} (it has: {', '.join(names) or 'none'})")
+    return optuna.load_study(study_name=study, storage=store)
+
+
+# ---------------------------------------------------------------- the objective
+
+
+class Objective:
+    """Train a trial's recipe on each of its seeds; return the worst validation accuracy of the last epochs."""
+
+    def __init__(self, space: Space, out: Path, data, device: str, threads: int):
+        self.space, self.out, self.data, self.device, self.threads = space, out, data, device, threads
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        from .check import worst_of_last
+        from .runs import train_run
+        from .summary import summarize
+
+        values = {p.name: p.suggest(trial) for p in self.space.search}
+        dup = _duplicate_of(trial, values)
+        if dup is not None:
+            trial.set_user_attr("duplicate_of", dup)
+            raise optuna.TrialPruned(f"same parameters as trial {dup}")
+        cfg = self.space.config(values)
+        model = cfg.build_model()
+        params, macs = model.num_params(), summarize(model).macs
+        trial.set_user_attr("params", params)
+        trial.set_user_attr("macs", macs)
+        trial.set_user_attr("config", cfg.to_dict())
+        if params > self.space.max_params:
+            trial.set_user_attr("rejected", f"{params:,} parameters > max_params {self.space.max_params:,}")
+            raise optuna.TrialPruned(f"{params} parameters over the budget")
+        runs = [str(self.out / "trials" / f"{trial.study.study_name}-trial{trial.number:04d}-seed{s}")
+                for s in self.space.seeds]
+        trial.set_user_attr("host", platform.node())
+        trial.set_user_attr("run_dirs", runs)
+        val_worst, test_worst = [], []
+        for i, (seed, run_dir) in enumerate(zip(self.space.seeds, runs)):
+            def report(record: dict, i: int = i) -> None:
+                trial.report(record["val_acc"], i * cfg.epochs + record["epoch"] - 1)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"epoch {record['epoch']} of seed {seed}")
+
+            _, history = train_run(dataclasses.replace(cfg, seed=seed), out=run_dir, device=self.device,
+                                   name=Path(run_dir).name, progress=False, verbose=False, threads=self.threads,
+                                   data=self.data, on_epoch=report)
+            val_worst.append(worst_of_last(history, self.space.last, "val_acc"))
+            test_worst.append(worst_of_last(history, self.space.last, "test_acc"))
+        trial.set_user_attr("val_worst", val_worst)
+        trial.set_user_attr("test_worst", test_worst)  # kept for the record; the objective never reads it
+        return min(val_worst)
+
+
+def _duplicate_of(trial, values: dict) -> Optional[int]:
+    """The number of an earlier trial (finished or running) with exactly these parameters, if any."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
+    for t in trial.study.get_trials(deepcopy=False, states=states):
+        if t.number != trial.number and t.params == values and "duplicate_of" not in t.user_attrs:
+            return t.number
+    return None
+
+
+# ---------------------------------------------------------------- workers
+
+
+def create_study(space: Space, storage: str, study: str, heartbeat: Optional[int] = HEARTBEAT):
+    """Create the study, or load it to resume; a space that changed under a study's name is an error."""
+    import optuna
+
+    store = open_storage(storage, heartbeat)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        st = optuna.create_study(study_name=study, storage=store, direction="maximize", load_if_exists=True,
+                                 sampler=_sampler(), pruner=_pruner(space))
+    key = repr(dataclasses.asdict(space))
+    saved = st.user_attrs.get("space")
+    if saved is None:
+        st.set_user_attr("space", key)
+    elif saved != key:
+        raise TinyMnistError(f"study {study!r} was created with another space; use a new --study name")
+    return st
+
+
+def _sampler():
+    import optuna
+
+    # constant_liar: a worker treats the other workers' running trials as bad, so workers do not pick the same
+    # parameters at once; unseeded, so that two workers never draw the same random start-up trials
+    return optuna.samplers.TPESampler(multivariate=True, constant_liar=True, n_startup_trials=8)
+
+
+def _pruner(space: Space):
+    import optuna
+
+    return optuna.pruners.MedianPruner(n_startup_trials=space.startup_trials,
+                                       n_warmup_steps=max(0, space.warmup_epochs - 1))
+
+
+def sweep_worker(space_data: dict, space_name: str, storage: str, study: str, trials: int, out: str,
+                 data_dir: Optional[str], device: str, threads: int, heartbeat: Optional[int] = HEARTBEAT) -> dict:
+    """One worker: take trials from the shared study until it holds `trials` complete ones. Module-level, so a
+    worker process can run it; several on several machines may share one study."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from .data import load_mnist
+    from .device import configure_threads, pick_device
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = parse_space(space_data, space_name)
+    configure_threads(threads)
+    dev = pick_device(device)
+    data = load_mnist(data_dir, device=dev, progress=False)
+    st = create_study(space, storage, study, heartbeat)
+    st.sampler, st.pruner = _sampler(), _pruner(space)
+    objective = Objective(space, Path(out), data, device, threads)
+    done = optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    if _count(st, TrialState.COMPLETE, TrialState.RUNNING) < trials:
+        # at most 4x the budget in this call: a space where nearly every trial is rejected or pruned still ends
+        st.optimize(objective, n_trials=4 * trials, callbacks=[done], catch=(TinyMnistError, RuntimeError))
+    return {"complete": _count(st, TrialState.COMPLETE)}
+
+
+def _count(st, *states) -> int:
+    return len(st.get_trials(deepcopy=False, states=states))
+
+
+def run_sweep(space_path: str, trials: int, jobs: int = 0, storage: Optional[str] = None, study: Optional[str] = None,
+              out: str = "sweeps", data_dir: Optional[str] = None, device: str = "auto", threads: int = 0,
+              heartbeat: Optional[int] = HEARTBEAT, progress: Optional[bool] = None) -> dict:
+    """Run `jobs` workers on one study until it holds `trials` complete trials; return a summary."""
+    from .data import load_mnist
+    from .device import pick_device
+    from .parallel import Job, plan, run_jobs
+
+    require_optuna()
+    data = read_space(space_path)
+    space = parse_space(data, str(space_path))
+    study = study or Path(space_path).stem
+    url = storage_url(storage, out)
+    load_mnist(data_dir, device="cpu", progress=progress is not False)  # download (or fail) once, not per worker
+    create_study(space, url, study, heartbeat)  # made once here, so workers never race to create it
+    workers, per = plan(trials, jobs, threads, pick_device(device).type)
+    print(f"sweep {study}: {trials} complete trials wanted, {workers} worker(s) with {per} thread(s) each; "
+          f"storage {_safe(url)}; run directories under {Path(out) / 'trials'}", flush=True)
+    kwargs = dict(space_data=data, space_name=str(space_path), storage=url, study=study, trials=trials, out=out,
+                  data_dir=data_dir, device=device, threads=per, heartbeat=heartbeat)
+    outcomes = run_jobs([Job(f"worker {i}", sweep_worker, kwargs) for i in range(workers)], workers, per,
+                        on_done=lambda o: None if o.ok else print(f"{o.label}: FAILED: {o.error}", flush=True),
+                        progress=False, desc="workers")
+    st = load_study(url, study)
+    summary = summarize_study(st)
+    failed = [o.label for o in outcomes if not o.ok]
+    if failed:
+        raise TinyMnistError(f"{', '.join(failed)} failed; the study keeps every finished trial, and the same "
+                             "command resumes it")
+    return summary
+
+
+def read_space(path: str | Path) -> dict:
+    """The raw TOML table of a space file."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as e:
+        raise TinyMnistError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise TinyMnistError(f"{path}: not valid TOML ({e})") from None
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and check a sweep's TOML space file."""
+    return parse_space(read_space(path), str(path))
+
+
+# ---------------------------------------------------------------- reading a study back
+
+
+def summarize_study(st) -> dict:
+    """Counts by state and the finished trials, best first, as plain data."""
+    from optuna.trial import TrialState
+
+    trials = st.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    rejected = sum("rejected" in t.user_attrs for t in trials)
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (-t.value, t.number))
+    rows = [{"trial": t.number, "objective": t.value, "params": t.user_attrs.get("params"),
+             "macs": t.user_attrs.get("macs"), "values": t.params, "val_worst": t.user_attrs.get("val_worst"),
+             "test_worst": t.user_attrs.get("test_worst"), "run_dirs": t.user_attrs.get("run_dirs"),
+             "host": t.user_attrs.get("host")} for t in done]
+    return {"study": st.study_name, "counts": {k: v for k, v in counts.items() if v}, "rejected_over_budget": rejected,
+            "trials": rows}
+
+
+def format_report(summary: dict, top: int = 10, show_test: bool = False) -> str:
+    """The best trials as text: objective (validation), parameters, MACs, searched values, run directory."""
+    c = summary["counts"]
+    lines = [f"study {summary['study']}: " + ", ".join(f"{v} {k}" for k, v in c.items())
+             + (f" ({summary['rejected_over_budget']} of the pruned were over the parameter budget)"
+                if summary["rejected_over_budget"] else "")]
+    if not summary["trials"]:
+        return "\n".join(lines + ["no complete trial yet"])
+    lines.append(f"best {min(top, len(summary['trials']))} by the worst validation accuracy of the last epochs "
+                 f"(min over seeds):")
+    for r in summary["trials"][:top]:
+        test = ""
+        if show_test and r.get("test_worst"):
+            test = f"  test worst {min(r['test_worst']):.2f}%"
+        values = ", ".join(f"{k}={_fmt(v)}" for k, v in r["values"].items())
+        lines.append(f"  #{r['trial']:<4} val worst {r['objective']:.2f}%{test}  {r['params']:,} params  "
+                     f"{r['macs'] / 1e6:.2f}M MACs  {values}  {(r['run_dirs'] or ['?'])[0]}")
+    if not show_test:
+        lines.append("test accuracies are hidden: choose on validation, then confirm the choice once with "
+                     "`tinymnist check` (or show them with --show-test)")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def plot_study(st, out_dir: str | Path) -> list[Path]:
+    """Optuna's optimisation history and parameter importances, drawn with matplotlib, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.trial import TrialState
+
+    from .fileio import atomic_path
+
+    written = []
+    complete = [t for t in st.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    plots = [("history.png", optuna.visualization.matplotlib.plot_optimization_history)]
+    if len(complete) >= 2 and len({k for t in complete for k in t.params}) >= 1:
+        plots.append(("importances.png", optuna.visualization.matplotlib.plot_param_importances))
+    for name, fn in plots:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ax = fn(st)
+            except (ValueError, RuntimeError) as e:  # e.g. importances of a parameter that never varied
+                print(f"{name}: not drawn ({_first_line(e)})", file=sys.stderr)
+                continue
+        fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
+        fig.set_size_inches(8, 4.5)
+        fig.tight_layout()
+        path = Path(out_dir) / f"{st.study_name}-{name}"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def resolve_storage(target: str) -> str:
+    """sweep-report's argument: a sweep's --out directory (its SQLite file) or a storage URL."""
+    if "://" in target:
+        return target
+    path = Path(target)
+    db = path / STUDY_FILE if path.is_dir() else path
+    if not db.is_file():
+        raise TinyMnistError(f"{target}: no {STUDY_FILE} here (give a sweep's --out directory or a storage URL)")
+    return f"sqlite:///{db.resolve()}"
+

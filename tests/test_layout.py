@@ -1,0 +1,77 @@
+"""The layout grammar: every token, every error, and the Model_i classes written in it."""
+
+import pytest
+import torch
+
+from tinymnist.config import TrainConfig
+from tinymnist.errors import TinyMnistError
+from tinymnist.model import Net, create_model, list_models, model_class, parse_layout
+from tinymnist.summary import summarize
+
+
+def shapes(model):
+    return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_class_is_its_layout_text(name):
+    cls = model_class(name)
+    from_text = Net.__new__(cls)
+    Net.__init__(from_text, layout=cls.layout)  # the class's own text, built as an override
+    assert from_text.num_params() == create_model(name).num_params()
+    assert shapes(from_text) == shapes(create_model(name))
+
+
+@pytest.mark.parametrize("text, params", [
+    # hand counts: 3x3 conv = 9*cin*cout, BN = 2*cout, no conv bias before BN, 1x1 classifier 10*cin
+    ("c8 c16 P c10/1 c16 c16 c16 G o", 7756),  # Model_7
+    ("c8 c12 P c8/1 c12 c12 c12 G o", 72 + 16 + 864 + 24 + 96 + 16 + 3 * 0 + 864 + 24 + 2 * (1296 + 24) + 120),
+    ("c4 G o", 36 + 8 + 40),
+    ("c4 dw G o", 36 + 8 + 36 + 8 + 40),  # depthwise: one 3x3 filter per channel
+    ("c4 c8/3g2 G o", 36 + 8 + 9 * 2 * 8 + 16 + 80),  # two groups: each output sees half the inputs
+])
+def test_parameter_counts(text, params):
+    assert Net(layout=text).num_params() == params
+
+
+def test_suffixes_change_geometry_and_receptive_field():
+    plain = summarize(Net(layout="c4 c4 G o"))  # layers: conv, BN, ReLU per block
+    assert plain.layers[5].shape == (4, 24, 24) and plain.rf == 28  # GAP reads the whole 24x24 map
+    same = summarize(Net(layout="c4p c4p G o"))
+    assert same.layers[5].shape == (4, 28, 28)
+    dilated = summarize(Net(layout="c4d2 G o"))
+    assert dilated.layers[0].shape == (4, 24, 24) and dilated.layers[0].rf == 5
+    strided = summarize(Net(layout="c4s2 G o"))
+    assert strided.layers[0].shape == (4, 13, 13) and strided.layers[0].jump == 2
+    assert parse_layout("c10/1p G o")[0].pad == 0 and parse_layout("c8/5pd2 G o")[0].pad == 4
+
+
+def test_layout_output_is_logits():
+    assert Net(layout="c8 c16 P c10/1 c16 c16 c16 G o")(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("c8 X G o", "unknown token 'X'"),
+    ("c8 c16 G", "must end with the classifier"),
+    ("c8 o G o", "must be the last token"),
+    ("", "empty layout"),
+    ("c0 G o", "zero size"),
+    ("c8 c10/3g4 G o", "groups do not divide"),
+    ("c8 c8x G o", "unknown token 'c8x'"),
+])
+def test_bad_layouts_are_one_clear_error(text, fragment):
+    with pytest.raises(TinyMnistError, match=fragment.replace("(", r"\(")):
+        Net(layout=text)
+
+
+def test_shapes_that_do_not_fit_28x28_are_caught_before_training():
+    with pytest.raises(TinyMnistError, match="does not fit a 28x28 input"):
+        TrainConfig(model="Model_7", layout="c8 P P P P c8 G o").validate()
+    with pytest.raises(TinyMnistError, match="not \\(10,\\)"):
+        TrainConfig(model="Model_7", layout="c8 c8 o").validate()  # no GAP: a 24x24 map of logits
+
+
+def test_config_layout_builds_and_round_trips():
+    cfg = TrainConfig(model="Model_7", layout="c8 c12 P c8/1 c12 c12 c12 G o").validate()
+    assert cfg.build_model().num_params() == 4736
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg

@@ -1,0 +1,113 @@
+"""Parallel runs: the same histories whatever the number of jobs, failures reported per run, Ctrl-C safe."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tinymnist.cli import main
+from tinymnist.errors import TinyMnistError
+from tinymnist.parallel import Job, plan, run_jobs
+
+from conftest import synthetic_mnist
+
+
+# module-level, so that spawned workers can import them
+def square(x):
+    return x * x
+
+
+def fail_on(x, bad):
+    if x == bad:
+        raise TinyMnistError(f"run {x} went wrong")
+    return x
+
+
+def die_on(x, bad):
+    if x == bad:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.2)
+    return x
+
+
+def without_time(history):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def test_plan_splits_the_cores():
+    from tinymnist.device import available_cores
+
+    cores = available_cores()
+    assert plan(5, 0, 0, "cpu") == (min(5, cores), max(1, cores // min(5, cores)))
+    assert plan(1, 0, 0, "cpu") == (1, cores)  # one run gets every core
+    assert plan(5, 0, 0, "cuda")[0] == 1
+    assert plan(2, 8, 1, "cpu") == (2, 1)  # never more workers than runs
+
+
+def test_outcomes_come_back_in_order_and_each_is_reported():
+    seen = []
+    out = run_jobs([Job(f"x{i}", square, {"x": i}) for i in range(5)], 2, 1, on_done=seen.append, progress=False)
+    assert [o.result for o in out] == [0, 1, 4, 9, 16]
+    assert sorted(o.label for o in seen) == [f"x{i}" for i in range(5)]
+
+
+def test_a_failing_run_is_one_line_and_the_others_finish():
+    out = run_jobs([Job(f"seed {i}", fail_on, {"x": i, "bad": 2}) for i in range(4)], 2, 1, progress=False)
+    assert [o.ok for o in out] == [True, True, False, True]
+    assert out[2].error == "run 2 went wrong"
+
+
+def test_a_killed_worker_loses_only_its_run():
+    out = run_jobs([Job(f"seed {i}", die_on, {"x": i, "bad": 1}) for i in range(4)], 2, 1, progress=False)
+    assert not out[1].ok and "worker process died" in out[1].error
+    assert [o.result for i, o in enumerate(out) if i != 1] == [0, 2, 3]
+
+
+def test_check_histories_do_not_depend_on_jobs(tmp_path):
+    synthetic_mnist(tmp_path / "d", n_train=256, n_test=64)
+    args = ["check", "final", "--seeds", "3", "--epochs", "2", "--last", "2", "--batch-size", "32", "--val", "32",
+            "--data-dir", str(tmp_path / "d"), "--no-progress", "--threads", "1"]
+    for jobs in ("1", "2"):
+        assert main(args + ["--jobs", jobs, "--runs", str(tmp_path / f"runs{jobs}"),
+                            "--json", str(tmp_path / f"ev{jobs}.json")]) == 1  # random data fails the rule
+    one, two = (json.loads((tmp_path / f"ev{j}.json").read_text()) for j in ("1", "2"))
+    assert one["jobs"] == 1 and two["jobs"] == 2 and one["metric"] == "val_acc"
+    for a, b in zip(one["seeds"], two["seeds"]):
+        assert a["seed"] == b["seed"] and without_time(a["history"]) == without_time(b["history"])
+        assert "val_acc" in a["history"][0]
+
+
+def test_failed_seeds_are_named_and_check_exits_non_zero(tmp_path, capsys, monkeypatch):
+    # no data: every seed fails in its worker, each is named on its own line, and the command ends in one line
+    monkeypatch.setenv("TINYMNIST_MIRRORS", "http://127.0.0.1:9/")  # nothing listens there: fails at once
+    code = main(["check", "final", "--seeds", "2", "--epochs", "1", "--last", "1", "--data-dir", str(tmp_path / "missing"),
+                 "--no-progress", "--runs", str(tmp_path / "runs"), "--jobs", "2"])
+    assert code == 1
+    err = capsys.readouterr()
+    assert "seed 0: FAILED" in err.out and "seed 1: FAILED" in err.out
+    assert err.err.strip().count("\n") == 0 and "2 of 2 runs failed" in err.err
+
+
+def test_ctrl_c_stops_every_worker_with_one_line_and_leaves_no_partial_file(tmp_path):
+    synthetic_mnist(tmp_path / "d", n_train=2048, n_test=64)
+    env = {**os.environ, "TINYMNIST_VERIFY": "0"}
+    p = subprocess.Popen([sys.executable, "-m", "tinymnist.cli", "check", "final", "--seeds", "4", "--jobs", "2",
+                          "--epochs", "15", "--batch-size", "16", "--data-dir", str(tmp_path / "d"), "--no-progress",
+                          "--runs", str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "runs").glob("*/history.json")):
+        time.sleep(0.2)
+    assert list((tmp_path / "runs").glob("*/history.json")), "no epoch finished in time"
+    os.killpg(p.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C: the whole process group
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert err.strip() == "tinymnist: interrupted"
+    assert not [f for f in tmp_path.rglob("*") if f.name.endswith(".part")]
+    for h in (tmp_path / "runs").glob("*/history.json"):
+        json.loads(h.read_text())  # every file on disk is whole
