@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import platform
 import sys
 import warnings
@@ -167,7 +168,10 @@ def open_storage(url: str, heartbeat: Optional[int] = HEARTBEAT):
     """Optuna's RDB storage with heartbeats; a URL it cannot open is one TinyMnistError."""
     require_optuna()
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 
     kwargs: dict = {}
     if url.startswith("sqlite"):
@@ -179,7 +183,7 @@ def open_storage(url: str, heartbeat: Optional[int] = HEARTBEAT):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             if heartbeat:
-                hb["heartbeat_stale_trial_callback"] = RetryFailedTrialCallback(max_retry=1)
+                hb["heartbeat_stale_trial_callback"] = retry(max_retry=1)
             return RDBStorage(url, engine_kwargs=kwargs, **hb)
     except ModuleNotFoundError as e:
         raise TinyMnistError(f"storage {_safe(url)} needs the package {e.name}: pip install 'tinymnist[sweep]'") from None
@@ -250,6 +254,7 @@ class Objective:
         runs = [str(self.out / "trials" / f"{trial.study.study_name}-trial{trial.number:04d}-seed{s}")
                 for s in self.space.seeds]
         trial.set_user_attr("host", platform.node())
+        trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("run_dirs", runs)
         val_worst, test_worst = [], []
         for i, (seed, run_dir) in enumerate(zip(self.space.seeds, runs)):
@@ -325,7 +330,6 @@ def sweep_worker(space_data: dict, space_name: str, storage: str, study: str, tr
     from .data import load_mnist
     from .device import configure_threads, pick_device
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = parse_space(space_data, space_name)
     configure_threads(threads)
     dev = pick_device(device)
@@ -333,10 +337,20 @@ def sweep_worker(space_data: dict, space_name: str, storage: str, study: str, tr
     st = create_study(space, storage, study, heartbeat)
     st.sampler, st.pruner = _sampler(), _pruner(space)
     objective = Objective(space, Path(out), data, device, threads)
-    done = optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    if _count(st, TrialState.COMPLETE, TrialState.RUNNING) < trials:
+
+    def enough(study) -> bool:
+        """The study holds (or is training) the trials asked for. A killed worker's trial, silent past the
+        grace period, is failed (and queued again) first, so that it is not counted as running."""
+        optuna.storages.fail_stale_trials(study)
+        return _count(study, TrialState.COMPLETE, TrialState.RUNNING) >= trials
+
+    def stop_when_enough(study, _trial) -> None:
+        if enough(study):
+            study.stop()
+
+    if not enough(st):
         # at most 4x the budget in this call: a space where nearly every trial is rejected or pruned still ends
-        st.optimize(objective, n_trials=4 * trials, callbacks=[done], catch=(TinyMnistError, RuntimeError))
+        st.optimize(objective, n_trials=4 * trials, callbacks=[stop_when_enough], catch=(TinyMnistError, RuntimeError))
     return {"complete": _count(st, TrialState.COMPLETE)}
 
 
