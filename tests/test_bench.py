@@ -7,11 +7,11 @@ from tinymnist.cli import main
 from conftest import synthetic_mnist
 
 
-def test_bench_writes_three_figures_and_two_ratios(tmp_path, capsys):
+def test_bench_writes_every_figure_and_ratio(tmp_path, capsys):
     synthetic_mnist(tmp_path / "d", n_train=256, n_test=64)
     out = tmp_path / "bench.json"
     code = main(["bench", "--steps", "2", "--repeats", "1", "--workers", "0", "--batch-size", "32",
-                 "--data-dir", str(tmp_path / "d"), "--json", str(out)])
+                 "--concurrency", "0.5", "--data-dir", str(tmp_path / "d"), "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     for k in ("ours", "classic", "model_only"):
@@ -21,6 +21,18 @@ def test_bench_writes_three_figures_and_two_ratios(tmp_path, capsys):
     assert r["ours/classic"] == round(result["ours"]["images_per_s"] / result["classic"]["images_per_s"], 3)
     assert r["ours/model-only"] == round(result["ours"]["images_per_s"] / result["model_only"]["images_per_s"], 3)
     assert result["env"]["torch"] and result["env"]["batch_size"] == 32
+    hw = result["env"]["hardware"]
+    assert hw["cores"] >= 1 and hw["cpu_model"]
+    assert r["lean/plain"] == round(result["model_only"]["images_per_s"] / result["plain"]["images_per_s"], 3)
+    step = result["model_step"]
+    assert step["flops_per_image"] == 6 * step["macs_per_image"] and result["gemm_peak_gflops"] > 0
+    assert r["model-step/peak"] == round(step["gflops"] / result["gemm_peak_gflops"], 3)
+    single = result["single_run"]["images_per_s"]
+    assert result["multi_run"]["processes"] == hw["cores"] and result["multi_run"]["threads_each"] == 1
+    assert result["two_runs"]["processes"] == 2 and len(result["two_runs"]["per_process"]) == 2
+    assert r["multi-run/single"] == round(result["multi_run"]["images_per_s"] / single, 3)
+    assert r["two-runs/one"] == round(result["two_runs"]["images_per_s"] / single, 3)
+    assert result["single_run_spinning"]["omp_wait_policy"] == "ACTIVE"
     assert "ours/classic" in capsys.readouterr().out
 
 

@@ -6,6 +6,7 @@ import math
 import platform
 import statistics
 import time
+from dataclasses import replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -14,10 +15,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import AugConfig, TrainConfig
-from .data import MEAN, MNIST, STD, Loader
-from .device import autocast, available_cores, seed_everything, sync
-from .engine import evaluate, make_optimizer, train_epoch
+from .data import MEAN, MNIST, STD, Loader, load_mnist
+from .device import (autocast, available_cores, configure_threads, hardware, seed_everything, sync,
+                     torch_memory_format)
+from .engine import evaluate, make_optimizer, resolve_for, train_epoch
 from .model import create_model
+from .summary import summarize
 
 
 class ClassicDataset(torch.utils.data.Dataset):
@@ -63,41 +66,176 @@ def _timed_steps(batches, step: Callable, steps: int, device: torch.device) -> f
     return n / (time.perf_counter() - t0)
 
 
-def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, repeats: int = 3,
-              epoch: bool = True, workers: int = 2, log: Optional[Callable[[str], None]] = print) -> dict:
-    """Measure ours, classic and model-only throughput on the same model, batch size and augmentation."""
-    device = data.train_images.device
-    seed_everything(0)
-    model = create_model(model_name, dropout=cfg.dropout).to(device)
-    opt = make_optimizer(model, cfg)
-    model.train()
+FLOPS_PER_MAC = 6  # a training image costs forward + 2 backward passes, each 2 FLOPs per multiply-accumulate
 
-    def step(x, y):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, cfg.precision):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
+
+def gemm_peak_gflops(device: torch.device, n: int = 1024, seconds: float = 1.5) -> float:
+    """The machine's own fp32 matrix-multiply rate at the current thread count: the ceiling a step is measured on."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        torch.mm(a, b)
+    sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b)
+        reps += 1
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+class _Step:
+    """One training step of a fresh model: forward, loss, backward, SGD step; the recipe's format and precision."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.fmt = torch_memory_format(cfg.memory_format)
+        self.optimizer = make_optimizer(model, cfg)
+
+    def __call__(self, x, y):
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
+        y = y.to(self.device, non_blocking=True)
+        with autocast(self.device, self.cfg.precision):
+            loss = F.cross_entropy(self.model(x).float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.optimizer.step()
+
+
+def _train_step(model_name: str, cfg: TrainConfig, device: torch.device):
+    seed_everything(0)
+    fmt = torch_memory_format(cfg.memory_format)
+    model = create_model(model_name, dropout=cfg.dropout, layout=cfg.layout).to(device, memory_format=fmt).train()
+    return model, _Step(model, cfg, device)
+
+
+def _pipeline_rate(data_dir: Optional[str], model_name: str, config: dict, threads: int, seconds: float,
+                   barrier, results) -> None:
+    """In a fresh process: train on our pipeline for `seconds` once every process is ready; report images/s."""
+    configure_threads(threads)
+    cfg = TrainConfig.from_dict(config)
+    data = load_mnist(data_dir, progress=False)
+    _, step = _train_step(model_name, cfg, torch.device("cpu"))
+    loader = Loader(data.train_images, data.train_labels, cfg.batch_size, shuffle=True, seed=0, aug=cfg.aug)
+    batches = iter(loader)
+
+    def next_batch():
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            return next(batches)
+
+    for _ in range(5):
+        step(*next_batch())
+    barrier.wait()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x, y = next_batch()
+        step(x, y)
+        n += y.shape[0]
+    results.put(n / (time.perf_counter() - t0))
+
+
+def _together(count: int, threads: int, data_dir, model_name, cfg: TrainConfig, seconds: float,
+              wait_policy: Optional[str] = None) -> list[float]:
+    import multiprocessing as mp
+    import os
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(count), ctx.Queue()
+    procs = [ctx.Process(target=_pipeline_rate, args=(data_dir, model_name, cfg.to_dict(), threads, seconds,
+                                                      barrier, results)) for _ in range(count)]
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    if wait_policy:
+        os.environ["OMP_WAIT_POLICY"] = wait_policy  # a spawned child reads it before it imports torch
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+        else:
+            os.environ["OMP_WAIT_POLICY"] = saved
+    try:
+        rates = [results.get(timeout=300) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    return rates
+
+
+def concurrent_runs(data_dir: Optional[str], model_name: str, cfg: TrainConfig, seconds: float = 6.0,
+                    log: Optional[Callable[[str], None]] = print) -> dict:
+    """Separate training processes on our pipeline, each timed over the same window: one alone with every core,
+    one single-thread process per core, and two default (all-core) runs side by side; then one alone again with
+    OpenMP threads that spin (ACTIVE), to show what the default passive wait costs a run that is alone."""
+    import os
+
+    cores = available_cores()
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    out = {}
+    for key, count, threads, wait in (("single_run", 1, cores, None), ("multi_run", cores, 1, None),
+                                      ("two_runs", 2, cores, None), ("single_run_spinning", 1, cores, "ACTIVE")):
+        rates = _together(count, threads, data_dir, model_name, cfg, seconds, wait)
+        out[key] = {"images_per_s": round(sum(rates), 1), "processes": count, "threads_each": threads,
+                    "omp_wait_policy": wait or policy, "per_process": [round(r, 1) for r in rates],
+                    "seconds": seconds}
+        if log:
+            log(f"{key:<19} {sum(rates):>9,.0f} images/s  ({count} process(es) x {threads} thread(s), together; "
+                f"OMP_WAIT_POLICY={wait or policy})")
+    return out
+
+
+def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, repeats: int = 3,
+              epoch: bool = True, workers: int = 2, log: Optional[Callable[[str], None]] = print,
+              data_dir: Optional[str] = None, concurrency: float = 6.0) -> dict:
+    """Measure ours, classic, model-only (as configured) and plain (contiguous fp32) throughput on the same model,
+    batch size and augmentation, the machine's matrix-multiply peak, and concurrent training processes."""
+    device = data.train_images.device
+    facts = hardware(device)
+    cfg = resolve_for(cfg, device, facts)
+    fmt = torch_memory_format(cfg.memory_format)
+    model, step = _train_step(model_name, cfg, device)
 
     def endless(make_iter):
         while True:
             yield from make_iter()
 
     bs = cfg.batch_size
+    peak = gemm_peak_gflops(device)
+    if log:
+        log(f"fp32 matrix multiply: {peak:,.0f} GFLOP/s ({torch.get_num_threads()} threads)")
     ours_loader = Loader(data.train_images, data.train_labels, bs, shuffle=True, seed=0, aug=cfg.aug)
     fixed = next(iter(ours_loader))
     results: dict = {}
 
-    def measure(name: str, batches) -> None:
-        _timed_steps(batches, step, 5, device)  # warm-up: allocator, kernels, worker start-up
-        rates = [_timed_steps(batches, step, steps, device) for _ in range(repeats)]
+    def record(name: str, rates: list[float]) -> None:
         results[name] = {"images_per_s": round(statistics.median(rates), 1), "runs": [round(r, 1) for r in rates],
                          "steps": steps, "batch_size": bs}
         if log:
-            log(f"{name:<11} {statistics.median(rates):>9,.0f} images/s  (median of {repeats} x {steps} steps)")
+            log(f"{name:<11} {statistics.median(rates):>9,.0f} images/s  (median of {len(rates)} x {steps} steps)")
 
-    measure("model_only", endless(lambda: iter([fixed])))
+    def measure(name: str, batches) -> None:
+        _timed_steps(batches, step, 5, device)  # warm-up: allocator, kernels, worker start-up
+        record(name, [_timed_steps(batches, step, steps, device) for _ in range(repeats)])
+
+    def measure_interleaved(steps_by_name: dict, batches) -> None:
+        rates: dict = {name: [] for name in steps_by_name}
+        for fn in steps_by_name.values():
+            _timed_steps(batches, fn, 5, device)
+        for _ in range(max(repeats, 5)):
+            for name, fn in steps_by_name.items():
+                rates[name].append(_timed_steps(batches, fn, steps, device))
+        for name, r in rates.items():
+            record(name, r)
+
+    plain_cfg = replace(cfg, precision="fp32", memory_format="contiguous")
+    _, plain_step = _train_step(model_name, plain_cfg, device)
+    # lean and plain alternate repeat by repeat, so that a host whose speed drifts biases neither
+    measure_interleaved({"model_only": step, "plain": plain_step}, endless(lambda: iter([fixed])))
     measure("ours", endless(lambda: iter(ours_loader)))
     classic = torch.utils.data.DataLoader(
         ClassicDataset(data.train_images, data.train_labels, cfg.aug), batch_size=bs, shuffle=True,
@@ -111,9 +249,9 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
         test = Loader(data.test_images, data.test_labels, cfg.eval_batch_size)
         sync(device)
         t0 = time.perf_counter()
-        train_epoch(model, full, opt, progress=False, precision=cfg.precision)
+        train_epoch(model, full, step.optimizer, progress=False, precision=cfg.precision, memory_format=fmt)
         t1 = time.perf_counter()
-        evaluate(model, test, verbose=False, precision=cfg.precision)
+        evaluate(model, test, verbose=False, precision=cfg.precision, memory_format=fmt)
         sync(device)
         t2 = time.perf_counter()
         results["ours"].update(epoch_s=round(t1 - t0, 2), test_pass_s=round(t2 - t1, 2),
@@ -122,16 +260,27 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
             log(f"ours: one full epoch {t1 - t0:.1f} s + test pass {t2 - t1:.1f} s = {t2 - t0:.1f} s")
 
     ours, classic_r, ceiling = (results[k]["images_per_s"] for k in ("ours", "classic", "model_only"))
-    results["ratios"] = {"ours/classic": round(ours / classic_r, 3), "ours/model-only": round(ours / ceiling, 3)}
+    macs = summarize(model).macs
+    step_gflops = ceiling * FLOPS_PER_MAC * macs / 1e9
+    results["gemm_peak_gflops"] = round(peak, 1)
+    results["model_step"] = {"macs_per_image": macs, "flops_per_image": FLOPS_PER_MAC * macs,
+                             "gflops": round(step_gflops, 2)}
+    results["ratios"] = {"ours/classic": round(ours / classic_r, 3), "ours/model-only": round(ours / ceiling, 3),
+                         "lean/plain": round(ceiling / results["plain"]["images_per_s"], 3),
+                         "model-step/peak": round(step_gflops / peak, 3)}
+    if concurrency and device.type == "cpu":
+        results.update(concurrent_runs(data_dir, model_name, cfg, seconds=concurrency, log=log))
+        single, multi = results["single_run"]["images_per_s"], results["multi_run"]["images_per_s"]
+        results["ratios"]["multi-run/single"] = round(multi / single, 3)
+        results["ratios"]["two-runs/one"] = round(results["two_runs"]["images_per_s"] / single, 3)
     results["env"] = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-                      "precision": cfg.precision,
+                      "precision": cfg.precision, "memory_format": cfg.memory_format, "hardware": facts,
                       "classic_workers": workers, "model": model_name, "batch_size": bs,
                       "aug": {"rotate": cfg.aug.rotate, "translate": cfg.aug.translate, "scale": cfg.aug.scale},
                       "python": platform.python_version(), "platform": platform.platform(),
                       "processor": platform.processor() or platform.machine(), "cpu_count": available_cores()}
     if log:
-        log(f"ratios: ours/classic {results['ratios']['ours/classic']:.2f}x, "
-            f"ours/model-only {results['ratios']['ours/model-only']:.2f}")
+        log("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in results["ratios"].items()))
     return results
 
 

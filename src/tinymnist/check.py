@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -87,7 +88,9 @@ def run_check(step_name: str, seeds: int, last: int = 5, data_dir: Optional[str]
         print(f"{o.label}: last {last} {metric.split('_')[0]} accuracies {', '.join(f'{a:.2f}' for a in tail)}; "
               f"min {min(tail):.2f}%  ({o.result['run_dir']})", flush=True)
 
+    t0 = time.perf_counter()
     outcomes = run_jobs(runs, workers, per_run, on_done=report, progress=progress, desc=f"check {step.name}")
+    wall = time.perf_counter() - t0
     failed = [o for o in outcomes if not o.ok]
     if failed:
         raise TinyMnistError(f"{len(failed)} of {seeds} runs failed ({', '.join(o.label for o in failed)}); "
@@ -104,5 +107,5 @@ def run_check(step_name: str, seeds: int, last: int = 5, data_dir: Optional[str]
             "last": last, "threshold": THRESHOLD, "metric": metric, "passed": all(r.passed for r in rules),
             "rules": [{"rule": r.text, "passed": r.passed} for r in rules],
             "final_acc_mean": round(mean, 4), "final_acc_std": round(std, 4),
-            "jobs": workers, "threads_per_run": per_run,
+            "jobs": workers, "threads_per_run": per_run, "wall_s": round(wall, 1),
             "config": base.to_dict(), "env": env, "seeds": results}

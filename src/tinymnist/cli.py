@@ -78,8 +78,9 @@ def _add_recipe_overrides(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="LR schedule")
     g.add_argument("--weight-decay", type=float, default=None, help="weight decay")
     g.add_argument("--dropout", type=_fraction, default=None, help="dropout after each conv block")
-    g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                   help="bf16 autocasts forward passes to bfloat16: faster on CPUs with AMX and on recent GPUs")
+    g.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
+                   help="bf16 autocasts forward passes to bfloat16; auto picks it only where the hardware has it "
+                        "natively (AMX or AVX-512 BF16 on a CPU, compute capability 8.0+ on CUDA)")
     g.add_argument("--limit-batches", type=_nonneg_int, default=None,
                    help="at most this many train and test batches per epoch (smoke tests)")
     g.add_argument("--val", type=_val_size, default=None,
@@ -215,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=final_step().config.batch_size, help="batch size")
     p.add_argument("--workers", type=_nonneg_int, default=2, help="DataLoader workers of the classic pipeline")
     p.add_argument("--no-epoch", action="store_true", help="skip timing one full epoch plus a test pass")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="precision of the training step, the same for all three pipelines")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="precision of the training step, the same for all pipelines but plain (always fp32)")
+    p.add_argument("--concurrency", type=float, default=6.0, metavar="SECONDS",
+                   help="time window of the concurrent-process measurements (0 skips them)")
     p.add_argument("--train-runs", type=_nonneg_int, default=0,
                    help="also time N complete `tinymnist train` runs of the default recipe (minutes each)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures and ratios here")
@@ -414,7 +417,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = replace(final_step().config, batch_size=args.batch_size, precision=args.precision)
     data = load_mnist(args.data_dir, device=device)
     result = run_bench(data, args.model or cfg.model, cfg, steps=args.steps, repeats=args.repeats,
-                       epoch=not args.no_epoch, workers=args.workers)
+                       epoch=not args.no_epoch, workers=args.workers, data_dir=args.data_dir,
+                       concurrency=args.concurrency)
     if args.train_runs:
         from .bench import time_training
 

@@ -64,7 +64,9 @@ class TrainConfig:
     ema: float = 0.0  # decay of a moving average of the weights (and BN statistics) that is evaluated and saved
     # instead of the raw weights; it smooths out the epoch-to-epoch noise of SGD. 0 = off.
     aug: AugConfig = field(default_factory=AugConfig)  # training-time augmentation
-    precision: str = "fp32"  # "bf16" autocasts forward passes to bfloat16 (faster on CPUs with AMX); see device.py
+    precision: str = "fp32"  # "bf16" autocasts forward passes to bfloat16; "auto" picks it only where the hardware
+    # has it natively (AMX or AVX-512 BF16, CUDA 8.0+); a run records what it resolved to. See device.py
+    memory_format: str = "auto"  # "channels_last", "contiguous", or "auto": the rule in device.py; recorded resolved
     seed: int = 0  # seeds every RNG: init, batch order, augmentation
     eval_batch_size: int = 2000  # evaluation batch size (no gradients, so large is cheap)
     limit_batches: int = 0  # train/eval at most this many batches per epoch (0 = all); for smoke tests
@@ -91,7 +93,10 @@ class TrainConfig:
             (self.dropout is None or 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
-            (self.precision in ("fp32", "bf16"), f"unknown precision {self.precision!r} (choose from fp32, bf16)"),
+            (self.precision in ("fp32", "bf16", "auto"),
+             f"unknown precision {self.precision!r} (choose from fp32, bf16, auto)"),
+            (self.memory_format in ("auto", "contiguous", "channels_last"),
+             f"unknown memory_format {self.memory_format!r} (choose from auto, contiguous, channels_last)"),
             (0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}"),
             (self.limit_batches >= 0, f"limit_batches must be >= 0, got {self.limit_batches}"),
             (0 <= self.val < 60000, f"val must be in [0, 60000), got {self.val}"),
@@ -119,6 +124,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """Rebuild a config saved by to_dict; unknown keys are an error."""
         d = dict(d)
+        d.setdefault("memory_format", "contiguous")  # saved before the field existed: it trained contiguous
         aug = dict(d.pop("aug", {}))
         if "erase_area" in aug:
             aug["erase_area"] = tuple(aug["erase_area"])

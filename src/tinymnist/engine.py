@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -14,7 +15,8 @@ from tqdm import tqdm
 
 from .config import TrainConfig
 from .data import MNIST, Loader, validation_split
-from .device import autocast, seed_everything, sync
+from .device import (autocast, hardware, resolve_memory_format, resolve_precision, seed_everything, sync,
+                     torch_memory_format)
 from .model import Net
 
 
@@ -52,6 +54,16 @@ class EMA:
             a.copy_(b)
 
 
+def resolve_for(cfg: TrainConfig, device: torch.device, facts: dict, warn: bool = True) -> TrainConfig:
+    """The recipe with 'auto' precision and memory format replaced by what this machine gets (device.py's rules);
+    an explicit bf16 without native support is one warning line on stderr."""
+    import sys
+
+    warn = (lambda line: print(line, file=sys.stderr, flush=True)) if warn else None
+    return dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device, facts, warn=warn),
+                               memory_format=resolve_memory_format(cfg.memory_format, device, facts))
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum, optional Nesterov), Adam or AdamW, as the config says."""
     params = model.parameters()
@@ -77,7 +89,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler=None,
                 label_smoothing: float = 0.0, desc: str = "train", progress: Optional[bool] = None,
-                ema: Optional[EMA] = None, precision: str = "fp32") -> Metrics:
+                ema: Optional[EMA] = None, precision: str = "fp32",
+                memory_format: torch.memory_format = torch.contiguous_format) -> Metrics:
     """One pass over `loader`. Counts stay on the device; the host reads them once, at the end."""
     model.train()
     device = next(model.parameters()).device
@@ -88,6 +101,7 @@ def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimiz
     bar = tqdm(loader, desc=desc, leave=False, disable=None if progress is None else not progress, dynamic_ncols=True)
     refresh = max(1, len(loader) // 25)  # the bar reads the counters ~25 times an epoch, not every step
     for i, (x, y) in enumerate(bar):
+        x = x.contiguous(memory_format=memory_format)  # a restride, not a copy: the batch has one channel
         with autocast(device, precision):
             out = model(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
@@ -109,7 +123,8 @@ def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimiz
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Loader, verbose: bool = True, precision: str = "fp32") -> Metrics:
+def evaluate(model: nn.Module, loader: Loader, verbose: bool = True, precision: str = "fp32",
+             memory_format: torch.memory_format = torch.contiguous_format) -> Metrics:
     """Average loss and accuracy on `loader`, printed in the classic one-line form when verbose."""
     model.eval()
     device = next(model.parameters()).device
@@ -118,7 +133,7 @@ def evaluate(model: nn.Module, loader: Loader, verbose: bool = True, precision: 
     seen = 0
     for x, y in loader:
         with autocast(device, precision):
-            out = model(x).float()
+            out = model(x.contiguous(memory_format=memory_format)).float()
         loss_sum += F.cross_entropy(out, y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
         seen += y.shape[0]
@@ -135,7 +150,10 @@ def fit(cfg: TrainConfig, data: MNIST, on_epoch: Optional[Callable[[dict, Net], 
     With cfg.ema, the averaged model is the one evaluated and returned; train metrics are the raw model's."""
     device = data.train_images.device
     seed_everything(cfg.seed)
-    model = cfg.build_model().to(device)
+    if "auto" in (cfg.precision, cfg.memory_format):  # train_run resolves (and warns) before; direct callers here
+        cfg = resolve_for(cfg, device, hardware(device), warn=False)
+    fmt = torch_memory_format(cfg.memory_format)
+    model = cfg.build_model().to(device, memory_format=fmt)
     train_images, train_labels = data.train_images, data.train_labels
     val = None
     if cfg.val:
@@ -154,16 +172,17 @@ def fit(cfg: TrainConfig, data: MNIST, on_epoch: Optional[Callable[[dict, Net], 
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]  # the LR at the start of the epoch
         tr = train_epoch(model, train, optimizer, scheduler if per_batch else None, cfg.label_smoothing,
-                         desc=f"epoch {epoch}/{cfg.epochs}", progress=progress, ema=ema, precision=cfg.precision)
+                         desc=f"epoch {epoch}/{cfg.epochs}", progress=progress, ema=ema, precision=cfg.precision,
+                         memory_format=fmt)
         if verbose:
             print(f"Epoch {epoch:2d}/{cfg.epochs}: train loss {tr.loss:.4f}, train accuracy {tr.acc:.2f}%, lr {lr:.3e}")
         record = {"epoch": epoch, "train_loss": round(tr.loss, 6), "train_acc": round(tr.acc, 4)}
         if val is not None:
-            va = evaluate(final, val, verbose=False, precision=cfg.precision)
+            va = evaluate(final, val, verbose=False, precision=cfg.precision, memory_format=fmt)
             record.update(val_loss=round(va.loss, 6), val_acc=round(va.acc, 4))
             if verbose:
                 print(f"Validation set: Average loss: {va.loss:.4f}, Accuracy: {va.correct}/{va.total} ({va.acc:.2f}%)")
-        te = evaluate(final, test, verbose=verbose, precision=cfg.precision)
+        te = evaluate(final, test, verbose=verbose, precision=cfg.precision, memory_format=fmt)
         if scheduler is not None and not per_batch:
             scheduler.step()
         sync(device)

@@ -16,8 +16,8 @@ import torch
 from . import __version__
 from .config import TrainConfig
 from .data import MNIST, VAL_SEED, load_mnist, split_fingerprint, validation_split
-from .device import configure_threads, pick_device
-from .engine import fit
+from .device import configure_threads, hardware, pick_device
+from .engine import fit, resolve_for
 from .errors import TinyMnistError
 from .fileio import atomic_path, write_json
 from .model import Net, count_params, model_class
@@ -47,7 +47,7 @@ def _git_commit() -> Optional[str]:
 
 
 def environment(device: torch.device) -> dict:
-    """What produced a result: versions, device and threads."""
+    """What produced a result: versions, device, threads and the hardware as the machine reports it."""
     return {
         "tinymnist": __version__,
         "git_commit": _git_commit(),
@@ -56,7 +56,9 @@ def environment(device: torch.device) -> dict:
         "platform": platform.platform(),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "hardware": hardware(device),
     }
+
 
 
 def save_checkpoint(path: Path, model: Net, cfg: TrainConfig) -> None:
@@ -100,13 +102,15 @@ def train_run(cfg: TrainConfig, out: Optional[str | os.PathLike] = None, data_di
         cfg = replace(cfg, dropout=model_class(cfg.model).default_dropout)
     dev = pick_device(device)
     configure_threads(threads)
+    env = environment(dev)
+    cfg = resolve_for(cfg, dev, env["hardware"])
     if data is None:
         data = load_mnist(data_dir, device=dev, progress=progress is not False)
     run_dir = Path(out) if out else new_run_dir(name or cfg.model)
     run_dir.mkdir(parents=True, exist_ok=True)
     params = count_params(cfg.build_model())
     meta = {"name": name or cfg.model, "model": cfg.model, "params": params, "seed": cfg.seed,
-            "config": cfg.to_dict(), "env": environment(dev),
+            "config": cfg.to_dict(), "env": env,
             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:]}
     if cfg.val:
         _, held = validation_split(data.train_labels, cfg.val)
