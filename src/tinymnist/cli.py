@@ -47,6 +47,7 @@ _nonneg_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _checked(float, lambda v: v > 0, "a positive number")
 _fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 _top_k = _checked(int, lambda v: 1 <= v <= 10, "an integer from 1 to 10")
+_port = _checked(int, lambda v: 0 <= v <= 65535, "a port number from 0 to 65535")
 _val_size = _checked(int, lambda v: 0 <= v < 60000, "a number of images from 0 to 59999")
 
 
@@ -192,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory, or the current one for a URL)")
     p.add_argument("--json", default=None, metavar="FILE", help="write every complete trial as JSON (an audit trail)")
     p.set_defaults(func=cmd_sweep_report)
+
+    p = sub.add_parser("demo", help="a local web page: draw a digit and see what the model says", formatter_class=fmt)
+    p.add_argument("checkpoint", nargs="?", default=None, metavar="CHECKPOINT",
+                   help="a run's model.pt (default: the newest under runs/, else the trained model in the package)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: only this machine)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (0 = any free one)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("predict", help="classify digits in image files with a trained model", formatter_class=fmt)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's model.pt")
@@ -362,6 +370,13 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, summary)
         print(f"trials written to {args.json}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import serve
+
+    serve(args.checkpoint, args.host, args.port)
     return 0
 
 

@@ -1,0 +1,170 @@
+"""Draw a digit: a local web page whose server classifies the drawing with the same code as `tinymnist predict`.
+
+The server is the standard library's ThreadingHTTPServer: one thread per request, so requests run concurrently,
+and nothing to install. A page for one person on loopback needs no framework; the handler only parses, calls
+predict.preprocess_image and predict.classify, and serialises, and it limits what it reads."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import sys
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import TinyMnistError
+
+MAX_BODY = 1 << 20  # bytes: a 280x280 canvas as PNG is a few kilobytes
+DRAIN_LIMIT = 16 << 20  # a larger body is not even read before the 413
+SHIPPED = "final.pt"  # the trained final model inside the package (tinymnist/assets/)
+STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+          "/style.css": ("style.css", "text/css; charset=utf-8")}
+
+
+def shipped_checkpoint() -> Path:
+    """The trained final model that ships in the package."""
+    return Path(str(resources.files("tinymnist") / "assets" / SHIPPED))
+
+
+def find_checkpoint(explicit: Optional[str] = None, runs: str | os.PathLike = "runs") -> Path:
+    """An explicit checkpoint, else the newest model.pt under `runs`, else the shipped final model."""
+    if explicit:
+        return Path(explicit)
+    found = sorted(Path(runs).glob("**/model.pt"), key=lambda p: p.stat().st_mtime) if Path(runs).is_dir() else []
+    return found[-1] if found else shipped_checkpoint()
+
+
+class Classifier:
+    """A loaded model and the one function the page needs: PNG bytes -> prediction and the 28x28 input."""
+
+    def __init__(self, checkpoint: Path):
+        from .runs import load_checkpoint
+
+        self.model, self.config = load_checkpoint(checkpoint)
+        self.checkpoint = checkpoint
+
+    def __call__(self, png: bytes) -> dict:
+        from PIL import Image, UnidentifiedImageError
+
+        from .predict import ImageError, classify, preprocess_image
+
+        try:
+            with Image.open(io.BytesIO(png)) as img:
+                img.load()
+                x = preprocess_image(img, "canvas")
+        except ImageError as e:
+            if "blank" in str(e):
+                return {"digit": None, "top": [], "input28": None, "message": "draw a digit"}
+            raise BadInput(str(e)) from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise BadInput(f"not an image ({e.__class__.__name__})") from None
+        with torch.inference_mode():
+            pred = classify(self.model, x.unsqueeze(0), ["canvas"], top=3)[0]
+        return {"digit": pred.digit, "top": [{"digit": d, "probability": round(p, 6)} for d, p in pred.top],
+                "input28": x.tolist()}
+
+
+class BadInput(Exception):
+    """The request's body is not something we can classify: a 400 with a JSON error."""
+
+
+def make_handler(classify: Classifier):
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "tinymnist-demo"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # one quiet server: no line per request
+            pass
+
+        def _send(self, status: int, body: bytes, ctype: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, status: int, obj: dict) -> None:
+            self._send(status, json.dumps(obj).encode(), "application/json")
+
+        def do_GET(self):
+            path = self.path.split("?", 1)[0]
+            if path not in STATIC:
+                self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {path}"})
+                return
+            name, ctype = STATIC[path]
+            body = (resources.files("tinymnist") / "web" / name).read_bytes()
+            self._send(HTTPStatus.OK, body, ctype)
+
+        def do_POST(self):
+            if self.path.split("?", 1)[0] != "/api/predict":
+                self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {self.path}"})
+                return
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self.close_connection = True
+                self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "send the PNG with a Content-Length"})
+                return
+            if length > MAX_BODY:
+                # Read (and drop) a moderately large body so that the client, still sending, gets the answer
+                # instead of a reset; past DRAIN_LIMIT, just close.
+                self.close_connection = True
+                left = length if length <= DRAIN_LIMIT else 0
+                while left > 0 and (chunk := self.rfile.read(min(1 << 16, left))):
+                    left -= len(chunk)
+                self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"body over {MAX_BODY} bytes"})
+                return
+            body = self.rfile.read(length) if length > 0 else b""
+            if not body:
+                self._json(HTTPStatus.BAD_REQUEST, {"error": "empty body: send the drawing as PNG bytes"})
+                return
+            try:
+                self._json(HTTPStatus.OK, classify(body))
+            except BadInput as e:
+                self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+            except Exception as e:  # never let one request take the server down
+                self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{e.__class__.__name__}: {e}"})
+
+    return Handler
+
+
+def make_server(checkpoint: Path, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """A ready server (bound, not yet serving); a busy port or a bad checkpoint is one TinyMnistError."""
+    classify = Classifier(checkpoint)
+    try:
+        server = ThreadingHTTPServer((host, port), make_handler(classify))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise TinyMnistError(f"port {port} on {host} is already in use: pick another with --port") from None
+        raise TinyMnistError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    server.daemon_threads = True
+    server.classifier = classify  # type: ignore[attr-defined]
+    return server
+
+
+def serve(checkpoint: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the page until Ctrl-C."""
+    path = find_checkpoint(checkpoint)
+    server = make_server(path, host, port)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"tinymnist demo: {path} ({server.classifier.config.model}); open http://{shown}:{server.server_port}/ "
+          "(Ctrl-C stops)", flush=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        print("tinymnist demo: stopped", file=sys.stderr, flush=True)
+    finally:
+        server.shutdown()
+        server.server_close()
