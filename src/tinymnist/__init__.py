@@ -11,3 +11,32 @@ if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
     _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 __version__ = "0.1.0"
+
+# The public API for notebooks: names that live in the modules, re-exported here and imported on first use,
+# so that `import tinymnist` stays light and the wait policy above is in place before torch loads.
+_API = {
+    "load_mnist": "data",  # the four MNIST arrays as uint8 tensors, downloaded and verified if needed
+    "list_models": "model", "create_model": "model",  # the registry of Model_1, Model_2, ...
+    "summarize": "summary", "format_summary": "summary",  # shapes, parameters, receptive field, MACs
+    "STEPS": "experiments", "get_step": "experiments",  # the series; each step's .config is its recipe
+    "TrainConfig": "config", "override": "config",  # a recipe, and a copy of one with fields replaced
+    "train_run": "runs",  # train a recipe into a run directory; returns (run_dir, history)
+    "load_checkpoint": "runs",  # a run's model.pt -> (model, recipe)
+    "plot_curves": "plots",  # a history's loss and accuracy curves as a PNG
+    "run_check": "check",  # train a step over seeds and judge the target
+    "run_errors": "mistakes",  # a checkpoint's misclassified grid, confusion matrix and errors.json
+    "plot_proof": "mistakes",  # a check's accuracy per epoch for every seed, with the threshold
+}
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'tinymnist' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -194,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="write every complete trial as JSON (an audit trail)")
     p.set_defaults(func=cmd_sweep_report)
 
+    p = sub.add_parser("errors", help="the test images a checkpoint gets wrong: a picture grid, the confusion "
+                                      "matrix and errors.json", formatter_class=fmt)
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's model.pt")
+    p.add_argument("--out", default=None, metavar="DIR", help="where to write (default: the checkpoint's directory)")
+    p.add_argument("--data-dir", default=None, help="directory holding the MNIST files")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the model")
+    p.set_defaults(func=cmd_errors)
+
     p = sub.add_parser("demo", help="a local web page: draw a digit and see what the model says", formatter_class=fmt)
     p.add_argument("checkpoint", nargs="?", default=None, metavar="CHECKPOINT",
                    help="a run's model.pt (default: the newest under runs/, else the trained model in the package)")
@@ -322,11 +330,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .experiments import STEPS
-    from .report import replot, step_result, update_readme
+    from .report import replot, replot_checks, step_result, update_readme
 
     for s in STEPS:
         if step_result(s, Path(args.results)) is not None:
             replot(s, Path(args.results))
+    replot_checks(Path(args.results))
     changed = update_readme(Path(args.readme), Path(args.results))
     print(f"{args.readme}: regenerated {', '.join(changed) if changed else 'nothing (already up to date)'}")
     return 0
@@ -370,6 +379,16 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, summary)
         print(f"trials written to {args.json}")
+    return 0
+
+
+def cmd_errors(args: argparse.Namespace) -> int:
+    from .mistakes import CONFUSION_FILE, ERRORS_FILE, GRID_FILE, run_errors
+
+    out, result = run_errors(args.checkpoint, args.out, args.data_dir, args.device)
+    print(f"{result['errors']} of {result['test_images']:,} test images misclassified "
+          f"(test accuracy {result['test_acc']:.2f}%); wrote {out / ERRORS_FILE}, {out / GRID_FILE}, "
+          f"{out / CONFUSION_FILE}")
     return 0
 
 

@@ -35,6 +35,17 @@ def collect_run(run_dir: Path, step: str, results: Path = RESULTS) -> Path:
     return dest
 
 
+def replot_checks(results: Path = RESULTS) -> list[Path]:
+    """Draw every check evidence file under results/ as results/check-*.png."""
+    from .mistakes import plot_proof
+
+    drawn = []
+    for path in sorted(results.glob("check-*.json")):
+        plot_proof(read_json(path), path.with_suffix(".png"))
+        drawn.append(path.with_suffix(".png"))
+    return drawn
+
+
 def replot(step: Step, results: Path = RESULTS) -> None:
     """Redraw results/<step>/curves.png from its history.json, so every plot has the current style."""
     from .plots import plot_curves
@@ -90,7 +101,30 @@ def _check_section(step: Step, results: Path) -> list[str]:
     if env:
         out += ["", f"Measured with torch {env.get('torch')} on {env.get('device')}, {hardware_text(env)}, "
                     f"{env.get('threads')} thread(s) per run, {env.get('platform')}."]
-    return out + [""]
+    if path.with_suffix(".png").is_file():
+        out += ["", f"![proof over seeds: {step.name}](results/{path.with_suffix('.png').name})"]
+    return out + [""] + _errors_section(step, results)
+
+
+def _errors_section(step: Step, results: Path) -> list[str]:
+    """The misclassified grid and confusion matrix of a step's committed checkpoint evaluation."""
+    from .mistakes import CONFUSION_FILE, ERRORS_FILE, GRID_FILE
+
+    d = results / step.name
+    if not (d / ERRORS_FILE).is_file():
+        return []
+    e = read_json(d / ERRORS_FILE)
+    pairs = {}
+    for m in e["misclassified"]:
+        pairs[(m["true"], m["predicted"])] = pairs.get((m["true"], m["predicted"]), 0) + 1
+    common = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    return [f"#### What `{step.name}` gets wrong", "",
+            f"`tinymnist errors` on the committed checkpoint ({e['checkpoint']}) misclassifies **{e['errors']}** of "
+            f"{e['test_images']:,} test images (test accuracy {e['test_acc']:.2f}%). The most frequent confusions: "
+            + ", ".join(f"{t}→{p} ({n}×)" for (t, p), n in common) + f". Every error is listed in "
+            f"`results/{step.name}/{ERRORS_FILE}`.", "",
+            f"![misclassified: {step.name}](results/{step.name}/{GRID_FILE})", "",
+            f"![confusion matrix: {step.name}](results/{step.name}/{CONFUSION_FILE})", ""]
 
 
 def render(results: Path = RESULTS) -> str:
@@ -112,8 +146,8 @@ def render(results: Path = RESULTS) -> str:
             out.append(f"| [{s.name}](#{_anchor(s.title)}) | {r['model']} | {r['params']:,} | {r['best_train']:.2f}% | "
                        f"{r['best_test']:.2f}% | {r['min_last5']:.2f}% |")
     out.append("")
-    final = STEPS[-1]
-    out += _check_section(final, results)
+    for s in STEPS:  # the proof of every step that was checked over seeds: the assignment's answer, the smallest
+        out += _check_section(s, results)
     for s in STEPS:
         r = res[s.name]
         model = s.config.build_model()

@@ -1,0 +1,147 @@
+"""What a trained model gets wrong: every misclassified test image, the confusion matrix, and pictures of both."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .data import MNIST, normalize
+from .device import torch_memory_format
+from .fileio import atomic_path, write_json
+
+ERRORS_FILE, GRID_FILE, CONFUSION_FILE = "errors.json", "misclassified.png", "confusion.png"
+
+
+@torch.inference_mode()
+def collect_errors(model: torch.nn.Module, data: MNIST, memory_format: str = "contiguous",
+                   batch_size: int = 2000) -> dict:
+    """Classify the whole test set; return every error (most confident first) and the 10x10 confusion matrix
+    (rows: true digit, columns: predicted)."""
+    model.eval()
+    device = next(model.parameters()).device
+    fmt = torch_memory_format(memory_format)
+    probs = []
+    for i in range(0, len(data.test_labels), batch_size):
+        x = normalize(data.test_images[i:i + batch_size].to(device)).contiguous(memory_format=fmt)
+        probs.append(torch.softmax(model(x).float(), dim=1).cpu())
+    p = torch.cat(probs)
+    y = data.test_labels.cpu()
+    conf, pred = p.max(dim=1)
+    confusion = torch.bincount(y * 10 + pred, minlength=100).reshape(10, 10)
+    wrong = torch.nonzero(pred != y).flatten()
+    wrong = wrong[torch.argsort(conf[wrong], descending=True, stable=True)]
+    errors = [{"index": int(i), "true": int(y[i]), "predicted": int(pred[i]), "probability": round(float(conf[i]), 6),
+               "probability_of_true": round(float(p[i, y[i]]), 6)} for i in wrong]
+    total = len(y)
+    return {"test_images": total, "errors": len(errors), "test_acc": round(100.0 * (total - len(errors)) / total, 4),
+            "confusion": confusion.tolist(), "misclassified": errors}
+
+
+def plot_misclassified(images: torch.Tensor, result: dict, path: str | os.PathLike, limit: int = 60,
+                       title: str = "") -> None:
+    """A grid of the misclassified test images, most confident first, captioned true -> predicted (probability)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = result["misclassified"][:limit]
+    cols = 10
+    rows = max(1, math.ceil(len(shown) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.15, rows * 1.35 + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, e in zip(axes.flat, shown):
+        ax.imshow(images[e["index"]].cpu().numpy(), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{e['true']}→{e['predicted']} ({e['probability']:.2f})", fontsize=8)
+    more = result["errors"] - len(shown)
+    fig.suptitle((title + ": " if title else "") + f"{result['errors']} misclassified test images, most confident "
+                 f"first; true→predicted (probability)" + (f"; {more} more in errors.json" if more > 0 else ""),
+                 fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def plot_confusion(result: dict, path: str | os.PathLike, title: str = "") -> None:
+    """The 10x10 confusion matrix with counts; the diagonal is shaded apart so the errors stand out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.array(result["confusion"])
+    off = m.copy()
+    np.fill_diagonal(off, 0)
+    fig, ax = plt.subplots(figsize=(6.2, 5.4))
+    ax.imshow(off, cmap="Reds", vmin=0, vmax=max(1, off.max()))
+    for t in range(10):
+        for p in range(10):
+            ax.text(p, t, str(m[t, p]), ha="center", va="center", fontsize=8,
+                    color="#555" if t == p else ("white" if off[t, p] > off.max() / 2 else "black"))
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true",
+           title=(title + ": " if title else "") + f"confusion matrix ({result['errors']} errors)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def run_errors(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] = None, data_dir: Optional[str] = None,
+               device: str = "cpu", progress: bool = True) -> tuple[Path, dict]:
+    """Evaluate a checkpoint on the test set and write errors.json, misclassified.png and confusion.png into `out`
+    (default: the checkpoint's directory). The model runs in the memory format it was trained in."""
+    from .data import load_mnist
+    from .device import pick_device
+    from .runs import load_checkpoint
+
+    dev = pick_device(device)
+    model, cfg = load_checkpoint(checkpoint, dev)
+    fmt = cfg.memory_format if cfg.memory_format != "auto" else "contiguous"
+    model = model.to(memory_format=torch_memory_format(fmt))
+    data = load_mnist(data_dir, device=dev, progress=progress)
+    result = collect_errors(model, data, fmt)
+    result = {"checkpoint": str(checkpoint), "model": cfg.model, "layout": cfg.layout or None, **result}
+    out = Path(out) if out else Path(checkpoint).parent
+    write_json(out / ERRORS_FILE, result)
+    name = cfg.model if not cfg.layout else f"{cfg.model} ({cfg.layout})"
+    plot_misclassified(data.test_images, result, out / GRID_FILE, title=name)
+    plot_confusion(result, out / CONFUSION_FILE, title=name)
+    return out, result
+
+
+def plot_proof(evidence: dict, path: str | os.PathLike) -> None:
+    """A check's proof as a picture: accuracy per epoch for every seed, the threshold, the judged window shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = evidence.get("metric", "test_acc")
+    k, threshold = evidence["last"], evidence["threshold"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    epochs = 0
+    for s in evidence["seeds"]:
+        h = s["history"]
+        epochs = max(epochs, len(h))
+        ax.plot([r["epoch"] for r in h], [r[metric] for r in h], "o-", ms=3, lw=1.2, label=f"seed {s['seed']}")
+    ax.axvspan(epochs - k + 0.5, epochs + 0.5, color="#2a6f97", alpha=0.12, label=f"last {k} epochs")
+    ax.axhline(threshold, color="#b22", ls="--", lw=1, label=f"{threshold:.2f}%")
+    tail = [r[metric] for s in evidence["seeds"] for r in s["history"][-k - 3:]]
+    ax.set(xlabel="epoch", ylabel=f"{metric.split('_')[0]} accuracy (%)",
+           ylim=(min(min(tail), threshold) - 0.25, max(max(tail), threshold) + 0.15),
+           title=f"{evidence['step']} ({evidence['params']:,} params): {len(evidence['seeds'])} seeds, "
+                 f"{'PASS' if evidence['passed'] else 'FAIL'}")
+    ax.set_xlim(0.5, epochs + 0.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
