@@ -84,6 +84,8 @@ def _add_recipe_overrides(p: argparse.ArgumentParser) -> None:
                         "natively (AMX or AVX-512 BF16 on a CPU, compute capability 8.0+ on CUDA)")
     g.add_argument("--limit-batches", type=_nonneg_int, default=None,
                    help="at most this many train and test batches per epoch (smoke tests)")
+    g.add_argument("--memory-format", choices=("auto", "contiguous", "channels_last"), default=None,
+                   help="activation layout; auto: channels_last on x86 CPUs with AVX2, else contiguous")
     g.add_argument("--val", type=_val_size, default=None,
                    help="hold out N training images (class-stratified, a fixed split) and record val_acc per epoch; "
                         "check then judges the rule on validation accuracy")
@@ -94,7 +96,7 @@ def _add_recipe_overrides(p: argparse.ArgumentParser) -> None:
 
 def _overrides(args: argparse.Namespace, **extra) -> dict:
     keys = ("epochs", "batch_size", "lr", "optimizer", "scheduler", "weight_decay", "dropout", "precision",
-            "limit_batches", "val", "layout")
+            "limit_batches", "val", "layout", "memory_format")
     values = {k: getattr(args, k) for k in keys}
     values.update(extra)
     return values

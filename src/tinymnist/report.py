@@ -110,21 +110,57 @@ def _errors_section(step: Step, results: Path) -> list[str]:
     """The misclassified grid and confusion matrix of a step's committed checkpoint evaluation."""
     from .mistakes import CONFUSION_FILE, ERRORS_FILE, GRID_FILE
 
-    d = results / step.name
+    d = results / step.name / "errors"
     if not (d / ERRORS_FILE).is_file():
         return []
     e = read_json(d / ERRORS_FILE)
+    run = read_json(d / "config.json") if (d / "config.json").is_file() else {}
     pairs = {}
     for m in e["misclassified"]:
         pairs[(m["true"], m["predicted"])] = pairs.get((m["true"], m["predicted"]), 0) + 1
     common = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    rel = d.as_posix()
+    about = (f" (run `{run.get('name')}`, seed {run.get('seed')}, trained on {hardware_text(run.get('env', {}))})"
+             if run else "")
     return [f"#### What `{step.name}` gets wrong", "",
-            f"`tinymnist errors` on the committed checkpoint ({e['checkpoint']}) misclassifies **{e['errors']}** of "
+            f"`tinymnist errors {e['checkpoint']}`{about} misclassifies **{e['errors']}** of "
             f"{e['test_images']:,} test images (test accuracy {e['test_acc']:.2f}%). The most frequent confusions: "
             + ", ".join(f"{t}→{p} ({n}×)" for (t, p), n in common) + f". Every error is listed in "
-            f"`results/{step.name}/{ERRORS_FILE}`.", "",
-            f"![misclassified: {step.name}](results/{step.name}/{GRID_FILE})", "",
-            f"![confusion matrix: {step.name}](results/{step.name}/{CONFUSION_FILE})", ""]
+            f"`{rel}/{ERRORS_FILE}`; the run's `config.json` and `history.json` are beside it.", "",
+            f"![misclassified: {step.name}]({rel}/{GRID_FILE})", "",
+            f"![confusion matrix: {step.name}]({rel}/{CONFUSION_FILE})", ""]
+
+
+def _search_sections(results: Path) -> list[str]:
+    """Every committed sweep (results/sweep-*/trials.json): how many recipes were tried and the best on validation."""
+    out = []
+    for path in sorted(results.glob("sweep-*/trials.json")):
+        t = read_json(path)
+        c = t["counts"]
+        tried = sum(c.values())
+        d = path.parent
+        out += [f"### Search: `{t['study']}`", "",
+                f"`tinymnist sweep spaces/{t['study']}.toml` tried **{tried} recipes**: {c.get('complete', 0)} "
+                f"complete, {c.get('pruned', 0)} pruned by the median rule or rejected over the parameter budget "
+                f"({t['rejected_over_budget']} rejected), {c.get('fail', 0)} failed. Each was judged on the "
+                "held-out validation images only: the objective is the worst validation accuracy of its last 5 "
+                f"epochs. The study is committed as `{d.as_posix()}/study.db` with every trial in "
+                f"`{path.as_posix()}`; the test accuracies it recorded were not read to choose.", "",
+                "| trial | layout and recipe | parameters | MACs | validation: worst of last 5 |",
+                "| ---: | --- | ---: | ---: | ---: |"]
+        for row in t["trials"][:8]:
+            values = ", ".join(f"{k}={_short(v)}" for k, v in row["values"].items())
+            out.append(f"| {row['trial']} | {values} | {row['params']:,} | {row['macs']:,} | {row['objective']:.2f}% |")
+        for name in ("history", "importances"):
+            png = d / f"{t['study']}-{name}.png"
+            if png.is_file():
+                out += ["", f"![{t['study']} {name}]({png.as_posix()})"]
+        out.append("")
+    return out
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else (f"`{v}`" if isinstance(v, str) else str(v))
 
 
 def render(results: Path = RESULTS) -> str:
@@ -134,18 +170,24 @@ def render(results: Path = RESULTS) -> str:
            "Each step changes one thing, states its **Target** before it runs, and reads its **Result** from the "
            "run it wrote under `results/<step>/`. `tinymnist reproduce` reruns every step and regenerates this "
            "section; `tinymnist report` regenerates it from `results/` alone.", "",
-           "| step | model | parameters | best train acc | best test acc | min of last 5 test accs |",
-           "| --- | --- | ---: | ---: | ---: | ---: |"]
+           "| step | model | parameters | MACs per image | s per epoch | best train acc | best test acc | "
+           "min of last 5 test accs |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in STEPS:
         r = res[s.name]
+        macs = summarize(s.config.build_model()).macs
         if r is None:
             params = s.config.build_model().num_params()
-            out.append(f"| [{s.name}](#{_anchor(s.title)}) | {s.config.model} | {params:,} | not run | not run | "
-                       "not run |")
+            out.append(f"| [{s.name}](#{_anchor(s.title)}) | {s.config.model} | {params:,} | {macs:,} | not run | "
+                       "not run | not run | not run |")
         else:
-            out.append(f"| [{s.name}](#{_anchor(s.title)}) | {r['model']} | {r['params']:,} | {r['best_train']:.2f}% | "
-                       f"{r['best_test']:.2f}% | {r['min_last5']:.2f}% |")
-    out.append("")
+            per_epoch = r["seconds"] / r["epochs"]
+            out.append(f"| [{s.name}](#{_anchor(s.title)}) | {r['model']} | {r['params']:,} | {macs:,} | "
+                       f"{per_epoch:.0f} | {r['best_train']:.2f}% | {r['best_test']:.2f}% | {r['min_last5']:.2f}% |")
+    out += ["", "Seconds per epoch (training plus the test pass) are as recorded by each run, on the machine and "
+                "thread count its `config.json` names; runs that shared a machine with others are slower. MACs "
+                "count one forward pass.", ""]
+    out += _search_sections(results)
     for s in STEPS:  # the proof of every step that was checked over seeds: the assignment's answer, the smallest
         out += _check_section(s, results)
     for s in STEPS:
@@ -299,7 +341,29 @@ def _timed_checks(results: Path) -> list[str]:
     return out
 
 
-SECTIONS = {"experiments": render, "performance": render_performance}
+def render_headline(results: Path = RESULTS) -> str:
+    """The proven results, one row per step checked over seeds: the assignment's answer and the smallest."""
+    start, end = markers("headline")
+    rows = []
+    for s in STEPS:
+        path = results / CHECK_FILE.format(step=s.name)
+        if not path.is_file():
+            continue
+        ev = read_json(path)
+        histories = [x["history"] for x in ev["seeds"]]
+        mean, std = final_accuracy_stats(histories)
+        worst = min(min(r["test_acc"] for r in h[-ev["last"]:]) for h in histories)
+        rows.append(f"| [{s.name}](#{_anchor(s.title)}) | `{ev['model']}` | **{ev['params']:,}** | {ev['epochs']} | "
+                    f"{len(histories)} | {worst:.2f}% | {mean:.2f} ± {std:.2f}% | {'PASS' if ev['passed'] else 'FAIL'} |")
+    if not rows:
+        return "\n".join([start, NOTE, "", "No step has been checked over seeds yet.", "", end])
+    return "\n".join([start, NOTE, "",
+                      "| step | model | parameters | epochs | seeds | worst of the last 5 test accuracies, all seeds | "
+                      "final test accuracy | verdict |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+                      *rows, "", end])
+
+
+SECTIONS = {"headline": render_headline, "experiments": render, "performance": render_performance}
 
 
 def update_readme(readme: Path, results: Path = RESULTS) -> list[str]:
