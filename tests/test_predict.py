@@ -130,3 +130,17 @@ def test_export_without_onnx_names_the_package(untrained_checkpoint, tmp_path, c
     code, _, err = run(capsys, "export", str(untrained_checkpoint), "--onnx", str(tmp_path / "m.onnx"))
     assert code == 1 and "onnxscript" in err and "pip install" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_damaged_checkpoint_is_one_clear_error(tmp_path):
+    import torch
+
+    from tinymnist.errors import TinyMnistError
+    from tinymnist.runs import CHECKPOINT_FORMAT, load_checkpoint
+
+    for payload in ({"format": CHECKPOINT_FORMAT}, {"format": CHECKPOINT_FORMAT, "config": {"model": "Model_7"},
+                                                    "state_dict": {}},
+                    {"format": CHECKPOINT_FORMAT, "config": {"modle": 1}, "state_dict": {}}):
+        torch.save(payload, tmp_path / "c.pt")
+        with pytest.raises(TinyMnistError, match="c.pt"):
+            load_checkpoint(tmp_path / "c.pt")

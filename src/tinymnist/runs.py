@@ -80,11 +80,18 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
         raise TinyMnistError(f"{path}: not a tinymnist checkpoint ({e.__class__.__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise TinyMnistError(f"{path}: not a tinymnist checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
-    cfg = TrainConfig.from_dict(payload["config"])
+    if not isinstance(payload.get("config"), dict) or not isinstance(payload.get("state_dict"), dict):
+        raise TinyMnistError(f"{path}: damaged tinymnist checkpoint (no recipe or no weights)")
+    try:
+        cfg = TrainConfig.from_dict(payload["config"])
+    except TinyMnistError as e:
+        raise TinyMnistError(f"{path}: its recipe is not valid here: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise TinyMnistError(f"{path}: damaged recipe ({e.__class__.__name__})") from None
     model = cfg.build_model()
     try:
         model.load_state_dict(payload["state_dict"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:
         raise TinyMnistError(f"{path}: weights do not fit {cfg.model}: {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), cfg
 
