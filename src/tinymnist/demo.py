@@ -24,7 +24,7 @@ from .errors import TinyMnistError
 
 MAX_BODY = 1 << 20  # bytes: a 280x280 canvas as PNG is a few kilobytes
 DRAIN_LIMIT = 16 << 20  # a larger body is not even read before the 413
-SHIPPED = "final.pt"  # the trained final model inside the package (tinymnist/assets/)
+SHIPPED = "model.pt"  # the trained final model inside the package, with its config.json and history.json
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
           "/style.css": ("style.css", "text/css; charset=utf-8")}
 

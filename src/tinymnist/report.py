@@ -119,7 +119,7 @@ def _errors_section(step: Step, results: Path) -> list[str]:
     for m in e["misclassified"]:
         pairs[(m["true"], m["predicted"])] = pairs.get((m["true"], m["predicted"]), 0) + 1
     common = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
-    rel = d.as_posix()
+    rel = f"results/{step.name}/errors"  # as the README links it, wherever results/ was read from
     about = (f" (run `{run.get('name')}`, seed {run.get('seed')}, trained on {hardware_text(run.get('env', {}))})"
              if run else "")
     return [f"#### What `{step.name}` gets wrong", "",
@@ -138,14 +138,14 @@ def _search_sections(results: Path) -> list[str]:
         t = read_json(path)
         c = t["counts"]
         tried = sum(c.values())
-        d = path.parent
+        d = Path("results") / path.parent.name  # as the README links it, wherever results/ was read from
         out += [f"### Search: `{t['study']}`", "",
                 f"`tinymnist sweep spaces/{t['study']}.toml` tried **{tried} recipes**: {c.get('complete', 0)} "
                 f"complete, {c.get('pruned', 0)} pruned by the median rule or rejected over the parameter budget "
                 f"({t['rejected_over_budget']} rejected), {c.get('fail', 0)} failed. Each was judged on the "
                 "held-out validation images only: the objective is the worst validation accuracy of its last 5 "
                 f"epochs. The study is committed as `{d.as_posix()}/study.db` with every trial in "
-                f"`{path.as_posix()}`; the test accuracies it recorded were not read to choose.", "",
+                f"`{d.as_posix()}/trials.json`; the test accuracies it recorded were not read to choose.", "",
                 "| trial | layout and recipe | parameters | MACs | validation: worst of last 5 |",
                 "| ---: | --- | ---: | ---: | ---: |"]
         for row in t["trials"][:8]:
@@ -153,7 +153,7 @@ def _search_sections(results: Path) -> list[str]:
             out.append(f"| {row['trial']} | {values} | {row['params']:,} | {row['macs']:,} | {row['objective']:.2f}% |")
         for name in ("history", "importances"):
             png = d / f"{t['study']}-{name}.png"
-            if png.is_file():
+            if (path.parent / png.name).is_file():
                 out += ["", f"![{t['study']} {name}]({png.as_posix()})"]
         out.append("")
     return out
