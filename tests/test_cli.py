@@ -94,3 +94,12 @@ def test_train_smoke_on_synthetic_data(tmp_path, capsys):
     assert meta["config"]["model"] == "Model_6" and meta["params"] == 7432 and meta["seed"] == 0
     assert meta["env"]["torch"] and meta["env"]["device"] == "cpu"
     assert "Test set: Average loss:" in stdout
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`tinymnist experiments | head -1`: the reader leaves before the writer is done; no traceback, SIGPIPE's code."""
+    p = subprocess.Popen([sys.executable, "-m", "tinymnist.cli", "experiments"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # before the interpreter has started, so the first write meets a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141 and err == "", err

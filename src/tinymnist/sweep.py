@@ -341,7 +341,9 @@ def sweep_worker(space_data: dict, space_name: str, storage: str, study: str, tr
     def enough(study) -> bool:
         """The study holds (or is training) the trials asked for. A killed worker's trial, silent past the
         grace period, is failed (and queued again) first, so that it is not counted as running."""
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         return _count(study, TrialState.COMPLETE, TrialState.RUNNING) >= trials
 
     def stop_when_enough(study, _trial) -> None:
