@@ -24,6 +24,8 @@ def test_bench_writes_every_figure_and_ratio(tmp_path, capsys):
     hw = result["env"]["hardware"]
     assert hw["cores"] >= 1 and hw["cpu_model"]
     assert r["lean/plain"] == round(result["model_only"]["images_per_s"] / result["plain"]["images_per_s"], 3)
+    assert result["plain"]["heap"] == "system" and result["plain"]["memory_format"] == "contiguous"
+    assert result["model_only"]["heap"] == hw["heap"]
     step = result["model_step"]
     assert step["flops_per_image"] == 6 * step["macs_per_image"] and result["gemm_peak_gflops"] > 0
     assert r["model-step/peak"] == round(step["gflops"] / result["gemm_peak_gflops"], 3)

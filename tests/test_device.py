@@ -1,6 +1,7 @@
 """Hardware facts from the machine, and the choices made from them: precision, memory format, OpenMP waiting."""
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -70,10 +71,10 @@ def test_memory_format_rule_and_record(tmp_path):
 
 def test_both_memory_formats_compute_the_same_training_step():
     from tinymnist.engine import make_optimizer
-    from tinymnist.experiments import final_step
+    from tinymnist.experiments import last_step
     import torch.nn.functional as F
 
-    cfg = final_step().config
+    cfg = last_step().config
     x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     y = torch.arange(64) % 10
     results = []
@@ -134,3 +135,38 @@ def test_configs_saved_before_memory_format_existed_mean_contiguous():
     saved = json.loads((Path(__file__).resolve().parents[1] / "results" / "final" / "config.json").read_text())
     assert "memory_format" not in saved["config"]
     assert TrainConfig.from_dict(saved["config"]).memory_format == "contiguous"
+
+
+_FAULTS = """
+import resource, sys, tinymnist, torch
+import torch.nn.functional as F
+from tinymnist import runtime
+from tinymnist.model import create_model
+torch.set_num_threads(1)
+m = create_model("Model_7").train()
+opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+def step():
+    loss = F.cross_entropy(m(x), y); opt.zero_grad(); loss.backward(); opt.step()
+for _ in range(10):  # the heap grows to its working size
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(runtime.state()["heap"], (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="the policy is glibc's")
+def test_the_retained_heap_stops_page_faults_and_the_users_setting_wins():
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "TINYMNIST_HEAP"}
+
+    def faults(extra: dict) -> tuple[str, float]:
+        out = subprocess.run([sys.executable, "-c", _FAULTS], env={**clean, **extra}, capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0], float(out[1])
+
+    retained, system, user = faults({}), faults({"TINYMNIST_HEAP": "system"}), faults({"MALLOC_TOP_PAD_": "0"})
+    assert retained[0] == "retain" and system[0] == "system" and user[0] == "system"
+    # the kernel zero-fills a fresh page per 4 KiB touched: thousands per step unless freed memory is kept
+    assert system[1] > 500 and retained[1] < system[1] / 20, (retained, system)

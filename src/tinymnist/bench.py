@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import runtime
 from .config import AugConfig, TrainConfig
 from .data import MEAN, MNIST, STD, Loader, load_mnist
 from .device import (autocast, available_cores, configure_threads, hardware, seed_everything, sync,
@@ -106,6 +107,64 @@ def _train_step(model_name: str, cfg: TrainConfig, device: torch.device):
     fmt = torch_memory_format(cfg.memory_format)
     model = create_model(model_name, dropout=cfg.dropout, layout=cfg.layout).to(device, memory_format=fmt).train()
     return model, _Step(model, cfg, device)
+
+
+def _step_server(model_name: str, config: dict, device: str, threads: int, batch, conn) -> None:
+    """In a fresh process (with its own heap and thread settings): build a training step, then answer each request
+    of `steps` with the images/s of that many steps on one fixed batch; None ends it."""
+    configure_threads(threads)
+    dev = torch.device(device)
+    _, step = _train_step(model_name, TrainConfig.from_dict(config), dev)
+    batches = iter(lambda: batch, None)  # the same batch forever
+    while (steps := conn.recv()) is not None:
+        conn.send(_timed_steps(batches, step, steps, dev))
+
+
+def steps_interleaved(configs: dict, model_name: str, device: torch.device, batch, steps: int, repeats: int,
+                      heaps: Optional[dict] = None) -> dict:
+    """Images/s of each named recipe's step, each in its own process, taking turns repeat by repeat so that a host
+    whose speed drifts biases none. `heaps` names the heap policy (runtime.HEAP_ENV) a process starts with."""
+    import multiprocessing as mp
+    import os
+
+    from .runtime import HEAP_ENV
+
+    ctx = mp.get_context("spawn")
+    servers, saved = {}, os.environ.get(HEAP_ENV)
+    try:
+        for name, cfg in configs.items():
+            here, there = ctx.Pipe()
+            os.environ[HEAP_ENV] = (heaps or {}).get(name, "retain")  # read by the child before it imports torch
+            proc = ctx.Process(target=_step_server, args=(model_name, cfg.to_dict(), str(device),
+                                                          torch.get_num_threads(), batch, there), daemon=True)
+            proc.start()
+            servers[name] = (proc, here)
+    finally:
+        if saved is None:
+            os.environ.pop(HEAP_ENV, None)
+        else:
+            os.environ[HEAP_ENV] = saved
+    rates: dict = {name: [] for name in configs}
+    try:
+        for name, (_, conn) in servers.items():  # warm-up: kernels, and the heap grown to its working size
+            conn.send(10)
+            conn.recv()
+        for _ in range(repeats):
+            for name, (_, conn) in servers.items():
+                conn.send(steps)
+                rates[name].append(conn.recv())
+    except EOFError:
+        raise RuntimeError("a bench process died (see its output above)") from None
+    finally:
+        for proc, conn in servers.values():
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+    return rates
 
 
 def _pipeline_rate(data_dir: Optional[str], model_name: str, config: dict, threads: int, seconds: float,
@@ -222,20 +281,15 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
         _timed_steps(batches, step, 5, device)  # warm-up: allocator, kernels, worker start-up
         record(name, [_timed_steps(batches, step, steps, device) for _ in range(repeats)])
 
-    def measure_interleaved(steps_by_name: dict, batches) -> None:
-        rates: dict = {name: [] for name in steps_by_name}
-        for fn in steps_by_name.values():
-            _timed_steps(batches, fn, 5, device)
-        for _ in range(max(repeats, 5)):
-            for name, fn in steps_by_name.items():
-                rates[name].append(_timed_steps(batches, fn, steps, device))
-        for name, r in rates.items():
-            record(name, r)
-
+    # the step as configured against the step as the code first ran it: contiguous NCHW, fp32, and the C library's
+    # own heap policy; each in its own process, alternating repeat by repeat
     plain_cfg = replace(cfg, precision="fp32", memory_format="contiguous")
-    _, plain_step = _train_step(model_name, plain_cfg, device)
-    # lean and plain alternate repeat by repeat, so that a host whose speed drifts biases neither
-    measure_interleaved({"model_only": step, "plain": plain_step}, endless(lambda: iter([fixed])))
+    heaps = {"model_only": runtime.state()["heap"], "plain": "system"}
+    lean = steps_interleaved({"model_only": cfg, "plain": plain_cfg}, model_name, device,
+                             tuple(t.cpu() for t in fixed), steps, max(repeats, 5), heaps=heaps)
+    for name, r in lean.items():
+        record(name, r)
+        results[name].update(heap=heaps[name], memory_format=(cfg if name == "model_only" else plain_cfg).memory_format)
     measure("ours", endless(lambda: iter(ours_loader)))
     classic = torch.utils.data.DataLoader(
         ClassicDataset(data.train_images, data.train_labels, cfg.aug), batch_size=bs, shuffle=True,

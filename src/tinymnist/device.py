@@ -9,6 +9,7 @@ import random
 import numpy as np
 import torch
 
+from . import runtime
 from .errors import TinyMnistError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -97,7 +98,7 @@ def hardware(device: torch.device) -> dict:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         facts.update(gpu=torch.cuda.get_device_name(device), compute_capability=f"{major}.{minor}")
-    facts["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+    facts.update(runtime.state())  # the OpenMP wait policy and the heap policy in force
     return facts
 
 

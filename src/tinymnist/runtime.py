@@ -1,0 +1,68 @@
+"""Process-wide settings that must be in place before any work: the OpenMP wait policy and the heap's policy.
+
+Imported (and applied) by the package's __init__, before torch loads. It never imports torch itself. A user's own
+setting of either always wins, and `state()` says what is in force, for config.json and bench.json.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+# OpenMP threads that spin while they wait turn a second training (or a test suite, or a sweep worker) beside a
+# run into a collapse: measured on a 2-core host, two runs together did 10-55% of the work of one run alone.
+# Passive waiting keeps them at the work of one run or more, for a smaller cost to a run alone (see the README's
+# performance section). It takes effect only before torch is first imported.
+_OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+# glibc hands every allocation over 128 KiB to mmap and returns it to the kernel on free (and trims the heap's top
+# once 128 KiB of it is free). A training step allocates and frees megabytes of activations and gradients, so the
+# kernel maps and zero-fills the same pages again every step: about 3,000 page faults per step of Model_7 at
+# batch 128, 15-25% of a single-thread step. Keeping freed memory in the heap (allocations up to 32 MiB served
+# from it, and its top never trimmed below 1 GiB of free space) makes a warmed-up step fault almost never. The
+# process then holds its peak heap until it exits, which for these models is a few hundred MB at most.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's ceiling for this setting on 64-bit hosts
+_TRIM_THRESHOLD = 1024 * 1024 * 1024
+_MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+HEAP_ENV = "TINYMNIST_HEAP"  # "system" leaves the C library's heap policy as it is
+
+_heap = "system"
+
+
+def _user_heap_setting() -> bool:
+    """The user (or the launcher) already chose a heap policy or a different allocator."""
+    if any(v in os.environ for v in _MALLOC_VARS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return True
+    preload = os.environ.get("LD_PRELOAD", "")
+    return any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc"))
+
+
+def _retain_heap() -> str:
+    """Apply the retained-heap policy through mallopt; return the policy now in force."""
+    if os.environ.get(HEAP_ENV, "retain") == "system" or _user_heap_setting():
+        return "system"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "system"  # other C libraries have other allocators; leave them alone
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    except (OSError, AttributeError):
+        return "system"
+    return "retain" if ok else "system"
+
+
+def apply() -> None:
+    """Set both policies for this process, unless the user set them. Idempotent."""
+    global _heap
+    if not any(v in os.environ for v in _OMP_VARS):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    if _heap == "system":
+        _heap = _retain_heap()
+
+
+def state() -> dict:
+    """What is in force: the OpenMP wait policy (None = the runtime's default) and the heap policy."""
+    return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "heap": _heap}
