@@ -80,11 +80,11 @@ def trained_run(real_data_dir, tmp_path_factory) -> Path:
 @pytest.fixture
 def untrained_checkpoint(tmp_path) -> Path:
     """A valid checkpoint of an untrained default model, for tests that only need the file format."""
-    from tinymnist.experiments import final_step
+    from tinymnist.experiments import last_step
     from tinymnist.model import create_model
     from tinymnist.runs import save_checkpoint
 
-    cfg = final_step().config
+    cfg = last_step().config
     path = tmp_path / "model.pt"
     save_checkpoint(path, create_model(cfg.model, dropout=cfg.dropout), cfg)
     return path

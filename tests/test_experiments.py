@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tinymnist.check import verdict
-from tinymnist.experiments import STEPS, final_step, get_step
+from tinymnist.experiments import STEPS, last_step, get_step
 from tinymnist.model import create_model, list_models
 from tinymnist.report import SECTIONS, generated_section, step_result
 
@@ -27,8 +27,8 @@ def test_models_are_numbered_in_series_order():
     assert set(used) == set(list_models())  # no model outside the series, no step without a model
 
 
-def test_final_step_meets_the_budget():
-    s = final_step()
+def test_last_step_meets_the_budget():
+    s = last_step()
     assert s is STEPS[-1] and get_step(s.name) is s
     assert create_model(s.config.model, dropout=s.config.dropout).num_params() < 8000
     assert s.config.epochs <= 15

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Optional
 
 from .config import AugConfig, TrainConfig
 from .errors import TinyMnistError
@@ -15,6 +16,9 @@ class Step:
     config: TrainConfig  # the full training recipe, model included
     target: str  # what this step sets out to show, written before it ran
     analysis: str  # what happened, why, and what the next step changes; written after seeing the result
+    role: str = ""  # what a step proven over seeds stands for, as the README's headline names it
+    chosen_by: Optional[tuple[str, int]] = None  # (study, trial) of the committed sweep whose validation result chose
+    #                                              this recipe; the test set confirms it once, with `tinymnist check`
 
 
 # Steps 1-5 keep the classic recipe (plain SGD, LR 0.01, no schedule, no augmentation) so that each
@@ -133,6 +137,7 @@ STEPS: tuple[Step, ...] = (
         name="final",
         title="9. Final: the last of the budget, and an average of the weights",
         config=replace(_ONECYCLE, model="Model_7", ema=0.999),
+        role="the assignment's answer: under 8,000 parameters",
         target="Reach 99.4% in every one of the last 5 of 15 epochs, for every seed. Spend the 324 parameters "
                "still free on a wider transition (8 -> 10 channels), and evaluate an exponential moving average "
                "of the weights and BN statistics (decay 0.999, about two epochs) instead of the raw SGD iterate, "
@@ -160,6 +165,6 @@ def get_step(name: str) -> Step:
     raise TinyMnistError(f"unknown step {name!r} (choose from {', '.join(step_names())})")
 
 
-def final_step() -> Step:
+def last_step() -> Step:
     """The last step: the headline model and recipe."""
     return STEPS[-1]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from .check import final_accuracy_stats
+from .errors import TinyMnistError
 from .experiments import STEPS, Step
 from .fileio import atomic_path, read_json
 from .summary import format_summary, summarize
@@ -97,6 +98,7 @@ def _check_section(step: Step, results: Path) -> list[str]:
     out += ["", f"Final-epoch test accuracy: **{mean:.2f} ± {std:.2f}%** (mean ± sample std over "
                 f"{len(histories)} seeds).", ""]
     out += [f"- {'✅' if r['passed'] else '❌'} {r['rule']}" for r in ev["rules"]]
+    out += _selection_lines(step, ev, results)
     env = ev.get("env", {})
     if env:
         out += ["", f"Measured with torch {env.get('torch')} on {env.get('device')}, {hardware_text(env)}, "
@@ -104,6 +106,39 @@ def _check_section(step: Step, results: Path) -> list[str]:
     if path.with_suffix(".png").is_file():
         out += ["", f"![proof over seeds: {step.name}](results/{path.with_suffix('.png').name})"]
     return out + [""] + _errors_section(step, results)
+
+
+def _selection_lines(step: Step, ev: dict, results: Path) -> list[str]:
+    """The validation result that chose a searched step's recipe, beside the test result that confirmed it."""
+    if step.chosen_by is None:
+        return []
+    study, number = step.chosen_by
+    path = results / f"sweep-{study}" / "trials.json"
+    if not path.is_file():
+        raise TinyMnistError(f"step {step.name!r} was chosen by study {study!r}, but {path} is missing")
+    t = read_json(path)
+    row = next((r for r in t["trials"] if r["trial"] == number), None)
+    if row is None:
+        raise TinyMnistError(f"{path} has no complete trial {number}, which chose step {step.name!r}")
+    held = _space_fixed(results, study).get("val", 0)
+    k = ev["last"]
+    worst_test = min(min(r["test_acc"] for r in s["history"][-k:]) for s in ev["seeds"])
+    rank = 1 + sum(r["objective"] > row["objective"] for r in t["trials"])
+    seeds = len(row["val_worst"])
+    return ["", "Chosen on validation, confirmed on test once:", "",
+            "| evidence | trained on | judged on | seeds | worst of the last 5 epochs |",
+            "| --- | --- | --- | ---: | ---: |",
+            f"| validation: trial {number} of `{study}` (rank {rank} of {len(t['trials'])} complete) | "
+            f"{60000 - held:,} ({held:,} held out) | the {held:,} held-out training images | {seeds} | "
+            f"{row['objective']:.2f}% |",
+            f"| test: this check | all 60,000 | the 10,000 test images | {len(ev['seeds'])} | {worst_test:.2f}% |"]
+
+
+def _space_fixed(results: Path, study: str) -> dict:
+    """The [fixed] fields of a committed study's space file, spaces/<study>.toml beside results/."""
+    from .sweep import read_space
+
+    return read_space(results.parent / "spaces" / f"{study}.toml").get("fixed", {})
 
 
 def _errors_section(step: Step, results: Path) -> list[str]:
@@ -353,13 +388,14 @@ def render_headline(results: Path = RESULTS) -> str:
         histories = [x["history"] for x in ev["seeds"]]
         mean, std = final_accuracy_stats(histories)
         worst = min(min(r["test_acc"] for r in h[-ev["last"]:]) for h in histories)
-        rows.append(f"| [{s.name}](#{_anchor(s.title)}) | `{ev['model']}` | **{ev['params']:,}** | {ev['epochs']} | "
+        rows.append(f"| [{s.name}](#{_anchor(s.title)}) | {s.role} | `{ev['model']}` | **{ev['params']:,}** | {ev['epochs']} | "
                     f"{len(histories)} | {worst:.2f}% | {mean:.2f} ± {std:.2f}% | {'PASS' if ev['passed'] else 'FAIL'} |")
     if not rows:
         return "\n".join([start, NOTE, "", "No step has been checked over seeds yet.", "", end])
     return "\n".join([start, NOTE, "",
-                      "| step | model | parameters | epochs | seeds | worst of the last 5 test accuracies, all seeds | "
-                      "final test accuracy | verdict |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+                      "| step | what it is | model | parameters | epochs | seeds | worst of the last 5 test accuracies, "
+                      "all seeds | final test accuracy | verdict |",
+                      "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
                       *rows, "", end])
 
 
