@@ -6,7 +6,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 
 from tinymnist.cli import main
 from tinymnist.errors import TinyMnistError
@@ -91,7 +93,8 @@ def test_failed_seeds_are_named_and_check_exits_non_zero(tmp_path, capsys, monke
     assert err.err.strip().count("\n") == 0 and "2 of 2 runs failed" in err.err
 
 
-def test_ctrl_c_stops_every_worker_with_one_line_and_leaves_no_partial_file(tmp_path):
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+def test_ctrl_c_or_kill_stops_every_worker_with_one_line_and_leaves_no_partial_file(tmp_path, how):
     synthetic_mnist(tmp_path / "d", n_train=2048, n_test=64)
     env = {**os.environ, "TINYMNIST_VERIFY": "0"}
     p = subprocess.Popen([sys.executable, "-m", "tinymnist.cli", "check", "final", "--seeds", "4", "--jobs", "2",
@@ -102,10 +105,30 @@ def test_ctrl_c_stops_every_worker_with_one_line_and_leaves_no_partial_file(tmp_
     while time.time() < deadline and not list((tmp_path / "runs").glob("*/history.json")):
         time.sleep(0.2)
     assert list((tmp_path / "runs").glob("*/history.json")), "no epoch finished in time"
-    os.killpg(p.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C: the whole process group
+    if how == "ctrl-c":
+        os.killpg(p.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C: the whole process group
+    else:
+        p.send_signal(signal.SIGTERM)  # `kill PID` of the command alone: it must stop its workers itself
     out, err = p.communicate(timeout=60)
+    deadline = time.time() + 10  # multiprocessing's resource tracker leaves on its own once its pipe closes
+    while time.time() < deadline and _session_members(p.pid):
+        time.sleep(0.2)
+    assert not _session_members(p.pid), [Path(f"/proc/{q}/cmdline").read_bytes() for q in _session_members(p.pid)]
     assert p.returncode == 130, err
     assert err.strip() == "tinymnist: interrupted"
     assert not [f for f in tmp_path.rglob("*") if f.name.endswith(".part")]
     for h in (tmp_path / "runs").glob("*/history.json"):
         json.loads(h.read_text())  # every file on disk is whole
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live processes of session `sid`: a worker orphaned by its parent's death still belongs to it."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:  # fields: state, ppid, pgrp, session
+            out.append(int(stat.parent.name))
+    return out

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 from typing import Optional, Sequence
 
 from .errors import TinyMnistError
@@ -466,12 +469,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """`kill` (or a job scheduler's stop) unwinds like Ctrl-C: parallel workers are stopped, no temporary file is
+    left, and the verb ends with one line. Python's default would end this process at once and orphan its workers."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the `tinymnist` console script."""
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        return args.func(args)
+        with _sigterm_unwinds():
+            return args.func(args)
     except TinyMnistError as e:
         print(f"tinymnist: error: {e}", file=sys.stderr)
         return 1
