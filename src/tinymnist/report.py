@@ -191,6 +191,21 @@ def _search_sections(results: Path) -> list[str]:
             if (path.parent / png.name).is_file():
                 out += ["", f"![{t['study']} {name}]({png.as_posix()})"]
         out.append("")
+    return out + (_validation_bars(results) if out else [])
+
+
+def _validation_bars(results: Path) -> list[str]:
+    """Proven recipes trained once with a validation split (results/val-reference-<step>/): how a recipe that passes
+    on test scores on validation, which is the bar a searched recipe has to clear there."""
+    out = []
+    for d in sorted(results.glob("val-reference-*/")):
+        meta, history = read_json(d / "config.json"), read_json(d / "history.json")
+        tail = history[-5:]
+        val, test = min(r["val_acc"] for r in tail), min(r["test_acc"] for r in tail)
+        out += [f"**Validation bar.** The `{meta['name']}` recipe ({meta['params']:,} parameters), which passes on "
+                f"test, trained once with the same {meta['config']['val']:,} images held out (seed {meta['seed']}, "
+                f"`results/{d.name}/`): worst of its last 5 epochs **{val:.2f}%** on validation and {test:.2f}% on "
+                "test in the same run. A smaller recipe needs about that on validation to have a chance on test.", ""]
     return out
 
 
@@ -307,10 +322,11 @@ def render_performance(results: Path = RESULTS) -> str:
             f"the same augmentation (rotate ±{env['aug']['rotate']:g}°, shift ±{env['aug']['translate']:g}, zoom "
             f"±{env['aug']['scale']:g}) on {env['device']}: {hardware_text(env)}, {env['threads']} threads, "
             f"{env['precision']}, {env['memory_format']} memory format, OpenMP wait policy "
-            f"{env['hardware'].get('omp_wait_policy') or 'unset'}; {env['platform']}, torch {env['torch']}. "
+            f"{env['hardware'].get('omp_wait_policy') or 'unset'}, heap policy {env['hardware'].get('heap', 'system')}"
+            f"; {env['platform']}, torch {env['torch']}. "
             f"Each step figure is the median of {len(b['ours']['runs'])} runs of {b['ours']['steps']} training "
-            f"steps ({len(b['plain']['runs'])} for model only and plain, which alternate run by run). Absolute numbers differ between hosts and on a shared machine are noisy; compare ratios within "
-            "one run.", "",
+            f"steps ({len(b['plain']['runs'])} for model only and plain, which alternate run by run). Absolute "
+            "numbers differ between hosts and on a shared machine are noisy; compare ratios within one run.", "",
             "| pipeline | what it does per batch | images/s |", "| --- | --- | ---: |",
             f"| ours | index a uint8 tensor, one `affine_grid`/`grid_sample` for the batch, train step | "
             f"{b['ours']['images_per_s']:,.0f} |",
@@ -318,7 +334,8 @@ def render_performance(results: Path = RESULTS) -> str:
             f"{env['classic_workers']} workers, train step | {b['classic']['images_per_s']:,.0f} |",
             f"| model only | the same pre-made batch every step, as the recipe now trains it: the ceiling | "
             f"{b['model_only']['images_per_s']:,.0f} |",
-            f"| plain | the same, as the code trained before (contiguous NCHW, fp32) | "
+            f"| plain | the same, as the code trained before (contiguous NCHW, fp32, the C library's own heap "
+            f"policy{'; a process of its own' if 'heap' in b['plain'] else ''}) | "
             f"{b['plain']['images_per_s']:,.0f} |",
             "", f"**ours/classic = {r['ours/classic']:.2f}×**, ours/model-only = {r['ours/model-only']:.2f}, "
                 f"**lean/plain = {r['lean/plain']:.2f}×**."]
