@@ -263,12 +263,12 @@ def test_clear_removes_the_prediction(page):
 
 
 def test_the_shipped_model_scores_what_its_history_recorded(real_data_dir):
-    shipped = shipped_checkpoint()
-    history = json.loads((shipped.parent / "history.json").read_text())
     from tinymnist.data import load_mnist
     from tinymnist.mistakes import collect_errors
     from tinymnist.runs import load_checkpoint
 
+    shipped = shipped_checkpoint()
+    history = json.loads((shipped.parent / "history.json").read_text())
     model, cfg = load_checkpoint(shipped)
     result = collect_errors(model, load_mnist(real_data_dir, progress=False), cfg.memory_format)
     assert result["test_acc"] == history[-1]["test_acc"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tinymnist.check import verdict
-from tinymnist.experiments import STEPS, last_step, get_step
+from tinymnist.experiments import STEPS, get_step, last_step
 from tinymnist.model import create_model, list_models
 from tinymnist.report import SECTIONS, generated_section, step_result
 
@@ -32,6 +32,26 @@ def test_last_step_meets_the_budget():
     assert s is STEPS[-1] and get_step(s.name) is s
     assert create_model(s.config.model, dropout=s.config.dropout).num_params() < 8000
     assert s.config.epochs <= 15
+
+
+@pytest.mark.parametrize("step", [s for s in STEPS if s.chosen_by], ids=lambda s: s.name)
+def test_a_searched_step_trains_the_recipe_its_trial_chose(step):
+    import json
+    from dataclasses import replace
+
+    from tinymnist.sweep import load_space
+
+    study, number = step.chosen_by
+    trials = json.loads((ROOT / "results" / f"sweep-{study}" / "trials.json").read_text())["trials"]
+    row = next(r for r in trials if r["trial"] == number)
+    space = load_space(ROOT / "spaces" / f"{study}.toml")
+    chosen = space.config(row["values"])
+    cfg = step.config
+    # the trial's recipe, refit on every training image, its layout now a named model, its LR rounded
+    assert chosen.val > 0 and cfg.val == 0 and f"{chosen.lr:.3g}" == f"{cfg.lr:.3g}"
+    assert create_model(cfg.model).layout == chosen.layout
+    assert replace(chosen, val=0, lr=cfg.lr, layout="", model=cfg.model) == cfg
+    assert row["params"] == cfg.build_model().num_params() <= space.max_params
 
 
 def test_readme_parameter_counts_match_the_models():

@@ -236,3 +236,12 @@ class Model_7(Net):
 
     # (N,16,24,24) RF 5 | (N,10,12,12) RF 6 | (N,16,6,6) RF 18 | GAP + 1x1 (N,10,1,1) RF 28
     layout = "c8 c16 P c10/1 c16 c16 c16 G o"
+
+
+@register
+class Model_8(Net):
+    """Half the budget: Model_7's shape at 12 channels where it had 16 and an 8-channel transition (4,736 params).
+    Chosen by validation among the layouts of spaces/half-budget*.toml, never on the test set."""
+
+    # (N,12,24,24) RF 5 | (N,8,12,12) RF 6 | (N,12,6,6) RF 18 | GAP + 1x1 (N,10,1,1) RF 28
+    layout = "c8 c12 P c8/1 c12 c12 c12 G o"

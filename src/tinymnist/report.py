@@ -134,11 +134,15 @@ def _selection_lines(step: Step, ev: dict, results: Path) -> list[str]:
             f"| test: this check | all 60,000 | the 10,000 test images | {len(ev['seeds'])} | {worst_test:.2f}% |"]
 
 
-def _space_fixed(results: Path, study: str) -> dict:
-    """The [fixed] fields of a committed study's space file, spaces/<study>.toml beside results/."""
+def _space(results: Path, study: str) -> dict:
+    """A committed study's space file, spaces/<study>.toml beside results/."""
     from .sweep import read_space
 
-    return read_space(results.parent / "spaces" / f"{study}.toml").get("fixed", {})
+    return read_space(results.parent / "spaces" / f"{study}.toml")
+
+
+def _space_fixed(results: Path, study: str) -> dict:
+    return _space(results, study).get("fixed", {})
 
 
 def _errors_section(step: Step, results: Path) -> list[str]:
@@ -168,19 +172,21 @@ def _errors_section(step: Step, results: Path) -> list[str]:
 
 def _search_sections(results: Path) -> list[str]:
     """Every committed sweep (results/sweep-*/trials.json): how many recipes were tried and the best on validation."""
-    out = []
-    for path in sorted(results.glob("sweep-*/trials.json")):
-        t = read_json(path)
+    out, studies = [], {}
+    found = [(read_json(path), path) for path in results.glob("sweep-*/trials.json")]
+    for t, path in sorted(found, key=lambda tp: (tp[0].get("started") or "", tp[1].name)):  # in the order they ran
         c = t["counts"]
-        tried = sum(c.values())
+        tried = studies[t["study"]] = sum(c.values())
         d = Path("results") / path.parent.name  # as the README links it, wherever results/ was read from
         out += [f"### Search: `{t['study']}`", "",
                 f"`tinymnist sweep spaces/{t['study']}.toml` tried **{tried} recipes**: {c.get('complete', 0)} "
                 f"complete, {c.get('pruned', 0)} pruned by the median rule or rejected over the parameter budget "
-                f"({t['rejected_over_budget']} rejected), {c.get('fail', 0)} failed. Each was judged on the "
+                f"({t['rejected_over_budget']} rejected), {c.get('fail', 0)} failed (stopped mid-trial). Each was judged on the "
                 "held-out validation images only: the objective is the worst validation accuracy of its last 5 "
                 f"epochs. The study is committed as `{d.as_posix()}/study.db` with every trial in "
-                f"`{d.as_posix()}/trials.json`; the test accuracies it recorded were not read to choose.", "",
+                f"`{d.as_posix()}/trials.json`; the test accuracies it recorded were not read to choose. Every trial "
+                f"trains the `{_space(results, t['study']).get('step')}` step's recipe with " + ", ".join(f"{k}={_short(v)}" for k, v in _space_fixed(results, t["study"]).items())
+                + " fixed, and the fields in the table searched.", "",
                 "| trial | layout and recipe | parameters | MACs | validation: worst of last 5 |",
                 "| ---: | --- | ---: | ---: | ---: |"]
         for row in t["trials"][:8]:
@@ -191,6 +197,8 @@ def _search_sections(results: Path) -> list[str]:
             if (path.parent / png.name).is_file():
                 out += ["", f"![{t['study']} {name}]({png.as_posix()})"]
         out.append("")
+    if len(studies) > 1:
+        out += [f"In all, {len(studies)} searches tried **{sum(studies.values())} recipes** on validation.", ""]
     return out + (_validation_bars(results) if out else [])
 
 

@@ -427,8 +427,9 @@ def summarize_study(st) -> dict:
              "macs": t.user_attrs.get("macs"), "values": t.params, "val_worst": t.user_attrs.get("val_worst"),
              "test_worst": t.user_attrs.get("test_worst"), "run_dirs": t.user_attrs.get("run_dirs"),
              "host": t.user_attrs.get("host")} for t in done]
-    return {"study": st.study_name, "counts": {k: v for k, v in counts.items() if v}, "rejected_over_budget": rejected,
-            "trials": rows}
+    starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+    return {"study": st.study_name, "started": min(starts).isoformat(timespec="seconds") if starts else None,
+            "counts": {k: v for k, v in counts.items() if v}, "rejected_over_budget": rejected, "trials": rows}
 
 
 def format_report(summary: dict, top: int = 10, show_test: bool = False) -> str:
