@@ -35,6 +35,7 @@ def test_bench_writes_every_figure_and_ratio(tmp_path, capsys):
     assert r["multi-run/single"] == round(result["multi_run"]["images_per_s"] / single, 3)
     assert r["two-runs/one"] == round(result["two_runs"]["images_per_s"] / single, 3)
     assert result["single_run_spinning"]["omp_wait_policy"] == "ACTIVE"
+    assert result["single_run_spinning"]["gomp_spincount"] is None  # unlimited spinning, whatever the default
     assert "ours/classic" in capsys.readouterr().out
 
 

@@ -2,14 +2,14 @@
 
 from . import runtime as _runtime
 
-# Before torch loads: OpenMP threads wait passively, and freed memory stays in the heap (see runtime.py for the
-# measurements behind both). A user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT or MALLOC_* settings win.
+# Before torch loads: OpenMP threads spin briefly then sleep, and freed memory stays in the heap (see runtime.py for
+# the measurements behind both). A user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT or MALLOC_* settings win.
 _runtime.apply()
 
 __version__ = "0.1.0"
 
 # The public API for notebooks: names that live in the modules, re-exported here and imported on first use,
-# so that `import tinymnist` stays light and the wait policy above is in place before torch loads.
+# so that `import tinymnist` stays light and the policies above are in place before torch loads.
 _API = {
     "load_mnist": "data",  # the four MNIST arrays as uint8 tensors, downloaded and verified if needed
     "list_models": "model", "create_model": "model",  # the registry of Model_1, Model_2, ...

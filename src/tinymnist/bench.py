@@ -205,17 +205,19 @@ def _together(count: int, threads: int, data_dir, model_name, cfg: TrainConfig, 
     barrier, results = ctx.Barrier(count), ctx.Queue()
     procs = [ctx.Process(target=_pipeline_rate, args=(data_dir, model_name, cfg.to_dict(), threads, seconds,
                                                       barrier, results)) for _ in range(count)]
-    saved = os.environ.get("OMP_WAIT_POLICY")
+    saved = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if wait_policy:
         os.environ["OMP_WAIT_POLICY"] = wait_policy  # a spawned child reads it before it imports torch
+        os.environ.pop("GOMP_SPINCOUNT", None)  # which would otherwise set libgomp's spinning, whatever the policy
     try:
         for p in procs:
             p.start()
     finally:
-        if saved is None:
-            os.environ.pop("OMP_WAIT_POLICY", None)
-        else:
-            os.environ["OMP_WAIT_POLICY"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     try:
         rates = [results.get(timeout=300) for _ in procs]
     finally:
@@ -234,17 +236,18 @@ def concurrent_runs(data_dir: Optional[str], model_name: str, cfg: TrainConfig, 
     import os
 
     cores = available_cores()
-    policy = os.environ.get("OMP_WAIT_POLICY")
+    policy, spin = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
     out = {}
     for key, count, threads, wait in (("single_run", 1, cores, None), ("multi_run", cores, 1, None),
                                       ("two_runs", 2, cores, None), ("single_run_spinning", 1, cores, "ACTIVE")):
         rates = _together(count, threads, data_dir, model_name, cfg, seconds, wait)
         out[key] = {"images_per_s": round(sum(rates), 1), "processes": count, "threads_each": threads,
-                    "omp_wait_policy": wait or policy, "per_process": [round(r, 1) for r in rates],
+                    "omp_wait_policy": wait or policy, "gomp_spincount": None if wait else spin,
+                    "per_process": [round(r, 1) for r in rates],
                     "seconds": seconds}
         if log:
             log(f"{key:<19} {sum(rates):>9,.0f} images/s  ({count} process(es) x {threads} thread(s), together; "
-                f"OMP_WAIT_POLICY={wait or policy})")
+                f"OMP_WAIT_POLICY={wait or policy}, GOMP_SPINCOUNT={None if wait else spin})")
     return out
 
 

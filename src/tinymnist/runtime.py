@@ -1,4 +1,4 @@
-"""Process-wide settings that must be in place before any work: the OpenMP wait policy and the heap's policy.
+"""Process-wide settings that must be in place before any work: how OpenMP threads wait, and the heap's policy.
 
 Imported (and applied) by the package's __init__, before torch loads. It never imports torch itself. A user's own
 setting of either always wins, and `state()` says what is in force, for config.json and bench.json.
@@ -13,8 +13,16 @@ import platform
 
 # OpenMP threads that spin while they wait turn a second training (or a test suite, or a sweep worker) beside a
 # run into a collapse: measured on a 2-core host, two runs together did 10-55% of the work of one run alone.
-# Passive waiting keeps them at the work of one run or more, for a smaller cost to a run alone (see the README's
-# performance section). It takes effect only before torch is first imported.
+# Waiting passively (OMP_WAIT_POLICY=PASSIVE) prevents that, but then every thread sleeps between the many small
+# operations of a tiny network's step and pays a futex wake-up for each: a run alone lost about a third of its
+# speed. libgomp (the OpenMP runtime of PyTorch's Linux wheels) can spin briefly and then sleep: GOMP_SPINCOUNT=1000,
+# the count libgomp itself uses when threads outnumber cores. Measured on the same 2-core AMD host, 5 interleaved
+# repeats of Model_7 on our pipeline (images/s): one run alone with 2 threads, passive 1,624-2,083, spin 1,000
+# 2,066-3,231 (median +50%); two such runs together, passive 4,009-4,333, spin 1,000 3,786-3,966 (no collapse:
+# 1.2-1.6x one run alone). Spin counts of 10,000 and more collapsed two runs again (0.4-0.55x). Both variables are
+# set: GOMP_SPINCOUNT rules libgomp, and the passive policy holds for any other OpenMP runtime. They take effect
+# only before torch is first imported.
+_SPINCOUNT = "1000"
 _OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 # glibc hands every allocation over 128 KiB to mmap and returns it to the kernel on free (and trims the heap's top
@@ -59,10 +67,13 @@ def apply() -> None:
     global _heap
     if not any(v in os.environ for v in _OMP_VARS):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["GOMP_SPINCOUNT"] = _SPINCOUNT
     if _heap == "system":
         _heap = _retain_heap()
 
 
 def state() -> dict:
-    """What is in force: the OpenMP wait policy (None = the runtime's default) and the heap policy."""
-    return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "heap": _heap}
+    """What is in force: the OpenMP wait policy and libgomp's spin count (None = the runtime's default), and the
+    heap policy."""
+    return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+            "heap": _heap}
