@@ -162,7 +162,8 @@ STEPS: tuple[Step, ...] = (
         target="Pass the same rule (every one of the last 5 of 15 epochs at 99.4% or more, for 5 of 5 seeds) with at "
                "most 5,000 parameters, the network and recipe chosen on 10,000 held-out training images alone and "
                "the test set read once, by this check. Model_8 is Model_7 at 12 channels where it had 16 and an "
-               "8-channel transition: 4,736 parameters and 30% fewer MACs. Three searches tried layouts, batch size, "
+               "8-channel transition: just under 5,000 parameters, and fewer MACs (see the table). Three searches "
+               "tried layouts, batch size, "
                "EMA decay, label smoothing, augmentation strength and weight decay; the best on validation, the only "
                "one within a few hundredths of the final step's own validation score, drops weight decay, which a "
                "network this small, still underfitting its augmented data, does not need. Refit on all 60,000 "
@@ -175,7 +176,7 @@ STEPS: tuple[Step, ...] = (
                  "than the average: the weakest seed is flat from epoch 10 on, while the LR anneals, so it lacks "
                  "capacity or optimisation, not time, and more epochs are not allowed anyway. The smallest network "
                  "proven over 5 seeds stays the final step's. Next: judge trials on the minimum over 2-3 validation "
-                 "seeds (the space's `seeds`), spend the 264 parameters still free under 5,000, and try what the "
+                 "seeds (the space's `seeds`), spend the parameters still free under 5,000, and try what the "
                  "searches did not reach: wider depthwise-separable blocks after the pool, and a strided first "
                  "convolution instead of the max pool.",
     ),
