@@ -17,11 +17,11 @@ import platform
 # operations of a tiny network's step and pays a futex wake-up for each: a run alone lost about a third of its
 # speed. libgomp (the OpenMP runtime of PyTorch's Linux wheels) can spin briefly and then sleep: GOMP_SPINCOUNT=1000,
 # the count libgomp itself uses when threads outnumber cores. Measured on the same 2-core AMD host, 5 interleaved
-# repeats of Model_7 on our pipeline (images/s): one run alone with 2 threads, passive 1,624-2,083, spin 1,000
-# 2,066-3,231 (median +50%); two such runs together, passive 4,009-4,333, spin 1,000 3,786-3,966 (no collapse:
-# 1.2-1.6x one run alone). Spin counts of 10,000 and more collapsed two runs again (0.4-0.55x). Both variables are
-# set: GOMP_SPINCOUNT rules libgomp, and the passive policy holds for any other OpenMP runtime. They take effect
-# only before torch is first imported.
+# repeats of Model_7 on our pipeline (images/s; results/wait-policy-study.json): one run alone with 2 threads,
+# passive 1,624-2,083, spin 1,000 2,066-3,231 (median +50%); two such runs together, passive 4,009-4,333, spin 1,000
+# 3,786-3,966 (no collapse: 1.2-1.8x one run alone). Spin counts of 10,000 and more collapsed two runs again
+# (0.4-0.8x). Both variables are set: GOMP_SPINCOUNT rules libgomp, and the passive policy holds for any other
+# OpenMP runtime. They take effect only before torch is first imported.
 _SPINCOUNT = "1000"
 _OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
