@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import platform
 import statistics
 import time
@@ -109,6 +111,26 @@ def _train_step(model_name: str, cfg: TrainConfig, device: torch.device):
     return model, _Step(model, cfg, device)
 
 
+@contextlib.contextmanager
+def _child_env(values: dict):
+    """Set (or, for None, remove) environment variables while child processes start: a spawned child reads them
+    before it imports torch. The parent's own values come back afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _step_server(model_name: str, config: dict, device: str, threads: int, batch, conn) -> None:
     """In a fresh process (with its own heap and thread settings): build a training step, then answer each request
     of `steps` with the images/s of that many steps on one fixed batch; None ends it."""
@@ -125,25 +147,18 @@ def steps_interleaved(configs: dict, model_name: str, device: torch.device, batc
     """Images/s of each named recipe's step, each in its own process, taking turns repeat by repeat so that a host
     whose speed drifts biases none. `heaps` names the heap policy (runtime.HEAP_ENV) a process starts with."""
     import multiprocessing as mp
-    import os
 
     from .runtime import HEAP_ENV
 
     ctx = mp.get_context("spawn")
-    servers, saved = {}, os.environ.get(HEAP_ENV)
-    try:
-        for name, cfg in configs.items():
-            here, there = ctx.Pipe()
-            os.environ[HEAP_ENV] = (heaps or {}).get(name, "retain")  # read by the child before it imports torch
-            proc = ctx.Process(target=_step_server, args=(model_name, cfg.to_dict(), str(device),
-                                                          torch.get_num_threads(), batch, there), daemon=True)
+    servers = {}
+    for name, cfg in configs.items():
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=_step_server, args=(model_name, cfg.to_dict(), str(device),
+                                                      torch.get_num_threads(), batch, there), daemon=True)
+        with _child_env({HEAP_ENV: (heaps or {}).get(name, "retain")}):
             proc.start()
-            servers[name] = (proc, here)
-    finally:
-        if saved is None:
-            os.environ.pop(HEAP_ENV, None)
-        else:
-            os.environ[HEAP_ENV] = saved
+        servers[name] = (proc, here)
     rates: dict = {name: [] for name in configs}
     try:
         for name, (_, conn) in servers.items():  # warm-up: kernels, and the heap grown to its working size
@@ -199,25 +214,15 @@ def _pipeline_rate(data_dir: Optional[str], model_name: str, config: dict, threa
 def _together(count: int, threads: int, data_dir, model_name, cfg: TrainConfig, seconds: float,
               wait_policy: Optional[str] = None) -> list[float]:
     import multiprocessing as mp
-    import os
 
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(count), ctx.Queue()
     procs = [ctx.Process(target=_pipeline_rate, args=(data_dir, model_name, cfg.to_dict(), threads, seconds,
                                                       barrier, results)) for _ in range(count)]
-    saved = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    if wait_policy:
-        os.environ["OMP_WAIT_POLICY"] = wait_policy  # a spawned child reads it before it imports torch
-        os.environ.pop("GOMP_SPINCOUNT", None)  # which would otherwise set libgomp's spinning, whatever the policy
-    try:
+    # without GOMP_SPINCOUNT, which would otherwise set libgomp's spinning whatever the policy
+    with _child_env({"OMP_WAIT_POLICY": wait_policy, "GOMP_SPINCOUNT": None} if wait_policy else {}):
         for p in procs:
             p.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     try:
         rates = [results.get(timeout=300) for _ in procs]
     finally:
@@ -233,7 +238,6 @@ def concurrent_runs(data_dir: Optional[str], model_name: str, cfg: TrainConfig, 
     """Separate training processes on our pipeline, each timed over the same window: one alone with every core,
     one single-thread process per core, and two default (all-core) runs side by side; then one alone again with
     OpenMP threads that spin (ACTIVE), to show what the default passive wait costs a run that is alone."""
-    import os
 
     cores = available_cores()
     policy, spin = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
@@ -344,7 +348,6 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
 def time_training(runs: int, data_dir: Optional[str], device: str, precision: str = "fp32",
                   log: Optional[Callable[[str], None]] = print) -> dict:
     """Wall time of the full default `tinymnist train`, as `time` would measure it, `runs` times."""
-    import os
     import subprocess
     import sys
     import tempfile
