@@ -135,7 +135,7 @@ def test_configs_saved_before_memory_format_existed_mean_contiguous():
 
     from tinymnist.config import TrainConfig
 
-    saved = json.loads((Path(__file__).resolve().parents[1] / "results" / "final" / "config.json").read_text())
+    saved = json.loads((Path(__file__).resolve().parents[1] / "results" / "onecycle" / "config.json").read_text())
     assert "memory_format" not in saved["config"]
     assert TrainConfig.from_dict(saved["config"]).memory_format == "contiguous"
 

@@ -67,6 +67,8 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16" autocasts forward passes to bfloat16; "auto" picks it only where the hardware
     # has it natively (AMX or AVX-512 BF16, CUDA 8.0+); a run records what it resolved to. See device.py
     memory_format: str = "auto"  # "channels_last", "contiguous", or "auto": the rule in device.py; recorded resolved
+    kernels: str = "auto"  # "fused": batch norm + ReLU on the C kernels of kernels.py; "native": PyTorch's ops;
+    # "auto": fused where they apply (CPU, fp32, channels_last) and build. Recorded resolved
     seed: int = 0  # seeds every RNG: init, batch order, augmentation
     eval_batch_size: int = 2000  # evaluation batch size (no gradients, so large is cheap)
     limit_batches: int = 0  # train/eval at most this many batches per epoch (0 = all); for smoke tests
@@ -97,6 +99,8 @@ class TrainConfig:
              f"unknown precision {self.precision!r} (choose from fp32, bf16, auto)"),
             (self.memory_format in ("auto", "contiguous", "channels_last"),
              f"unknown memory_format {self.memory_format!r} (choose from auto, contiguous, channels_last)"),
+            (self.kernels in ("auto", "fused", "native"),
+             f"unknown kernels {self.kernels!r} (choose from auto, fused, native)"),
             (0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}"),
             (self.limit_batches >= 0, f"limit_batches must be >= 0, got {self.limit_batches}"),
             (0 <= self.val < 60000, f"val must be in [0, 60000), got {self.val}"),
@@ -125,6 +129,7 @@ class TrainConfig:
         """Rebuild a config saved by to_dict; unknown keys are an error."""
         d = dict(d)
         d.setdefault("memory_format", "contiguous")  # saved before the field existed: it trained contiguous
+        d.setdefault("kernels", "native")  # likewise: PyTorch's batch norm
         aug = dict(d.pop("aug", {}))
         if "erase_area" in aug:
             aug["erase_area"] = tuple(aug["erase_area"])

@@ -17,6 +17,7 @@ from .config import TrainConfig
 from .data import MNIST, Loader, validation_split
 from .device import (autocast, hardware, resolve_memory_format, resolve_precision, seed_everything, sync,
                      torch_memory_format)
+from .kernels import resolve_kernels, use_kernels
 from .model import Net
 
 
@@ -55,13 +56,24 @@ class EMA:
 
 
 def resolve_for(cfg: TrainConfig, device: torch.device, facts: dict, warn: bool = True) -> TrainConfig:
-    """The recipe with 'auto' precision and memory format replaced by what this machine gets (device.py's rules);
-    an explicit bf16 without native support is one warning line on stderr."""
+    """The recipe with 'auto' precision, memory format and kernels replaced by what this machine gets (the rules of
+    device.py and kernels.py); an explicit bf16 without native support, or fused kernels that do not build here,
+    is one line on stderr."""
     import sys
 
     warn = (lambda line: print(line, file=sys.stderr, flush=True)) if warn else None
-    return dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device, facts, warn=warn),
-                               memory_format=resolve_memory_format(cfg.memory_format, device, facts))
+    precision = resolve_precision(cfg.precision, device, facts, warn=warn)
+    memory_format = resolve_memory_format(cfg.memory_format, device, facts)
+    return dataclasses.replace(cfg, precision=precision, memory_format=memory_format,
+                               kernels=resolve_kernels(cfg.kernels, device, precision, memory_format, note=warn))
+
+
+def build_for(cfg: TrainConfig, device: torch.device) -> Net:
+    """The untrained network of a resolved recipe, on `device`, in its memory format, with its kernels."""
+    model = cfg.build_model().to(device, memory_format=torch_memory_format(cfg.memory_format))
+    if cfg.kernels == "fused":
+        use_kernels(model)
+    return model
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -150,10 +162,10 @@ def fit(cfg: TrainConfig, data: MNIST, on_epoch: Optional[Callable[[dict, Net], 
     With cfg.ema, the averaged model is the one evaluated and returned; train metrics are the raw model's."""
     device = data.train_images.device
     seed_everything(cfg.seed)
-    if "auto" in (cfg.precision, cfg.memory_format):  # train_run resolves (and warns) before; direct callers here
+    if "auto" in (cfg.precision, cfg.memory_format, cfg.kernels):  # train_run resolves (and warns) before
         cfg = resolve_for(cfg, device, hardware(device), warn=False)
     fmt = torch_memory_format(cfg.memory_format)
-    model = cfg.build_model().to(device, memory_format=fmt)
+    model = build_for(cfg, device)
     train_images, train_labels = data.train_images, data.train_labels
     val = None
     if cfg.val:

@@ -1,0 +1,195 @@
+"""The fused batch norm + ReLU kernels: PyTorch's results, thread-count independence, checkpoints, and the rules
+that choose them (and refuse them) on a machine."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinymnist import kernels
+from tinymnist.errors import TinyMnistError
+from tinymnist.kernels import BatchNormReLU, fuse_bn_relu, resolve_kernels, use_kernels
+
+CPU = torch.device("cpu")
+CL = torch.channels_last
+
+
+@pytest.fixture(scope="module")
+def built():
+    lib, why = kernels.library()
+    if lib is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the C kernels must build in CI: {why}")
+        pytest.skip(why)
+    return lib
+
+
+def _pair(channels: int, momentum=0.1):
+    torch.manual_seed(channels)
+    ref = nn.BatchNorm2d(channels, momentum=momentum)
+    with torch.no_grad():  # not the identity init, so the affine part is tested too
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-0.5, 0.5)
+    fused = BatchNormReLU(channels, momentum=momentum)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+# C: 1 and 16 (unit 32), 10 (40), 3 and 12 (48), 14 (56), 33 (a runtime unit of 264); the shapes with an odd number
+# of rows (3 * 5 * 7) leave a tail after the last whole unit
+@pytest.mark.parametrize("shape", [(8, 16, 6, 6), (4, 10, 12, 12), (3, 12, 5, 7), (3, 1, 5, 7), (2, 3, 9, 9),
+                                   (2, 14, 4, 4), (3, 33, 5, 7)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_matches_pytorch_outputs_gradients_and_running_statistics(built, shape, momentum):
+    ref, fused = _pair(shape[1], momentum)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):  # two steps: the running statistics compound
+        x = (torch.randn(shape, generator=gen) * 2 + 0.7).contiguous(memory_format=CL)
+        g = torch.randn(shape, generator=gen)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_ref, out = F.relu(ref(xa)), fused(xb)
+        out_ref.backward(g)
+        out.backward(g)
+        assert out.is_contiguous(memory_format=CL)
+        assert torch.allclose(out, out_ref, atol=1e-5)
+        assert torch.allclose(xb.grad, xa.grad, atol=1e-5)
+        assert torch.allclose(fused.weight.grad, ref.weight.grad, atol=1e-4)
+        assert torch.allclose(fused.bias.grad, ref.bias.grad, atol=1e-4)
+    assert torch.allclose(fused.running_mean, ref.running_mean, atol=1e-6)
+    assert torch.allclose(fused.running_var, ref.running_var, atol=1e-5)
+    assert int(fused.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+
+
+def test_fused_results_do_not_depend_on_the_thread_count(built):
+    # 128 x 16 x 24 x 24 is above the kernels' serial threshold, so 2 and 3 threads really split the work
+    x = torch.randn(128, 16, 24, 24, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=CL)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            _, fused = _pair(16)
+            xg = x.clone().requires_grad_()
+            out = fused(xg)
+            out.backward(g)
+            results.append((out.detach(), xg.grad, fused.weight.grad, fused.running_var.clone()))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_fusing_keeps_checkpoint_names_values_and_evaluation(built):
+    from tinymnist.model import create_model
+
+    plain = create_model("Model_7").to(memory_format=CL)
+    fused = copy.deepcopy(plain)
+    assert use_kernels(fused) == 7  # every conv block of Model_7 but the classifier, and its max pool
+    assert not any(type(m) is nn.ReLU for m in fused.modules())
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), plain.state_dict().values()))
+    x = torch.randn(16, 1, 28, 28).contiguous(memory_format=CL)
+    assert torch.equal(fused.eval()(x), plain.eval()(x))  # evaluation is PyTorch's batch norm either way
+    fresh = create_model("Model_7")
+    fresh.load_state_dict(fused.state_dict())  # a fused run's checkpoint loads into the plain model
+
+
+def test_a_fused_training_step_equals_the_native_one(built):
+    from tinymnist.engine import make_optimizer
+    from tinymnist.experiments import get_step
+
+    cfg = get_step("final").config
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=CL)
+    y = torch.arange(64) % 10
+    params = []
+    for fuse in (False, True):
+        torch.manual_seed(0)
+        model = cfg.build_model().to(memory_format=CL)
+        if fuse:
+            use_kernels(model)
+        opt = make_optimizer(model, cfg)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        params.append([t.detach().clone() for t in model.state_dict().values() if t.is_floating_point()])
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*params))
+
+
+def test_auto_picks_fused_only_where_it_applies(built):
+    assert resolve_kernels("auto", CPU, "fp32", "channels_last") == "fused"
+    assert resolve_kernels("auto", CPU, "bf16", "channels_last") == "native"
+    assert resolve_kernels("auto", CPU, "fp32", "contiguous") == "native"
+    assert resolve_kernels("auto", torch.device("cuda"), "fp32", "channels_last") == "native"
+    assert resolve_kernels("native", CPU, "fp32", "channels_last") == "native"
+    with pytest.raises(TinyMnistError, match="need a CPU, fp32 and channels_last"):
+        resolve_kernels("fused", CPU, "fp32", "contiguous")
+    with pytest.raises(TinyMnistError, match="unknown kernels"):
+        resolve_kernels("cuda", CPU, "fp32", "channels_last")
+
+
+def test_unbuildable_kernels_fall_back_with_one_line_or_refuse(monkeypatch):
+    monkeypatch.setattr(kernels, "library", lambda: (None, "no C compiler found (set CC, or install gcc)"))
+    notes = []
+    assert resolve_kernels("auto", CPU, "fp32", "channels_last", note=notes.append) == "native"
+    assert len(notes) == 1 and "no C compiler" in notes[0] and "\n" not in notes[0]
+    with pytest.raises(TinyMnistError, match="fused kernels unavailable: no C compiler"):
+        resolve_kernels("fused", CPU, "fp32", "channels_last")
+
+
+def test_a_failing_compiler_is_a_reason_and_leaves_no_file(tmp_path):
+    # in a fresh process, so this process's cached library stays as it is
+    code = "from tinymnist import kernels; print(kernels.library()[1])"
+    env = {**os.environ, "CC": "false", "TINYMNIST_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "could not build kernels.c" in out.stdout
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # the atomic build leaves nothing behind
+
+
+def test_configs_saved_before_kernels_existed_mean_native():
+    import json
+    from pathlib import Path
+
+    from tinymnist.config import TrainConfig
+
+    saved = json.loads((Path(__file__).resolve().parents[1] / "results" / "half" / "config.json").read_text())
+    assert "kernels" not in saved["config"] and saved["config"]["memory_format"] == "channels_last"
+    assert TrainConfig.from_dict(saved["config"]).kernels == "native"
+    assert TrainConfig().kernels == "auto"
+    with pytest.raises(TinyMnistError, match="unknown kernels"):
+        TrainConfig(kernels="fast").validate()
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 24, 24), (3, 10, 7, 9), (2, 3, 5, 5)])  # odd sizes drop a row/column
+def test_the_max_pool_kernel_is_bit_identical_to_pytorchs_with_ties_and_nan(built, shape):
+    from tinymnist.kernels import MaxPool2x2
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    x[:, :, ::3, ::2] = 0.5  # ties inside windows: the first maximum wins in both
+    x[0, 0, 0, 0] = float("nan")  # NaN propagates in both
+    x = x.contiguous(memory_format=CL)
+    g = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, generator=torch.Generator().manual_seed(1))
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = F.max_pool2d(a, 2), MaxPool2x2().train()(b)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(ya.nan_to_num(), yb.nan_to_num()) and yb[0, 0, 0, 0].isnan()
+    assert torch.equal(a.grad, b.grad) and b.grad.is_contiguous(memory_format=CL)
+
+
+def test_use_kernels_swaps_only_what_it_can_run():
+    from tinymnist.kernels import MaxPool2x2, use_kernels
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.Dropout(0.1), nn.ReLU(),  # not adjacent
+                          nn.MaxPool2d(3), nn.MaxPool2d(2, ceil_mode=True))
+    assert use_kernels(model) == 2
+    kinds = [type(m).__name__ for m in model]
+    assert kinds == ["Conv2d", "BatchNormReLU", "Identity", "MaxPool2x2", "Conv2d", "BatchNorm2d", "Dropout",
+                     "ReLU", "MaxPool2d", "MaxPool2d"]
+    assert isinstance(model[3], MaxPool2x2)
