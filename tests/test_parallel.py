@@ -77,6 +77,10 @@ def test_check_histories_do_not_depend_on_jobs(tmp_path):
                             "--json", str(tmp_path / f"ev{jobs}.json")]) == 1  # random data fails the rule
     one, two = (json.loads((tmp_path / f"ev{j}.json").read_text()) for j in ("1", "2"))
     assert one["jobs"] == 1 and two["jobs"] == 2 and one["metric"] == "val_acc"
+    # the evidence says what 'auto' became here, and whether the commit it names is all of the code that ran
+    assert one["config"]["kernels"] == "auto" and one["trained"]["kernels"] in ("fused", "native")
+    assert one["trained"]["memory_format"] in ("contiguous", "channels_last")
+    assert one["env"]["git_dirty"] in (True, False, None)
     for a, b in zip(one["seeds"], two["seeds"]):
         assert a["seed"] == b["seed"] and without_time(a["history"]) == without_time(b["history"])
         assert "val_acc" in a["history"][0]

@@ -13,6 +13,7 @@ from .errors import TinyMnistError
 MAX_PARAMS = 8000  # strictly fewer than this
 MAX_EPOCHS = 15
 THRESHOLD = 99.40  # percent, in every one of the last K epochs
+RESOLVED = ("precision", "memory_format", "kernels")  # recipe fields that "auto" resolves per machine
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,10 @@ def run_check(step_name: str, seeds: int, last: int = 5, data_dir: Optional[str]
         raise TinyMnistError(f"{len(failed)} of {seeds} runs failed ({', '.join(o.label for o in failed)}); "
                              "the finished runs are complete in their run directories")
     results = [o.result for o in outcomes]
-    env = read_json(Path(results[0]["run_dir"]) / "config.json")["env"]
+    saved = [read_json(Path(r["run_dir"]) / "config.json") for r in results]
+    env = saved[0]["env"]
+    # what 'auto' became on this machine (every seed resolves it the same way)
+    trained = {k: saved[0]["config"][k] for k in RESOLVED if k in saved[0]["config"]}
     histories = [r["history"] for r in results]
     rules = verdict(params, base.epochs, histories, last, metric=metric)
     mean, std = final_accuracy_stats(histories, metric)
@@ -108,4 +112,4 @@ def run_check(step_name: str, seeds: int, last: int = 5, data_dir: Optional[str]
             "rules": [{"rule": r.text, "passed": r.passed} for r in rules],
             "final_acc_mean": round(mean, 4), "final_acc_std": round(std, 4),
             "jobs": workers, "threads_per_run": per_run, "wall_s": round(wall, 1),
-            "config": base.to_dict(), "env": env, "seeds": results}
+            "config": base.to_dict(), "trained": trained, "env": env, "seeds": results}

@@ -37,13 +37,23 @@ def new_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
     return path
 
 
-def _git_commit() -> Optional[str]:
+def _git(*args: str) -> Optional[str]:
     try:
         here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _git_commit() -> Optional[str]:
+    return _git("rev-parse", "HEAD") or None
+
+
+def _git_dirty() -> Optional[bool]:
+    """Whether tracked files differ from the commit: then the commit alone does not say what code ran."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def environment(device: torch.device) -> dict:
@@ -51,6 +61,7 @@ def environment(device: torch.device) -> dict:
     return {
         "tinymnist": __version__,
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
