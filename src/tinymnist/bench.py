@@ -282,10 +282,6 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
         if log:
             log(f"{name:<11} {statistics.median(rates):>9,.0f} images/s  (median of {len(rates)} x {steps} steps)")
 
-    def measure(name: str, batches) -> None:
-        _timed_steps(batches, step, 5, device)  # warm-up: allocator, kernels, worker start-up
-        record(name, [_timed_steps(batches, step, steps, device) for _ in range(repeats)])
-
     # the step as configured against the step as the code first ran it: contiguous NCHW, fp32, and the C library's
     # own heap policy; each in its own process, alternating repeat by repeat
     # (and, when the recipe trains on the fused kernels, the same step on PyTorch's ops: what the kernels add)
@@ -301,13 +297,22 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
         results[name].update(heap=heaps[name], memory_format=configs[name].memory_format,
                              kernels=configs[name].kernels)
     peaks.append(gemm_peak_gflops(device))
-    measure("ours", endless(lambda: iter(ours_loader)))
     classic = torch.utils.data.DataLoader(
         ClassicDataset(data.train_images, data.train_labels, cfg.aug), batch_size=bs, shuffle=True,
         num_workers=workers, worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(0))
-    batches = endless(lambda: iter(classic))
-    measure("classic", batches)
-    batches.close()  # drops the DataLoader iterator, which stops its workers before the epoch timing
+    pipelines = {"ours": endless(lambda: iter(ours_loader)), "classic": endless(lambda: iter(classic))}
+    for batches in pipelines.values():
+        _timed_steps(batches, step, 5, device)  # warm-up: allocator, kernels, worker start-up
+    # ours and classic take turns repeat by repeat, so a host whose speed drifts biases neither (a one-sided slow
+    # spell once put ours at 2,492 images/s while the same bench's full epoch ran at 3,390). The classic workers
+    # prefetch a few batches while ours runs, which if anything favours classic.
+    rates: dict = {name: [] for name in pipelines}
+    for _ in range(repeats):
+        for name, batches in pipelines.items():
+            rates[name].append(_timed_steps(batches, step, steps, device))
+    for name in pipelines:
+        record(name, rates[name])
+    pipelines["classic"].close()  # drops the DataLoader iterator, which stops its workers before the epoch timing
 
     if epoch:
         full = Loader(data.train_images, data.train_labels, bs, shuffle=True, seed=0, aug=cfg.aug)
