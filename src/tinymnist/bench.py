@@ -131,19 +131,25 @@ def _child_env(values: dict):
 
 def _step_server(model_name: str, config: dict, device: str, threads: int, batch, conn) -> None:
     """In a fresh process (with its own heap and thread settings): build a training step, then answer each request
-    of `steps` with the images/s of that many steps on one fixed batch; None ends it."""
+    of `steps` (an int) with the images/s of that many steps on one fixed batch, and each ("gemm", seconds) with
+    the fp32 matrix-multiply GFLOP/s at the same thread count; None ends it."""
     configure_threads(threads)
     dev = torch.device(device)
     _, step = _train_step(model_name, TrainConfig.from_dict(config), dev)
     batches = iter(lambda: batch, None)  # the same batch forever
-    while (steps := conn.recv()) is not None:
-        conn.send(_timed_steps(batches, step, steps, dev))
+    while (request := conn.recv()) is not None:
+        if isinstance(request, tuple):
+            conn.send(gemm_peak_gflops(dev, seconds=request[1]))
+        else:
+            conn.send(_timed_steps(batches, step, request, dev))
 
 
 def steps_interleaved(configs: dict, model_name: str, device: torch.device, batch, steps: int, repeats: int,
-                      heaps: Optional[dict] = None) -> dict:
+                      heaps: Optional[dict] = None, gemm_in: Optional[str] = None) -> dict:
     """Images/s of each named recipe's step, each in its own process, taking turns repeat by repeat so that a host
-    whose speed drifts biases none. `heaps` names the heap policy (runtime.HEAP_ENV) a process starts with."""
+    whose speed drifts biases none. `heaps` names the heap policy (runtime.HEAP_ENV) a process starts with. With
+    `gemm_in`, that recipe's process also measures the matrix-multiply rate right after each of its timings,
+    returned under "gemm": a peak and a step measured seconds apart, in one process, on a host whose speed drifts."""
     import multiprocessing as mp
 
     from .runtime import HEAP_ENV
@@ -157,7 +163,7 @@ def steps_interleaved(configs: dict, model_name: str, device: torch.device, batc
         with _child_env({HEAP_ENV: (heaps or {}).get(name, "retain")}):
             proc.start()
         servers[name] = (proc, here)
-    rates: dict = {name: [] for name in configs}
+    rates: dict = {name: [] for name in configs} | ({"gemm": []} if gemm_in else {})
     try:
         for name, (_, conn) in servers.items():  # warm-up: kernels, and the heap grown to its working size
             conn.send(10)
@@ -166,6 +172,9 @@ def steps_interleaved(configs: dict, model_name: str, device: torch.device, batc
             for name, (_, conn) in servers.items():
                 conn.send(steps)
                 rates[name].append(conn.recv())
+                if name == gemm_in:
+                    conn.send(("gemm", 1.0))
+                    rates["gemm"].append(conn.recv())
     except EOFError:
         raise RuntimeError("a bench process died (see its output above)") from None
     finally:
@@ -269,9 +278,6 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
             yield from make_iter()
 
     bs = cfg.batch_size
-    # the peak is what the machine can do, and a busy or throttled moment only lowers a measurement: the best of
-    # three, spread over the bench (start, after the model steps, end), so a noisy host does not flatter the ratio
-    peaks = [gemm_peak_gflops(device)]
     ours_loader = Loader(data.train_images, data.train_labels, bs, shuffle=True, seed=0, aug=cfg.aug)
     fixed = next(iter(ours_loader))
     results: dict = {}
@@ -291,12 +297,13 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
         configs["native_kernels"] = replace(cfg, kernels="native")
     heaps = {name: runtime.state()["heap"] for name in configs} | {"plain": "system"}
     lean = steps_interleaved(configs, model_name, device, tuple(t.cpu() for t in fixed), steps, max(repeats, 5),
-                             heaps=heaps)
+                             heaps=heaps, gemm_in="model_only")
+    # the machine's peak, measured in the model-only process right after each of its step timings
+    peaks = lean.pop("gemm")
     for name, r in lean.items():
         record(name, r)
         results[name].update(heap=heaps[name], memory_format=configs[name].memory_format,
                              kernels=configs[name].kernels)
-    peaks.append(gemm_peak_gflops(device))
     classic = torch.utils.data.DataLoader(
         ClassicDataset(data.train_images, data.train_labels, cfg.aug), batch_size=bs, shuffle=True,
         num_workers=workers, worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(0))
@@ -329,23 +336,26 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
         if log:
             log(f"ours: one full epoch {t1 - t0:.1f} s + test pass {t2 - t1:.1f} s = {t2 - t0:.1f} s")
 
-    peaks.append(gemm_peak_gflops(device))
-    peak = max(peaks)
-    if log:
-        log(f"fp32 matrix multiply: {peak:,.0f} GFLOP/s, the best of {', '.join(f'{p:,.0f}' for p in peaks)} "
-            f"({torch.get_num_threads()} threads)")
     ours, classic_r, ceiling = (results[k]["images_per_s"] for k in ("ours", "classic", "model_only"))
     macs = summarize(model).macs
     step_gflops = ceiling * FLOPS_PER_MAC * macs / 1e9
+    # each step timing against the peak measured seconds after it, in the same process; the median of those
+    fractions = [r * FLOPS_PER_MAC * macs / 1e9 / p for r, p in zip(results["model_only"]["runs"], peaks)]
+    peak = max(peaks)
+    if log:
+        log(f"fp32 matrix multiply: {', '.join(f'{p:,.0f}' for p in peaks)} GFLOP/s, each after a model-only "
+            f"timing ({torch.get_num_threads()} threads); model step / peak per pair: "
+            + ", ".join(f"{f:.2f}" for f in fractions))
     results["gemm_peak_gflops"] = round(peak, 1)
-    results["gemm_peak_runs"] = [round(p, 1) for p in peaks]
+    results["gemm_peak_runs"] = [round(p, 1) for p in peaks]  # paired with model_only's runs, in order
     results["model_step"] = {"macs_per_image": macs, "flops_per_image": FLOPS_PER_MAC * macs,
-                             "gflops": round(step_gflops, 2)}
+                             "gflops": round(step_gflops, 2),
+                             "fraction_of_peak_runs": [round(f, 3) for f in fractions]}
     results["ratios"] = {"ours/classic": round(ours / classic_r, 3), "ours/model-only": round(ours / ceiling, 3),
                          "lean/plain": round(ceiling / results["plain"]["images_per_s"], 3),
                          **({"fused/native": round(ceiling / results["native_kernels"]["images_per_s"], 3)}
                             if "native_kernels" in results else {}),
-                         "model-step/peak": round(step_gflops / peak, 3)}
+                         "model-step/peak": round(statistics.median(fractions), 3)}
     if concurrency and device.type == "cpu":
         results.update(concurrent_runs(data_dir, model_name, cfg, seconds=concurrency, log=log))
         single, multi = results["single_run"]["images_per_s"], results["multi_run"]["images_per_s"]

@@ -332,12 +332,14 @@ def render_performance(results: Path = RESULTS) -> str:
     out += [f"`tinymnist bench{model_flag} --json results/{bench.name}` trained `{env['model']}` at batch {env['batch_size']} with "
             f"the same augmentation (rotate ±{env['aug']['rotate']:g}°, shift ±{env['aug']['translate']:g}, zoom "
             f"±{env['aug']['scale']:g}) on {env['device']}: {hardware_text(env)}, {env['threads']} threads, "
-            f"{env['precision']}, {env['memory_format']} memory format, OpenMP wait policy "
+            f"{env['precision']}, {env['memory_format']} memory format, {_kernels_text(env.get('kernels'))}, "
+            f"OpenMP wait policy "
             f"{_wait(env['hardware'])}, heap policy {env['hardware'].get('heap', 'system')}"
             f"; {env['platform']}, torch {env['torch']}. "
             f"Each step figure is the median of {len(b['ours']['runs'])} runs of {b['ours']['steps']} training "
-            f"steps ({len(b['plain']['runs'])} for model only and plain, which alternate run by run). Absolute "
-            "numbers differ between hosts and on a shared machine are noisy; compare ratios within one run.", "",
+            f"steps, ours and classic taking turns ({len(b['plain']['runs'])} for the model-only rows and plain, "
+            "which take turns in processes of their own). "
+            "Absolute numbers differ between hosts and on a shared machine are noisy; compare ratios within one run.", "",
             "| pipeline | what it does per batch | images/s |", "| --- | --- | ---: |",
             f"| ours | index a uint8 tensor, one `affine_grid`/`grid_sample` for the batch, train step | "
             f"{b['ours']['images_per_s']:,.0f} |",
@@ -345,17 +347,32 @@ def render_performance(results: Path = RESULTS) -> str:
             f"{env['classic_workers']} workers, train step | {b['classic']['images_per_s']:,.0f} |",
             f"| model only | the same pre-made batch every step, as the recipe now trains it: the ceiling | "
             f"{b['model_only']['images_per_s']:,.0f} |",
-            f"| plain | the same, as the code trained before (contiguous NCHW, fp32, the C library's own heap "
+            f"| plain | the same, as the code trained before (contiguous NCHW, fp32, "
+            f"{_kernels_text(b['plain'].get('kernels'))}, the C library's own heap "
             f"policy{'; a process of its own' if 'heap' in b['plain'] else ''}) | "
-            f"{b['plain']['images_per_s']:,.0f} |",
-            "", f"**ours/classic = {r['ours/classic']:.2f}×**, ours/model-only = {r['ours/model-only']:.2f}, "
-                f"**lean/plain = {r['lean/plain']:.2f}×**."]
+            f"{b['plain']['images_per_s']:,.0f} |"]
+    if "native_kernels" in b:
+        out.append(f"| model only, kernels off | the same as model only, on PyTorch's batch norm, ReLU and max pool | "
+                   f"{b['native_kernels']['images_per_s']:,.0f} |")
+    out += ["", f"**ours/classic = {r['ours/classic']:.2f}×**, ours/model-only = {r['ours/model-only']:.2f}, "
+                f"**lean/plain = {r['lean/plain']:.2f}×**"
+                + (f", fused/native = {r['fused/native']:.2f}× (what the C kernels add)." if "fused/native" in r
+                   else ".")]
     step = b["model_step"]
-    out += ["", f"The machine's own fp32 matrix multiply ran at {b['gemm_peak_gflops']:,.0f} GFLOP/s in the same "
-                f"process. At {step['macs_per_image']:,} multiply-accumulates per image forward, a training image "
-                f"costs {step['flops_per_image']:,} FLOPs (forward and two backward passes), so the model step ran at "
-                f"{step['gflops']:.1f} GFLOP/s: **model-step/peak = {r['model-step/peak']:.2f}**. A tiny network's "
-                "small convolutions, batch norm and pooling are bound by memory and per-operation overhead, not by "
+    runs, pairs = b.get("gemm_peak_runs"), step.get("fraction_of_peak_runs")
+    if pairs:  # the peak measured in the model-only process, right after each of its timings
+        peak_text = (f"The machine's own fp32 matrix multiply, measured in the model-only process right after each "
+                     f"of its {len(runs)} timings, ran at {min(runs):,.0f}–{max(runs):,.0f} GFLOP/s")
+        ratio_text = (f"each timing against the peak measured after it gives "
+                      f"{', '.join(f'{f:.2f}' for f in pairs)}: **model-step/peak = {r['model-step/peak']:.2f}** "
+                      "(the median)")
+    else:
+        peak_text = f"The machine's own fp32 matrix multiply ran at {b['gemm_peak_gflops']:,.0f} GFLOP/s in the same process"
+        ratio_text = f"**model-step/peak = {r['model-step/peak']:.2f}**"
+    out += ["", f"{peak_text}. At {step['macs_per_image']:,} multiply-accumulates per image forward, a training "
+                f"image costs {step['flops_per_image']:,} FLOPs (forward and two backward passes), so the model step "
+                f"ran at {step['gflops']:.1f} GFLOP/s (the median timing); {ratio_text}. A tiny network's small "
+                "convolutions, batch norm and pooling are bound by memory and per-operation overhead, not by "
                 "arithmetic; hosts with AVX-512 have about twice the peak of AVX2-only hosts, so this ratio compares "
                 "only hosts of one class."]
     if "epoch_plus_test_s" in b["ours"]:
@@ -385,6 +402,13 @@ def render_performance(results: Path = RESULTS) -> str:
                         "else."]
     out += _timed_checks(results)
     return "\n".join(out + ["", end])
+
+
+def _kernels_text(kernels: Optional[str]) -> str:
+    """Which kernels a bench recorded (files from before the field trained on PyTorch's)."""
+    if kernels == "fused":
+        return "batch norm + ReLU and max pool on the C kernels (kernels.py)"
+    return "PyTorch's batch norm, ReLU and max pool"
 
 
 def _wait(rec: dict) -> str:
