@@ -423,10 +423,12 @@ def _timed_checks(results: Path) -> list[str]:
     if not files:
         return []
     evs = [read_json(f) for f in files]
-    out = ["", "| check | jobs × threads per run | wall time |", "| --- | --- | ---: |"]
+    out = ["", "| check | jobs × threads per run | batch norm, ReLU, max pool | wall time |", "| --- | --- | --- | ---: |"]
     for f, ev in zip(files, evs):
+        kernels = ev.get("trained", {}).get("kernels", "native")  # evidence from before the field: PyTorch's
         out.append(f"| `results/{f.name}` ({ev['step']}, {len(ev['seeds'])} seeds) | {ev['jobs']} × "
-                   f"{ev['threads_per_run']} | {ev['wall_s'] / 60:.1f} min |")
+                   f"{ev['threads_per_run']} | {'C kernels' if kernels == 'fused' else 'PyTorch'} | "
+                   f"{ev['wall_s'] / 60:.1f} min |")
     by_jobs = {ev["jobs"]: ev for ev in evs}
     if 1 in by_jobs and len(by_jobs) > 1:
         most = by_jobs[max(by_jobs)]
