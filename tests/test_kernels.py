@@ -151,6 +151,15 @@ def test_a_failing_compiler_is_a_reason_and_leaves_no_file(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # the atomic build leaves nothing behind
 
 
+def test_cc_may_carry_a_wrapper_and_flags(built, tmp_path):
+    # CC is a command line ("ccache gcc", "gcc -m64"): the whole of it compiles, not just its first word
+    code = "from tinymnist import kernels; lib, why = kernels.library(); print(lib is not None, why)"
+    env = {**os.environ, "CC": "env LC_ALL=C cc", "TINYMNIST_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("True"), out.stdout
+    assert len(list(tmp_path.rglob("kernels-*.so"))) == 1
+
+
 def test_configs_saved_before_kernels_existed_mean_native():
     import json
     from pathlib import Path

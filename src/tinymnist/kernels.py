@@ -30,6 +30,7 @@ import functools
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -67,14 +68,16 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _compiler() -> Optional[str]:
-    cc = os.environ.get("CC")
+def _compiler() -> Optional[list[str]]:
+    """The compiler command: CC as the user wrote it (e.g. "ccache gcc"), else cc, gcc or clang from PATH."""
+    cc = shlex.split(os.environ.get("CC", ""))
     if cc:
-        return shutil.which(cc.split()[0])
-    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+        first = shutil.which(cc[0])
+        return [first, *cc[1:]] if first else None
+    return next(([p] for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
 
 
-def _build_key(compiler: str, version: str) -> str:
+def _build_key(compiler: list[str], version: str) -> str:
     from .device import cpu_info  # -march=native: the library is for this CPU only
 
     h = hashlib.sha256(SOURCE.read_bytes())
@@ -96,17 +99,17 @@ def library() -> tuple[Optional[ctypes.CDLL], str]:
     if compiler is None:
         return None, "no C compiler found (set CC, or install gcc)"
     try:
-        probe = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+        probe = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30)
         version = (probe.stdout.splitlines() or [""])[0]
         path = cache_dir() / f"kernels-{_build_key(compiler, version)}.so"
         if not path.exists():
             with atomic_path(path) as tmp:  # renamed into place only if the block ends without an exception
-                built = subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"],
+                built = subprocess.run([*compiler, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"],
                                        capture_output=True, text=True, timeout=300)
                 if built.returncode != 0:
                     why = next((l for l in built.stderr.splitlines() if "error" in l),
                                built.stderr.strip()[:200]) or f"exit status {built.returncode}"
-                    raise _BuildError(f"{Path(compiler).name} could not build {SOURCE.name}: {why.strip()}")
+                    raise _BuildError(f"{Path(compiler[-1]).name} could not build {SOURCE.name}: {why.strip()}")
         lib = ctypes.CDLL(str(path))
     except _BuildError as e:
         return None, str(e)
