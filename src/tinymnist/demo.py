@@ -156,11 +156,13 @@ def serve(checkpoint: Optional[str] = None, host: str = "127.0.0.1", port: int =
     path = find_checkpoint(checkpoint)
     server = make_server(path, host, port)
     shown = f"[{host}]" if ":" in host else host
-    print(f"tinymnist demo: {path} ({server.classifier.config.model}); open http://{shown}:{server.server_port}/ "
-          "(Ctrl-C stops)", flush=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
+        thread.start()
+        # announced inside the try: whoever reads this line and presses Ctrl-C gets a clean stop, even on a loaded
+        # machine where the main thread was not yet back from starting the server thread
+        print(f"tinymnist demo: {path} ({server.classifier.config.model}); open http://{shown}:{server.server_port}/ "
+              "(Ctrl-C stops)", flush=True)
         while thread.is_alive():
             thread.join(0.5)
     except KeyboardInterrupt:
