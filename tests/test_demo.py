@@ -208,10 +208,11 @@ def stroke(page, points, box):
     page.mouse.up()
 
 
-def shown_digit(page, expected=None) -> str:
-    page.wait_for_function("() => document.body.dataset.digit !== undefined && document.body.dataset.digit !== ''",
-                           timeout=15000)
-    page.wait_for_timeout(600)  # the last request of the stroke
+def shown_digit(page) -> str:
+    """The digit on show once the page answers the final drawing (not a request sent mid-stroke)."""
+    page.wait_for_function("() => { const d = document.body.dataset; "
+                           "return d.digit !== undefined && d.digit !== '' && d.answered === d.drawn; }",
+                           timeout=30000)
     return page.inner_text("#digit")
 
 

@@ -9,12 +9,22 @@ const messageEl = document.getElementById("message");
 const topEl = document.getElementById("top");
 const input28 = document.getElementById("input28");
 let drawing = false, last = null, inFlight = false, pending = false, lastSent = 0, timer = null, generation = 0;
+// The canvas's version, and the version of the answer on show, as body data attributes: whoever needs to know
+// that the page shows the answer for the final drawing (a test on a slow machine) compares the two.
+let version = 0;
+
+function changed() {
+  version += 1;
+  document.body.dataset.drawn = String(version);
+}
 
 function reset() {
   ctx.fillStyle = "#fff";
   ctx.fillRect(0, 0, pad.width, pad.height);
   generation += 1;  // answers to requests sent before the clear are dropped
+  changed();
   showNothing("Draw a digit.");
+  document.body.dataset.answered = String(version);  // a blank canvas has its answer: nothing
 }
 
 function showNothing(message) {
@@ -64,7 +74,7 @@ async function send() {
   inFlight = true;
   pending = false;
   lastSent = performance.now();
-  const sentFor = generation;
+  const sentFor = generation, sentVersion = version;
   try {
     const png = await new Promise((resolve) => pad.toBlob(resolve, "image/png"));
     const response = await fetch("/api/predict", { method: "POST", body: png, headers: { "Content-Type": "image/png" } });
@@ -73,6 +83,7 @@ async function send() {
   } catch (err) {
     if (sentFor === generation) showNothing(`The server did not answer (${err}).`);
   } finally {
+    if (sentFor === generation) document.body.dataset.answered = String(sentVersion);
     inFlight = false;
     if (pending) schedule();
   }
@@ -97,6 +108,7 @@ pad.addEventListener("pointerdown", (e) => {
   ctx.beginPath();
   ctx.arc(last.x, last.y, 11, 0, 2 * Math.PI);
   ctx.fill();
+  changed();
 });
 pad.addEventListener("pointermove", (e) => {
   if (!drawing) return;
@@ -109,11 +121,13 @@ pad.addEventListener("pointermove", (e) => {
   ctx.lineTo(p.x, p.y);
   ctx.stroke();
   last = p;
+  changed();
   schedule();
 });
 const end = () => { if (drawing) { drawing = false; schedule(); } };
 pad.addEventListener("pointerup", end);
 pad.addEventListener("pointercancel", end);
 document.getElementById("clear").addEventListener("click", reset);
-window.tinymnist = { send, reset };  // for tests that paint the canvas directly
+// for tests that paint the canvas directly: the canvas changed, send it
+window.tinymnist = { send: () => { changed(); return send(); }, reset };
 reset();
