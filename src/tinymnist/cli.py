@@ -91,8 +91,8 @@ def _add_recipe_overrides(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-format", choices=("auto", "contiguous", "channels_last"), default=None,
                    help="activation layout; auto: channels_last on x86 CPUs with AVX2, else contiguous")
     g.add_argument("--kernels", choices=("auto", "fused", "native"), default=None,
-                   help="batch norm + ReLU: fused C kernels (built once with the system's C compiler) or PyTorch's "
-                        "ops; auto: fused on a CPU in fp32 and channels_last when they build")
+                   help="batch norm + ReLU and 2x2 max pool: C kernels (built once with the system's C compiler) "
+                        "or PyTorch's ops; auto: the C kernels on a CPU in fp32 and channels_last when they build")
     g.add_argument("--val", type=_val_size, default=None,
                    help="hold out N training images (class-stratified, a fixed split) and record val_acc per epoch; "
                         "check then judges the rule on validation accuracy")

@@ -67,7 +67,7 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16" autocasts forward passes to bfloat16; "auto" picks it only where the hardware
     # has it natively (AMX or AVX-512 BF16, CUDA 8.0+); a run records what it resolved to. See device.py
     memory_format: str = "auto"  # "channels_last", "contiguous", or "auto": the rule in device.py; recorded resolved
-    kernels: str = "auto"  # "fused": batch norm + ReLU on the C kernels of kernels.py; "native": PyTorch's ops;
+    kernels: str = "auto"  # "fused": batch norm + ReLU and max pool on the C kernels of kernels.py; "native": PyTorch's;
     # "auto": fused where they apply (CPU, fp32, channels_last) and build. Recorded resolved
     seed: int = 0  # seeds every RNG: init, batch order, augmentation
     eval_batch_size: int = 2000  # evaluation batch size (no gradients, so large is cheap)
