@@ -168,5 +168,9 @@ def serve(checkpoint: Optional[str] = None, host: str = "127.0.0.1", port: int =
     except KeyboardInterrupt:
         print("tinymnist demo: stopped", file=sys.stderr, flush=True)
     finally:
-        server.shutdown()
+        # shutdown() waits for serve_forever, which a request still being answered can hold: wait a bounded time,
+        # then close; the serving thread is a daemon and ends with the process
+        stopper = threading.Thread(target=server.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(5)
         server.server_close()
