@@ -89,7 +89,7 @@ def test_fusing_keeps_checkpoint_names_values_and_evaluation(built):
 
     plain = create_model("Model_7").to(memory_format=CL)
     fused = copy.deepcopy(plain)
-    assert use_kernels(fused) == 7  # every conv block of Model_7 but the classifier, and its max pool
+    assert use_kernels(fused) == 14  # its 7 convolutions, the 6 batch norms of its conv blocks, its max pool
     assert not any(type(m) is nn.ReLU for m in fused.modules())
     assert list(fused.state_dict()) == list(plain.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), plain.state_dict().values()))
@@ -196,9 +196,85 @@ def test_use_kernels_swaps_only_what_it_can_run():
 
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.Dropout(0.1), nn.ReLU(),  # not adjacent
-                          nn.MaxPool2d(3), nn.MaxPool2d(2, ceil_mode=True))
-    assert use_kernels(model) == 2
-    kinds = [type(m).__name__ for m in model]
-    assert kinds == ["Conv2d", "BatchNormReLU", "Identity", "MaxPool2x2", "Conv2d", "BatchNorm2d", "Dropout",
-                     "ReLU", "MaxPool2d", "MaxPool2d"]
+                          nn.MaxPool2d(3), nn.MaxPool2d(2, ceil_mode=True),
+                          nn.Conv2d(8, 8, 3, bias=False), nn.Conv2d(8, 8, 3, padding=1, bias=False),
+                          nn.Conv2d(8, 8, 3, stride=2, bias=False), nn.Conv2d(8, 8, 3, groups=8, bias=False))
+    before = model[10].weight
+    assert use_kernels(model) == 3
+    kinds = [type(m).__module__.split(".")[0] + "." + type(m).__name__ for m in model]
+    assert kinds == ["torch.Conv2d", "tinymnist.BatchNormReLU", "torch.Identity", "tinymnist.MaxPool2x2",
+                     "torch.Conv2d", "torch.BatchNorm2d", "torch.Dropout", "torch.ReLU", "torch.MaxPool2d",
+                     "torch.MaxPool2d", "tinymnist.Conv2d", "torch.Conv2d", "torch.Conv2d", "torch.Conv2d"]
     assert isinstance(model[3], MaxPool2x2)
+    assert model[10].weight is before  # the optimizer may already hold it
+
+
+def _conv_case(n, ci, h, w, co, k, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, ci, h, w, generator=gen).contiguous(memory_format=CL)
+    weight = torch.randn(co, ci, k, k, generator=gen) / (ci * k * k) ** 0.5
+    g = torch.randn(n, co, h - k + 1, w - k + 1, generator=gen).contiguous(memory_format=CL)
+    return x, weight, g
+
+
+# Model_7's shapes, channel counts that are not multiples of 8, a 1x1 and a 5x5 kernel, a non-square map, and
+# outputs of one pixel and of fewer pixels than a register tile
+@pytest.mark.parametrize("case", [(4, 8, 26, 26, 16, 3), (3, 1, 28, 28, 8, 3), (5, 16, 12, 12, 10, 1),
+                                  (2, 10, 12, 12, 16, 3), (2, 3, 9, 7, 26, 3), (2, 5, 11, 11, 20, 5),
+                                  (3, 16, 3, 3, 16, 3), (2, 7, 4, 6, 3, 2)])
+def test_the_convolution_kernel_matches_pytorch_in_both_directions(built, case):
+    from tinymnist.kernels import Conv2d
+
+    x, weight, g = _conv_case(*case)
+    conv = Conv2d(case[1], case[4], case[5], bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    xa = x.clone().requires_grad_()
+    out = conv(xa)
+    out.backward(g)
+    xd, wd = x.double().requires_grad_(), weight.double().requires_grad_()
+    ref = F.conv2d(xd, wd)
+    ref.backward(g.double())
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=CL)
+    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(xa.grad.double(), xd.grad, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(conv.weight.grad.double(), wd.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_the_convolution_kernel_skips_dx_when_the_input_needs_no_gradient(built):
+    from tinymnist.kernels import Conv2d
+
+    x, weight, g = _conv_case(3, 1, 10, 10, 8, 3)
+    conv = Conv2d(1, 8, 3, bias=False)
+    conv(x).backward(g)  # x does not require a gradient: only dw
+    assert x.grad is None
+    assert torch.allclose(conv.weight.grad, torch.nn.grad.conv2d_weight(x, conv.weight.shape, g), atol=1e-4)
+
+
+def test_convolution_results_do_not_depend_on_the_thread_count(built):
+    from tinymnist.kernels import Conv2d
+
+    x, weight, g = _conv_case(128, 8, 26, 26, 16, 3)  # Model_7's widest layer: above the serial threshold
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            conv = Conv2d(8, 16, 3, bias=False)
+            with torch.no_grad():
+                conv.weight.copy_(weight)
+            xg = x.clone().requires_grad_()
+            out = conv(xg)
+            out.backward(g)
+            results.append((out.detach(), xg.grad, conv.weight.grad))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_the_convolution_evaluates_with_pytorchs_op(built):
+    from tinymnist.kernels import Conv2d
+
+    conv = Conv2d(8, 16, 3, bias=False).eval()
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=CL)
+    assert torch.equal(conv(x), F.conv2d(x, conv.weight))

@@ -1,24 +1,30 @@
-"""Compiled CPU kernels for the training step: batch norm and ReLU fused into one forward and one backward pass,
-and a leaner 2x2 max pool.
+"""Compiled CPU kernels for the training step: convolutions, batch norm and ReLU fused into one forward and one
+backward pass, and a leaner 2x2 max pool.
 
-Why: PyTorch's CPU batch norm is slow for the few channels of a tiny CNN in channels-last memory, and it does not
-speed up with a second thread. Profiled on a 2-core AVX2 host (AMD EPYC), one training step of Model_7 at batch
-128 and 2 threads spent about 40% of its time in batch norm forward and backward and ReLU's backward; the
-(128, 8, 26, 26) batch-norm backward took 4.3 ms at 2 threads against 1.3 ms at 1. The fused kernels
-(csrc/kernels.c) read each activation three times and write it once in each direction; on the same host,
-(128, 16, 24, 24) forward 0.24 ms and backward 0.37 ms at 2 threads, against 1.3-1.8 ms and about 3 ms for
-PyTorch's kernels (batch norm, ReLU, their backward). The max pool keeps a 1-byte winner per output instead of an
-8-byte index and writes its input gradient in one pass; it is exact, so it changes no result. `tinymnist bench`
-measures the whole step as configured
-against the plain one on every host (ratios["lean/plain"] and ["model-step/peak"]).
+Why: on a 2-core CPU the step of a tiny CNN is many small operations, and PyTorch's are slow for a few channels in
+channels-last memory. Profiled on a 2-core AVX2 host (AMD EPYC), one training step of Model_7 at batch 128 and 2
+threads spent about 40% of its time in batch norm forward and backward and ReLU's backward; the (128, 8, 26, 26)
+batch-norm backward took 4.3 ms at 2 threads against 1.3 ms at 1. The fused kernels (csrc/kernels.c) read each
+activation three times and write it once in each direction; on the same host, (128, 16, 24, 24) forward 0.24 ms
+and backward 0.37 ms at 2 threads, against 1.3-1.8 ms and about 3 ms for PyTorch's kernels (batch norm, ReLU,
+their backward). The max pool keeps a 1-byte winner per output instead of an 8-byte index and writes its input
+gradient in one pass; it is exact, so it changes no result.
+
+The convolutions (stride 1, unpadded, bias-free: every conv block of the series' models) replace oneDNN's, which
+for 1-16 channels reorder activations and weights into blocked layouts around each call: 53 OpenMP parallel
+regions per step of Model_7 became 34. On this kind of host a thread that has gone to sleep takes about 0.1-0.3
+ms to wake (measured with a bare OpenMP loop under the passive wait policy), so a step's count of parallel
+regions and barriers is what limits a second thread. `tinymnist bench` measures the whole step as configured
+against the plain one on every host (ratios["lean/plain"], ["fused/native"] and ["model-step/peak"]).
 
 The C source is built once per machine with the system's C compiler (CC, or cc/gcc/clang on PATH) and OpenMP,
 for this CPU (-march=native), into a cache (TINYMNIST_CACHE, else ~/.cache/tinymnist). The build is atomic, so
 parallel workers never load half a library. Where no compiler or no OpenMP is found, `kernels="auto"` trains with
 PyTorch's ops and says so in one line; an explicit `kernels="fused"` is an error.
 
-Results: the batch norm kernels sum over fixed slices of the batch in double, so their output depends on the data
-alone, not on the thread count. They are not bit-identical to PyTorch's kernels (another summation order), so a run
+Results: the batch norm kernels and the convolutions' weight gradient sum over fixed slices of the batch in double,
+and every other output is computed whole by one thread, so the results depend on the data alone, not on the thread
+count. They are not bit-identical to PyTorch's kernels (another summation order), so a run
 trained fused and one trained native differ in the last digits, and then in their histories, as runs with different
 thread counts do. tests/test_kernels.py holds them to PyTorch's outputs, gradients and running statistics.
 """
@@ -120,6 +126,8 @@ def library() -> tuple[Optional[ctypes.CDLL], str]:
     lib.tm_bn_relu_backward.argtypes = [p, p, p, l, i, p, p, p, p, p, i]
     lib.tm_maxpool2_forward.argtypes = [p, l, l, l, i, p, p, i]
     lib.tm_maxpool2_backward.argtypes = [p, p, l, l, l, i, p, i]
+    lib.tm_conv_forward.argtypes = [p, l, l, l, i, p, i, i, p, i]
+    lib.tm_conv_backward.argtypes = [p, l, l, l, i, p, i, i, p, p, p, i]
     return lib, ""
 
 
@@ -151,9 +159,9 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _check(code: int) -> None:
+def _check(code: int, what: str = "fused batch norm kernel") -> None:
     if code != 0:
-        raise RuntimeError("fused batch norm kernel: " + ("too many channels" if code == 1 else "out of memory"))
+        raise RuntimeError(f"{what}: " + ("too many channels" if code == 1 else "out of memory"))
 
 
 class _BatchNormReLU(torch.autograd.Function):
@@ -280,7 +288,72 @@ def swap_max_pools(model: nn.Module) -> int:
     return count
 
 
+class _Conv2d(torch.autograd.Function):
+    """conv2d(x, weight) with stride 1, no padding, no dilation, one group and no bias, on the C kernels: one
+    parallel region per call in each direction, no layout reorders. Its results are the same at any thread
+    count; they differ from oneDNN's in the last bits (another summation order)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        lib = library()[0]
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.detach().contiguous()
+        n, ci, h, w = x.shape
+        co, k = weight.shape[0], weight.shape[-1]
+        out = torch.empty((n, co, h - k + 1, w - k + 1), memory_format=torch.channels_last)
+        _check(lib.tm_conv_forward(_ptr(x), n, h, w, ci, _ptr(weight), co, k, _ptr(out), torch.get_num_threads()),
+               "convolution kernel")
+        ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        lib = library()[0]
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        n, ci, h, w = x.shape
+        co, k = weight.shape[0], weight.shape[-1]
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dweight = torch.empty_like(weight)
+        _check(lib.tm_conv_backward(_ptr(x), n, h, w, ci, _ptr(weight), co, k, _ptr(grad),
+                                    None if dx is None else _ptr(dx), _ptr(dweight), torch.get_num_threads()),
+               "convolution kernel")
+        return dx, dweight
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (stride 1, no padding, no bias) that trains on the C kernels for float32 CPU tensors large enough
+    to hold its kernel, and is PyTorch's otherwise. Same parameter name, so checkpoints load either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.training and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+                and self.weight.dtype == torch.float32 and min(x.shape[-2:]) >= self.weight.shape[-1]):
+            return _Conv2d.apply(x, self.weight)
+        return super().forward(x)
+
+
+def _is_plain_conv(m: nn.Module) -> bool:
+    return (type(m) is nn.Conv2d and m.bias is None and m.groups == 1 and m.stride == (1, 1)
+            and m.dilation == (1, 1) and m.padding in ((0, 0), "valid") and m.kernel_size[0] == m.kernel_size[1])
+
+
+def swap_convs(model: nn.Module) -> int:
+    """Replace each stride-1, unpadded, ungrouped, bias-free square nn.Conv2d by a Conv2d, in place, keeping its
+    weight tensor; returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_plain_conv(child):
+                conv = Conv2d(child.in_channels, child.out_channels, child.kernel_size, bias=False,
+                              device=child.weight.device, dtype=child.weight.dtype)
+                conv.weight = child.weight
+                conv.train(child.training)
+                setattr(parent, name, conv)
+                count += 1
+    return count
+
+
 def use_kernels(model: nn.Module) -> int:
-    """Train `model` on the C kernels: fuse its batch norm + ReLU pairs and swap its 2x2 max pools, in place and
-    before its optimizer is built; returns how many modules changed."""
-    return fuse_bn_relu(model) + swap_max_pools(model)
+    """Train `model` on the C kernels: swap its plain convolutions and 2x2 max pools and fuse its batch norm +
+    ReLU pairs, in place and before its optimizer is built; returns how many modules changed."""
+    return swap_convs(model) + fuse_bn_relu(model) + swap_max_pools(model)

@@ -259,3 +259,239 @@ void tm_maxpool2_backward(const float *g, const unsigned char *idx, long N, long
         if (H % 2) memset(dx + ((n * H + H - 1) * W) * C, 0, sizeof(float) * W * C);  /* an odd last row */
     }
 }
+
+/* ---- 2-D convolution for the same channels-last float32 activations: stride 1, no padding, no dilation, one
+ * group, no bias (batch norm follows). x is N x H x W x Ci, w is PyTorch's Co x Ci x K x K, out is
+ * N x OH x OW x Co with OH = H - K + 1.
+ *
+ * Why: PyTorch runs these through oneDNN, which for 1-16 channels reorders activations and weights into blocked
+ * layouts around every call (about 20 extra parallel operations per training step of Model_7) and reaches about
+ * a third of the machine's multiply rate in the backward pass. Each call here is one parallel region.
+ *
+ * forward:   a tile of PB consecutive output pixels x 8*CV output channels is held in registers; each step
+ *            broadcasts one input value per pixel against a vector of packed weights ([kh][kw][ci][co]).
+ * backward:  dx is the same valid convolution of the output gradient, zero-padded by K-1 on each side, with the
+ *            kernel flipped and its channels swapped; dw sums x * g over the batch in CHUNKS fixed slices of
+ *            images, each in float, then the slices in order in double.
+ * Determinism: every output element is computed by one thread in a fixed order, and dw's slices do not depend on
+ * the thread count, so all three results are the same at any thread count, run after run.
+ *
+ * The vectors are GCC's generic vector extension (8 floats): AVX2 registers on x86-64, pairs of NEON or SSE
+ * registers elsewhere. */
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+#define VLD(p) (*(const v8u *)(p))
+#define VST(p, v) (*(v8u *)(p) = (v))
+INLINE v8 bc(float s) { return (v8){s, s, s, s, s, s, s, s}; }
+static int up8(int c) { return (c + 7) & ~7; }
+
+/* PB consecutive output pixels of one row and 8*CV output channels: o[p][c] = sum over kh, kw, ci of
+   x[kh*xrow + (p+kw)*Ci + ci] * w[((kh*K + kw)*Ci + ci)*ws + c]; `lanes` of the 8*CV results are stored.
+   The accumulators are named variables (an array would live in memory): up to 12 pixels x 2 vectors, of which
+   the compiler keeps the PB x CV in use in registers. */
+#define EACH12(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
+INLINE void store_px(float *restrict o, v8 a0, v8 a1, const int CV, int lanes) {
+    if (lanes == 8 * CV) { VST(o, a0); if (CV > 1) VST(o + 8, a1); return; }
+    float t[16];
+    VST(t, a0); VST(t + 8, a1);
+    memcpy(o, t, sizeof(float) * lanes);
+}
+INLINE void conv_tile(const float *restrict x, long xrow, int Ci, int K, const float *restrict w, int ws,
+                      const int CV, const int PB, float *restrict o, int os, int lanes) {
+#define DECL(p) v8 a##p##_0 = {0}, a##p##_1 = {0};
+#define FMA(p) if (p < PB) { v8 b = bc(xr[p * Ci + ci]); a##p##_0 += b * w0; if (CV > 1) a##p##_1 += b * w1; }
+#define STORE(p) if (p < PB) store_px(o + (long)p * os, a##p##_0, a##p##_1, CV, lanes);
+    EACH12(DECL)
+    for (int kh = 0; kh < K; kh++)
+        for (int kw = 0; kw < K; kw++) {
+            const float *xr = x + kh * xrow + kw * Ci;
+            const float *wr = w + (long)(kh * K + kw) * Ci * ws;
+            for (int ci = 0; ci < Ci; ci++) {
+                v8 w0 = VLD(wr + (long)ci * ws), w1 = CV > 1 ? VLD(wr + (long)ci * ws + 8) : w0;
+                EACH12(FMA)
+            }
+        }
+    EACH12(STORE)
+#undef DECL
+#undef FMA
+#undef STORE
+}
+
+#define TILE(CV, PB) conv_tile(x + ow * Ci, xrow, Ci, K, wg, ws, CV, PB, og + (long)ow * Co, Co, lanes)
+#define TAIL(CV, R, CASES) switch (R) { CASES } break;
+
+/* One output row of OW pixels, all Co channels, in groups of 16 (two vectors) or, for the last <= 8, one. */
+static void conv_row(const float *x, long xrow, int Ci, int K, const float *w, int ws, int OW, float *o, int Co) {
+    for (int g0 = 0; g0 < Co; g0 += 16) {
+        const int lanes = Co - g0 < 16 ? Co - g0 : 16;
+        const float *wg = w + g0;
+        float *og = o + g0;
+        int ow = 0;
+        if (lanes > 8) {
+            for (; ow + 6 <= OW; ow += 6) TILE(2, 6);
+            switch (OW - ow) {
+                case 1: TILE(2, 1); break; case 2: TILE(2, 2); break; case 3: TILE(2, 3); break;
+                case 4: TILE(2, 4); break; case 5: TILE(2, 5); break;
+            }
+        } else {
+            for (; ow + 12 <= OW; ow += 12) TILE(1, 12);
+            for (; ow + 4 <= OW; ow += 4) TILE(1, 4);
+            switch (OW - ow) { case 1: TILE(1, 1); break; case 2: TILE(1, 2); break; case 3: TILE(1, 3); break; }
+        }
+    }
+}
+
+/* w (Co x Ci x K x K) -> [kh][kw][ci][co] with co padded to ws = up8(Co); flip = 1 packs the kernel for dx:
+   [kh][kw][co][ci] of the flipped kernel, ci padded to up8(Ci). */
+static void pack(const float *w, int Co, int Ci, int K, int flip, float *out) {
+    const int KK = K * K, ws = flip ? up8(Ci) : up8(Co), inner = flip ? Co : Ci;
+    memset(out, 0, sizeof(float) * KK * inner * ws);
+    for (int co = 0; co < Co; co++)
+        for (int ci = 0; ci < Ci; ci++)
+            for (int t = 0; t < KK; t++) {
+                float v = w[((long)co * Ci + ci) * KK + t];
+                if (flip) out[((long)(KK - 1 - t) * Co + co) * ws + ci] = v;
+                else out[((long)t * Ci + ci) * ws + co] = v;
+            }
+}
+
+int tm_conv_forward(const float *x, long N, long H, long W, int Ci, const float *w, int Co, int K, float *out,
+                    int threads) {
+    const long OH = H - K + 1, OW = W - K + 1;
+    const int ws = up8(Co);
+    float *wp = malloc(sizeof(float) * K * K * Ci * ws);
+    if (!wp) return 2;
+    pack(w, Co, Ci, K, 0, wp);
+    #pragma omp parallel for schedule(static) num_threads(threads) if(N * OH * OW * Co > SERIAL)
+    for (long r = 0; r < N * OH; r++) {
+        long n = r / OH, oh = r % OH;
+        conv_row(x + ((n * H + oh) * W) * Ci, W * Ci, Ci, K, wp, ws, (int)OW, out + r * OW * Co, Co);
+    }
+    free(wp);
+    return 0;
+}
+
+/* dw slice accumulation: taps (kh, kw0 .. kw0+KB-1), channels ci0 .. ci0+CB-1, 8*CV output channels; g has pixel
+   stride gs (>= 8*CV, readable), pw points at [kh][kw0][ci0][g0] of a [kh][kw][ci][co] array with co stride ws.
+   Named accumulators again: KB (1 or 3) x CB (up to 8) x CV (1 or 2), at most 12 in use. */
+#define EACH8(M, A) M(A, 0) M(A, 1) M(A, 2) M(A, 3) M(A, 4) M(A, 5) M(A, 6) M(A, 7)
+#define EACH3x8(M) EACH8(M, 0) EACH8(M, 1) EACH8(M, 2)
+INLINE void wgrad_tile(const float *restrict x, long xrow, int Ci, const float *restrict g, int gs, int OH, int OW,
+                       const int KB, const int CB, const int CV, float *restrict pw, long kws, int ws) {
+#define DECL(A, B) v8 a##A##B##_0 = {0}, a##A##B##_1 = {0};
+#define FMA(A, B) if (A < KB && B < CB) { v8 s = bc(xp[A * Ci + B]); a##A##B##_0 += s * g0; \
+                                          if (CV > 1) a##A##B##_1 += s * g1; }
+#define STORE(A, B) if (A < KB && B < CB) { float *q = pw + A * kws + (long)B * ws; VST(q, VLD(q) + a##A##B##_0); \
+                                            if (CV > 1) VST(q + 8, VLD(q + 8) + a##A##B##_1); }
+    EACH3x8(DECL)
+    for (int oh = 0; oh < OH; oh++) {
+        const float *xr = x + oh * xrow, *gr = g + (long)oh * OW * gs;
+        for (int ow = 0; ow < OW; ow++) {
+            const float *xp = xr + (long)ow * Ci;
+            v8 g0 = VLD(gr + (long)ow * gs), g1 = CV > 1 ? VLD(gr + (long)ow * gs + 8) : g0;
+            EACH3x8(FMA)
+        }
+    }
+    EACH3x8(STORE)
+#undef DECL
+#undef FMA
+#undef STORE
+}
+
+#define WT(KB, CB, CV) wgrad_tile(xt, xrow, Ci, gg, gs, OH, OW, KB, CB, CV, pt, kws, ws)
+#define WT_CB(KB, CBMAX, CV) \
+    for (; ci0 + CBMAX <= Ci; ci0 += CBMAX) { SET_PTRS; WT(KB, CBMAX, CV); } \
+    if (ci0 < Ci) { SET_PTRS; switch (Ci - ci0) { \
+        case 1: WT(KB, 1, CV); break; case 2: WT(KB, 2, CV); break; case 3: WT(KB, 3, CV); break; \
+        case 4: WT(KB, 4, CV); break; case 5: WT(KB, 5, CV); break; case 6: WT(KB, 6, CV); break; \
+        case 7: WT(KB, 7, CV); break; } }
+#define SET_PTRS const float *xt = x + kh * xrow + kw0 * Ci + ci0; \
+    float *pt = pw + ((long)(kh * K + kw0) * Ci + ci0) * ws + g0
+
+/* One image's contribution to a [kh][kw][ci][co] dw slice (co stride ws = up8(Co)); g with pixel stride gs. */
+static void wgrad_image(const float *x, long xrow, int Ci, int K, const float *g, int gs, int OH, int OW, int Co,
+                        float *pw) {
+    const int ws = up8(Co);
+    const long kws = (long)Ci * ws;
+    for (int g0 = 0; g0 < Co; g0 += 16) {
+        const int two = Co - g0 > 8;
+        const float *gg = g + g0;
+        for (int kh = 0; kh < K; kh++) {
+            if (K == 3) {
+                const int kw0 = 0;
+                int ci0 = 0;
+                if (two) { WT_CB(3, 2, 2) } else { WT_CB(3, 4, 1) }
+            } else {
+                for (int kw0 = 0; kw0 < K; kw0++) {
+                    int ci0 = 0;
+                    if (two) { WT_CB(1, 4, 2) } else { WT_CB(1, 7, 1) }
+                }
+            }
+        }
+    }
+}
+
+/* g: the gradient of out (N x OH x OW x Co). Writes dx (N x H x W x Ci; skipped when dx is NULL) and dw
+   (Co x Ci x K x K). */
+int tm_conv_backward(const float *x, long N, long H, long W, int Ci, const float *w, int Co, int K,
+                     const float *g, float *dx, float *dw, int threads) {
+    const long OH = H - K + 1, OW = W - K + 1, KK = K * K;
+    const int wsx = up8(Ci), ws = up8(Co), gs = Co % 8 ? ws : Co;  /* g is copied at stride ws if Co % 8 */
+    const long PH = OH + 2 * (K - 1), PW = OW + 2 * (K - 1);       /* g zero-padded for dx */
+    const long nw = KK * Ci * ws;
+    float *wt = malloc(sizeof(float) * KK * Co * wsx), *part = malloc(sizeof(float) * CHUNKS * nw);
+    if (!wt || !part) { free(wt); free(part); return 2; }
+    pack(w, Co, Ci, K, 1, wt);
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if(N * OH * OW * Co > SERIAL)
+    {
+        const long padded = dx ? PH * PW * Co : 0, copied = gs != Co ? OH * OW * gs : 0;
+        float *buf = malloc(sizeof(float) * (padded + copied + 1));
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        if (dx) {
+            #pragma omp for schedule(static) nowait
+            for (long n = 0; n < N; n++) {
+                if (!buf) continue;
+                const float *gn = g + n * OH * OW * Co;
+                memset(buf, 0, sizeof(float) * padded);
+                for (long oh = 0; oh < OH; oh++)
+                    memcpy(buf + ((oh + K - 1) * PW + K - 1) * Co, gn + oh * OW * Co, sizeof(float) * OW * Co);
+                for (long i = 0; i < H; i++)
+                    conv_row(buf + i * PW * Co, PW * Co, Co, K, wt, wsx, (int)W, dx + ((n * H + i) * W) * Ci, Ci);
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int k = 0; k < CHUNKS; k++) {
+            float *pw = part + k * nw;
+            memset(pw, 0, sizeof(float) * nw);
+            if (!buf) continue;
+            for (long n = N * k / CHUNKS; n < N * (k + 1) / CHUNKS; n++) {
+                const float *gn = g + n * OH * OW * Co;
+                if (copied) {
+                    float *gc = buf + padded;
+                    for (long i = 0; i < OH * OW; i++) {
+                        memcpy(gc + i * gs, gn + i * Co, sizeof(float) * Co);
+                        memset(gc + i * gs + Co, 0, sizeof(float) * (gs - Co));
+                    }
+                    gn = gc;
+                }
+                wgrad_image(x + n * H * W * Ci, W * Ci, Ci, K, gn, gs, (int)OH, (int)OW, Co, pw);
+            }
+        }
+        #pragma omp for schedule(static)
+        for (long e = 0; e < nw; e++) {  /* e = [kh][kw][ci][co] of the padded layout */
+            long co = e % ws, ci = e / ws % Ci, t = e / ws / Ci;
+            if (co >= Co) continue;
+            double s = 0;
+            for (int k = 0; k < CHUNKS; k++) s += part[k * nw + e];
+            dw[(co * Ci + ci) * KK + t] = (float)s;
+        }
+        free(buf);
+    }
+    free(wt); free(part);
+    return failed ? 2 : 0;
+}
