@@ -94,53 +94,58 @@ int tm_bn_relu_forward(const float *x, long rows, int C, const float *weight, co
     const int U = unit(C);
     if (U > MAXU) return 1;
     const long E = rows * C, nb = E / U, tail = nb * U;
-    float *part = malloc(sizeof(float) * (CHUNKS * U + 3 * U));
+    float *part = malloc(sizeof(float) * 2 * CHUNKS * U);
     if (!part) return 2;
-    float *m = part + CHUNKS * U, *s = m + U, *t = s + U;
+    float *p2 = part + CHUNKS * U;
     const int par = E > SERIAL;
-    /* one parallel region, three passes: the threads wake once per call, and the barriers between passes are
-       short (equal static slices), so they mostly spin instead of sleeping */
+    /* one parallel region, three passes with a barrier after each: the threads wake once per call. Between the
+       passes every thread folds the slice sums itself (a few thousand additions, the same in every thread), which
+       saves the two barriers a single thread's fold would need; the passes write separate buffers, so a thread
+       still folding never sees the next pass's writes. */
     #pragma omp parallel num_threads(threads) if(par)
     {
+        float m[MAXU], s[MAXU], t[MAXU];
+        double mu[MAXU], v[MAXU];
         #pragma omp for schedule(static)
         for (int k = 0; k < CHUNKS; k++) {
             DISPATCH(U, sum_blocks(x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, part + k * U));
             if (k == 0) for (long i = tail; i < E; i++) part[(i - tail) % U] += x[i];
         }
-        #pragma omp single
-        {
-            fold(part, U, C, mean);
-            for (int c = 0; c < C; c++) mean[c] /= rows;
-            for (int j = 0; j < U; j++) m[j] = (float)mean[j % C];
-        }
+        fold(part, U, C, mu);
+        for (int c = 0; c < C; c++) mu[c] /= rows;
+        for (int j = 0; j < U; j++) m[j] = (float)mu[j % C];
         #pragma omp for schedule(static)
         for (int k = 0; k < CHUNKS; k++) {
-            DISPATCH(U, sqdev_blocks(x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, m, part + k * U));
+            DISPATCH(U, sqdev_blocks(x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, m, p2 + k * U));
             if (k == 0) for (long i = tail; i < E; i++) {
                 float d = x[i] - m[(i - tail) % U];
-                part[(i - tail) % U] += d * d;
+                p2[(i - tail) % U] += d * d;
             }
         }
-        #pragma omp single
-        {
-            fold(part, U, C, var);
-            for (int c = 0; c < C; c++) {
-                var[c] /= rows;
-                double invstd = 1.0 / sqrt(var[c] + eps), a = weight[c] * invstd;
-                coef[c] = (float)invstd;
-                coef[C + c] = (float)a;
-            }
-            for (int j = 0; j < U; j++) {
-                int c = j % C;
-                s[j] = coef[C + c];
-                t[j] = (float)(bias[c] - mean[c] * ((double)weight[c] / sqrt(var[c] + eps)));
-            }
+        fold(p2, U, C, v);
+        for (int c = 0; c < C; c++) v[c] /= rows;
+        for (int j = 0; j < U; j++) {
+            int c = j % C;
+            s[j] = (float)(weight[c] * (1.0 / sqrt(v[c] + eps)));
+            t[j] = (float)(bias[c] - mu[c] * ((double)weight[c] / sqrt(v[c] + eps)));
+        }
+        #pragma omp master
+        for (int c = 0; c < C; c++) {
+            double invstd = 1.0 / sqrt(v[c] + eps);
+            mean[c] = mu[c];
+            var[c] = v[c];
+            coef[c] = (float)invstd;
+            coef[C + c] = (float)(weight[c] * invstd);
         }
         #pragma omp for schedule(static)
         for (int k = 0; k < CHUNKS; k++)
             DISPATCH(U, apply_blocks(x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, s, t, out));
+        #pragma omp master
+        for (long i = tail; i < E; i++) {
+            float w = x[i] * s[(i - tail) % U] + t[(i - tail) % U];
+            out[i] = w > 0.f ? w : 0.f;
+        }
     }
-    for (long i = tail; i < E; i++) { float v = x[i] * s[(i - tail) % U] + t[(i - tail) % U]; out[i] = v > 0.f ? v : 0.f; }
     free(part);
     return 0;
 }
@@ -151,15 +156,16 @@ int tm_bn_relu_backward(const float *g, const float *y, const float *x, long row
     const int U = unit(C);
     if (U > MAXU) return 1;
     const long E = rows * C, nb = E / U, tail = nb * U;
-    float *part = malloc(sizeof(float) * (2 * CHUNKS * U + 4 * U));
-    double *sums = malloc(sizeof(double) * 4 * C);
-    if (!part || !sums) { free(part); free(sums); return 2; }
-    float *p2 = part + CHUNKS * U, *m = p2 + CHUNKS * U, *s = m + U, *k1 = s + U, *k0 = k1 + U;
-    double *sg = sums, *sgx = sums + C, *q1 = sums + 2 * C, *q0 = sums + 3 * C;
+    float *part = malloc(sizeof(float) * (2 * CHUNKS * U + U));
+    if (!part) return 2;
+    float *p2 = part + CHUNKS * U, *m = p2 + CHUNKS * U;
     for (int j = 0; j < U; j++) m[j] = (float)mean[j % C];
     const int par = E > SERIAL;
+    /* two passes, one barrier between them; each thread folds the sums itself, as in the forward pass */
     #pragma omp parallel num_threads(threads) if(par)
     {
+        float s[MAXU], k1[MAXU], k0[MAXU];
+        double sg[MAXU], sgx[MAXU], q1[MAXU], q0[MAXU];
         #pragma omp for schedule(static)
         for (int k = 0; k < CHUNKS; k++) {
             DISPATCH(U, gsum_blocks(g, y, x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, m, part + k * U,
@@ -170,29 +176,31 @@ int tm_bn_relu_backward(const float *g, const float *y, const float *x, long row
                 part[j] += gz; p2[j] += gz * (x[i] - m[j]);
             }
         }
-        #pragma omp single
+        fold(part, U, C, sg);
+        fold(p2, U, C, sgx);
+        for (int c = 0; c < C; c++) {
+            double invstd = coef[c], a = coef[C + c], q = a * invstd * invstd * sgx[c] / rows;
+            q1[c] = -q;
+            q0[c] = -a * sg[c] / rows + mean[c] * q;
+        }
+        for (int j = 0; j < U; j++) { s[j] = coef[C + j % C]; k1[j] = (float)q1[j % C]; k0[j] = (float)q0[j % C]; }
+        #pragma omp master
         {
-            fold(part, U, C, sg);
-            fold(p2, U, C, sgx);
             for (int c = 0; c < C; c++) {
-                double invstd = coef[c], a = coef[C + c], q = a * invstd * invstd * sgx[c] / rows;
-                dweight[c] = (float)(sgx[c] * invstd);
+                dweight[c] = (float)(sgx[c] * coef[c]);
                 dbias[c] = (float)sg[c];
-                q1[c] = -q;
-                q0[c] = -a * sg[c] / rows + mean[c] * q;
             }
-            for (int j = 0; j < U; j++) { s[j] = coef[C + j % C]; k1[j] = (float)q1[j % C]; k0[j] = (float)q0[j % C]; }
+            for (long i = tail; i < E; i++) {
+                int j = (int)((i - tail) % U);
+                float gz = y[i] > 0.f ? g[i] : 0.f;
+                dx[i] = gz * s[j] + x[i] * k1[j] + k0[j];
+            }
         }
         #pragma omp for schedule(static)
         for (int k = 0; k < CHUNKS; k++)
             DISPATCH(U, gin_blocks(g, y, x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, s, k1, k0, dx));
     }
-    for (long i = tail; i < E; i++) {
-        int j = (int)((i - tail) % U);
-        float gz = y[i] > 0.f ? g[i] : 0.f;
-        dx[i] = gz * s[j] + x[i] * k1[j] + k0[j];
-    }
-    free(part); free(sums);
+    free(part);
     return 0;
 }
 
