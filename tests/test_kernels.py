@@ -278,3 +278,66 @@ def test_the_convolution_evaluates_with_pytorchs_op(built):
     conv = Conv2d(8, 16, 3, bias=False).eval()
     x = torch.randn(2, 8, 9, 9).contiguous(memory_format=CL)
     assert torch.equal(conv(x), F.conv2d(x, conv.weight))
+
+
+def _conv_step(threads: int):
+    from tinymnist.kernels import Conv2d
+
+    torch.set_num_threads(threads)
+    x, weight, g = _conv_case(128, 8, 26, 26, 16, 3, seed=3)
+    conv = Conv2d(8, 16, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    conv(x).backward(g)
+    return conv.weight.grad
+
+
+def _in_forked_child(queue):
+    # PyTorch's own OpenMP threads do not survive a fork (GNU libgomp hangs in a forked child whose parent used
+    # them), so the child keeps PyTorch to one thread and calls the kernel library with two directly
+    import ctypes
+
+    torch.set_num_threads(1)
+    x, weight, g = _conv_case(128, 8, 26, 26, 16, 3, seed=3)
+    dw = torch.empty_like(weight)
+    p = lambda t: ctypes.c_void_p(t.data_ptr())
+    lib = kernels.library()[0]
+    code = lib.tm_conv_backward(p(x), 128, 26, 26, 8, p(weight), 16, 3, p(g), None, p(dw), 2)
+    queue.put((code, dw.sum().item()))
+
+
+def test_the_kernel_threads_survive_fewer_threads_more_threads_and_a_fork(built):
+    import multiprocessing
+
+    before = torch.get_num_threads()
+    try:
+        grads = [_conv_step(t) for t in (3, 2, 1, 3)]  # helpers are made on demand and idle when not needed
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    ctx = multiprocessing.get_context("fork")  # the child has none of the parent's helper threads
+    queue = ctx.Queue()
+    child = ctx.Process(target=_in_forked_child, args=(queue,))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0, "the forked child hung or failed"
+    assert queue.get(timeout=5) == (0, grads[0].sum().item())  # the same result, bit for bit
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "default"),  # apply() did not run here: nothing set
+    ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000", "TINYMNIST_OMP_DEFAULTS": "PASSIVE:1000"}, "default"),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, 0),  # the user's own passive policy: sleep at once
+    ({"OMP_WAIT_POLICY": "active", "TINYMNIST_OMP_DEFAULTS": "PASSIVE:1000"}, -1),  # the user's: never sleep
+    ({"TINYMNIST_SPIN_US": "350", "OMP_WAIT_POLICY": "ACTIVE"}, 350),  # the explicit window wins
+])
+def test_the_helpers_wait_as_the_user_asked(monkeypatch, env, expected):
+    from tinymnist import runtime
+
+    for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TINYMNIST_OMP_DEFAULTS", "TINYMNIST_SPIN_US"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert runtime.pool_spin_us() == (runtime.SPIN_US if expected == "default" else expected)

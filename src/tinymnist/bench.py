@@ -218,6 +218,12 @@ def _pipeline_rate(data_dir: Optional[str], model_name: str, config: dict, threa
     results.put(n / (time.perf_counter() - t0))
 
 
+def _wait_vars(wait_policy: Optional[str]) -> dict:
+    """The environment a child starts with for a wait policy (None: the parent's own): without GOMP_SPINCOUNT,
+    which would otherwise set libgomp's spinning whatever the policy."""
+    return {"OMP_WAIT_POLICY": wait_policy, "GOMP_SPINCOUNT": None} if wait_policy else {}
+
+
 def _together(count: int, threads: int, data_dir, model_name, cfg: TrainConfig, seconds: float,
               wait_policy: Optional[str] = None) -> list[float]:
     import multiprocessing as mp
@@ -226,8 +232,7 @@ def _together(count: int, threads: int, data_dir, model_name, cfg: TrainConfig, 
     barrier, results = ctx.Barrier(count), ctx.Queue()
     procs = [ctx.Process(target=_pipeline_rate, args=(data_dir, model_name, cfg.to_dict(), threads, seconds,
                                                       barrier, results)) for _ in range(count)]
-    # without GOMP_SPINCOUNT, which would otherwise set libgomp's spinning whatever the policy
-    with _child_env({"OMP_WAIT_POLICY": wait_policy, "GOMP_SPINCOUNT": None} if wait_policy else {}):
+    with _child_env(_wait_vars(wait_policy)):
         for p in procs:
             p.start()
     try:
@@ -244,7 +249,7 @@ def concurrent_runs(data_dir: Optional[str], model_name: str, cfg: TrainConfig, 
                     log: Optional[Callable[[str], None]] = print) -> dict:
     """Separate training processes on our pipeline, each timed over the same window: one alone with every core,
     one single-thread process per core, and two default (all-core) runs side by side; then one alone again with
-    OpenMP threads that spin (ACTIVE), to show what the default passive wait costs a run that is alone."""
+    OpenMP threads that spin (ACTIVE), to show what that policy does to a run that is alone."""
 
     cores = available_cores()
     policy, spin = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
@@ -252,13 +257,17 @@ def concurrent_runs(data_dir: Optional[str], model_name: str, cfg: TrainConfig, 
     for key, count, threads, wait in (("single_run", 1, cores, None), ("multi_run", cores, 1, None),
                                       ("two_runs", 2, cores, None), ("single_run_spinning", 1, cores, "ACTIVE")):
         rates = _together(count, threads, data_dir, model_name, cfg, seconds, wait)
+        with _child_env(_wait_vars(wait)):
+            pool_spin = runtime.pool_spin_us()  # what the children's kernel helpers did: the same environment
         out[key] = {"images_per_s": round(sum(rates), 1), "processes": count, "threads_each": threads,
                     "omp_wait_policy": wait or policy, "gomp_spincount": None if wait else spin,
+                    "pool_spin_us": pool_spin,
                     "per_process": [round(r, 1) for r in rates],
                     "seconds": seconds}
         if log:
             log(f"{key:<19} {sum(rates):>9,.0f} images/s  ({count} process(es) x {threads} thread(s), together; "
-                f"OMP_WAIT_POLICY={wait or policy}, GOMP_SPINCOUNT={None if wait else spin})")
+                f"OMP_WAIT_POLICY={wait or policy}, GOMP_SPINCOUNT={None if wait else spin}, kernel helpers' spin "
+                f"{pool_spin} us)")
     return out
 
 

@@ -11,16 +11,22 @@ their backward). The max pool keeps a 1-byte winner per output instead of an 8-b
 gradient in one pass; it is exact, so it changes no result.
 
 The convolutions (stride 1, unpadded, bias-free: every conv block of the series' models) replace oneDNN's, which
-for 1-16 channels reorder activations and weights into blocked layouts around each call: 53 OpenMP parallel
-regions per step of Model_7 became 34. On this kind of host a thread that has gone to sleep takes about 0.1-0.3
-ms to wake (measured with a bare OpenMP loop under the passive wait policy), so a step's count of parallel
-regions and barriers is what limits a second thread. `tinymnist bench` measures the whole step as configured
-against the plain one on every host (ratios["lean/plain"], ["fused/native"] and ["model-step/peak"]).
+for 1-16 channels reorder activations and weights into blocked layouts around each call: 53 parallel regions per
+step of Model_7 became 34. `tinymnist bench` measures the whole step as configured against the plain one on every
+host (ratios["lean/plain"], ["fused/native"] and ["model-step/peak"]).
 
-The C source is built once per machine with the system's C compiler (CC, or cc/gcc/clang on PATH) and OpenMP,
-for this CPU (-march=native), into a cache (TINYMNIST_CACHE, else ~/.cache/tinymnist). The build is atomic, so
-parallel workers never load half a library. Where no compiler or no OpenMP is found, `kernels="auto"` trains with
-PyTorch's ops and says so in one line; an explicit `kernels="fused"` is an error.
+Threads: the kernels run on a small thread pool of their own (csrc/kernels.c), not on PyTorch's OpenMP threads. On
+a 2-core AMD EPYC virtual machine a sleeping OpenMP thread took about 0.1-0.3 ms to wake (a bare OpenMP loop
+under the passive wait policy), and a step paid that about twice per operation, so a second thread made a step
+of Model_7 hardly faster than one (strace: ~200 futex calls per step). The pool's helpers wait between operations
+by spinning with sched_yield(), so they are awake when the next operation comes while a process beside them still
+gets the core at once; after runtime.SPIN_US without work they sleep. Measured on that host (interleaved, 2
+threads, 80 steps, 3 repeats): 5,479-6,817 images/s against 4,652-5,236 with helpers that sleep at once.
+
+The C source is built once per machine with the system's C compiler (CC, or cc/gcc/clang on PATH; POSIX threads,
+no OpenMP needed) for this CPU (-march=native), into a cache (TINYMNIST_CACHE, else ~/.cache/tinymnist). The
+build is atomic, so parallel workers never load half a library. Where no compiler is found or the build fails,
+`kernels="auto"` trains with PyTorch's ops and says so in one line; an explicit `kernels="fused"` is an error.
 
 Results: the batch norm kernels and the convolutions' weight gradient sum over fixed slices of the batch in double,
 and every other output is computed whole by one thread, so the results depend on the data alone, not on the thread
@@ -47,12 +53,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import runtime
 from .errors import TinyMnistError
 from .fileio import atomic_path
 
 KERNELS = ("auto", "fused", "native")
+OPS = ("convolutions", "batch norm + ReLU", "2x2 max pool")  # what "fused" trains in C
 SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu99", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-pthread", "-std=gnu11", "-shared", "-fPIC")
 MAX_UNIT = 1024  # csrc/kernels.c's MAXU: the kernels take C channels when lcm(C, 8), rounded up to 32, fits
 CACHE_ENV = "TINYMNIST_CACHE"
 
@@ -128,7 +136,16 @@ def library() -> tuple[Optional[ctypes.CDLL], str]:
     lib.tm_maxpool2_backward.argtypes = [p, p, l, l, l, i, p, i]
     lib.tm_conv_forward.argtypes = [p, l, l, l, i, p, i, i, p, i]
     lib.tm_conv_backward.argtypes = [p, l, l, l, i, p, i, i, p, p, p, i]
+    lib.tm_set_spin.argtypes = [l]
+    set_spin(runtime.pool_spin_us(), lib)
     return lib, ""
+
+
+def set_spin(us: int, lib: Optional[ctypes.CDLL] = None) -> None:
+    """How long the kernels' idle helper threads spin (yielding the core) before they sleep; -1: never sleep."""
+    lib = lib or library()[0]
+    if lib is not None:
+        lib.tm_set_spin(-1 if us < 0 else us * 1000)
 
 
 def resolve_kernels(requested: str, device: torch.device, precision: str, memory_format: str,

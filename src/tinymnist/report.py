@@ -332,8 +332,9 @@ def render_performance(results: Path = RESULTS) -> str:
     out += [f"`tinymnist bench{model_flag} --json results/{bench.name}` trained `{env['model']}` at batch {env['batch_size']} with "
             f"the same augmentation (rotate ±{env['aug']['rotate']:g}°, shift ±{env['aug']['translate']:g}, zoom "
             f"±{env['aug']['scale']:g}) on {env['device']}: {hardware_text(env)}, {env['threads']} threads, "
-            f"{env['precision']}, {env['memory_format']} memory format, {_kernels_text(env.get('kernels'))}, "
-            f"OpenMP wait policy "
+            f"{env['precision']}, {env['memory_format']} memory format, "
+            f"{_kernels_text(env.get('kernels'), env.get('kernel_ops'))}, "
+            f"wait policy "
             f"{_wait(env['hardware'])}, heap policy {env['hardware'].get('heap', 'system')}"
             f"; {env['platform']}, torch {env['torch']}. "
             f"Each step figure is the median of {len(b['ours']['runs'])} runs of {b['ours']['steps']} training "
@@ -352,7 +353,8 @@ def render_performance(results: Path = RESULTS) -> str:
             f"policy{'; a process of its own' if 'heap' in b['plain'] else ''}) | "
             f"{b['plain']['images_per_s']:,.0f} |"]
     if "native_kernels" in b:
-        out.append(f"| model only, kernels off | the same as model only, on PyTorch's batch norm, ReLU and max pool | "
+        out.append(f"| model only, kernels off | the same as model only, on {_kernels_text('native')[:-len(' and max pool')]}"
+                   " and max pool | "
                    f"{b['native_kernels']['images_per_s']:,.0f} |")
     out += ["", f"**ours/classic = {r['ours/classic']:.2f}×**, ours/model-only = {r['ours/model-only']:.2f}, "
                 f"**lean/plain = {r['lean/plain']:.2f}×**"
@@ -393,28 +395,41 @@ def render_performance(results: Path = RESULTS) -> str:
         out += ["", f"**multi-run/single = {r['multi-run/single']:.2f}×** (what `--jobs` gains), **two-runs/one = "
                     f"{r['two-runs/one']:.2f}** (a second training beside a run does not collapse it)."]
         if "single_run_spinning" in b:
-            cost = 1 - b["single_run"]["images_per_s"] / b["single_run_spinning"]["images_per_s"]
-            out += ["", f"The default wait is not free: a run alone went {abs(cost):.0%} "
-                        f"{'slower' if cost > 0 else 'faster'} than with threads that spin without limit. It is the "
-                        "default because threads of two processes that spin on the same cores starve each other: "
-                        "then two runs together do a fraction of the work of one. Set `OMP_WAIT_POLICY=ACTIVE` "
-                        "before starting tinymnist on a machine that trains one run at a time and does nothing "
-                        "else."]
+            gain = b["single_run_spinning"]["images_per_s"] / b["single_run"]["images_per_s"] - 1
+            if gain > 0:  # the default wait costs a lone run something
+                out += ["", f"The default wait is not free: with threads that spin without limit a run alone went "
+                            f"{gain:.0%} faster. It is the default because threads of two processes that spin on the "
+                            "same cores starve each other: then two runs together do a fraction of the work of one. "
+                            "Set `OMP_WAIT_POLICY=ACTIVE` before starting tinymnist on a machine that trains one run "
+                            "at a time and does nothing else."]
+            else:
+                out += ["", f"With `OMP_WAIT_POLICY=ACTIVE` a run alone went {-gain / (1 + gain):.0%} slower than with "
+                            "the default: PyTorch's OpenMP threads then spin without yielding and take the cores from "
+                            "the C kernels' own helper threads, which wait by spinning and yielding (see kernels.py). "
+                            "Leave the policy unset."]
     out += _timed_checks(results)
     return "\n".join(out + ["", end])
 
 
-def _kernels_text(kernels: Optional[str]) -> str:
-    """Which kernels a bench recorded (files from before the field trained on PyTorch's)."""
+def _kernels_text(kernels: Optional[str], ops: Optional[list] = None) -> str:
+    """Which kernels a run or bench recorded. Files from before the `kernels` field trained on PyTorch's ops; files
+    from before `kernel_ops` had only batch norm + ReLU and the max pool in C."""
     if kernels == "fused":
-        return "batch norm + ReLU and max pool on the C kernels (kernels.py)"
-    return "PyTorch's batch norm, ReLU and max pool"
+        return f"{_join(ops or ['batch norm + ReLU', '2x2 max pool'])} on the C kernels (kernels.py)"
+    return "PyTorch's convolutions, batch norm, ReLU and max pool"
+
+
+def _join(items: list) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _wait(rec: dict) -> str:
-    """How OpenMP threads waited, as recorded: the policy and libgomp's spin count."""
-    policy, spin = rec.get("omp_wait_policy"), rec.get("gomp_spincount")
-    return (policy or "unset") + (f", GOMP_SPINCOUNT={spin}" if spin else "")
+    """How threads waited, as recorded: the OpenMP policy, libgomp's spin count, and the C kernels' helpers."""
+    policy, spin, pool = rec.get("omp_wait_policy"), rec.get("gomp_spincount"), rec.get("pool_spin_us")
+    text = (policy or "unset") + (f", GOMP_SPINCOUNT={spin}" if spin else "")
+    if pool is not None:
+        text += "; kernel helpers " + ("never sleep" if pool < 0 else f"sleep after {pool:,} µs idle")
+    return text
 
 
 def _timed_checks(results: Path) -> list[str]:
@@ -423,11 +438,11 @@ def _timed_checks(results: Path) -> list[str]:
     if not files:
         return []
     evs = [read_json(f) for f in files]
-    out = ["", "| check | jobs × threads per run | batch norm, ReLU, max pool | wall time |", "| --- | --- | --- | ---: |"]
+    out = ["", "| check | jobs × threads per run | kernels | wall time |", "| --- | --- | --- | ---: |"]
     for f, ev in zip(files, evs):
         kernels = ev.get("trained", {}).get("kernels", "native")  # evidence from before the field: PyTorch's
         out.append(f"| `results/{f.name}` ({ev['step']}, {len(ev['seeds'])} seeds) | {ev['jobs']} × "
-                   f"{ev['threads_per_run']} | {'C kernels' if kernels == 'fused' else 'PyTorch'} | "
+                   f"{ev['threads_per_run']} | {_kernels_text(kernels, ev['env'].get('kernel_ops'))} | "
                    f"{ev['wall_s'] / 60:.1f} min |")
     by_jobs = {ev["jobs"]: ev for ev in evs}
     if 1 in by_jobs and len(by_jobs) > 1:

@@ -20,6 +20,7 @@ from .device import configure_threads, hardware, pick_device
 from .engine import fit, resolve_for
 from .errors import TinyMnistError
 from .fileio import atomic_path, write_json
+from .kernels import OPS as KERNEL_OPS
 from .model import Net, count_params, model_class
 from .plots import plot_curves
 
@@ -68,6 +69,7 @@ def environment(device: torch.device) -> dict:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "hardware": hardware(device),
+        "kernel_ops": list(KERNEL_OPS),  # what kernels="fused" runs in C, in this version
     }
 
 

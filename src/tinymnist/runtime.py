@@ -24,6 +24,15 @@ import platform
 # OpenMP runtime. They take effect only before torch is first imported.
 _SPINCOUNT = "1000"
 _OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_OURS = "TINYMNIST_OMP_DEFAULTS"  # what apply() set, so that child processes, which inherit it, know it is ours
+
+# The C kernels (kernels.py) run on a thread pool of their own, whose helpers wait between operations by spinning
+# with sched_yield() (a process beside them gets the core at once), and sleep after SPIN_US without work. The
+# window spans the gaps inside a training step (Python, autograd, small PyTorch ops: tens to hundreds of
+# microseconds), so a helper is awake when the next operation comes. A user's OMP_WAIT_POLICY rules it too: ACTIVE
+# never sleeps, PASSIVE sleeps at once. TINYMNIST_SPIN_US sets the window in microseconds.
+SPIN_US = 2000
+SPIN_ENV = "TINYMNIST_SPIN_US"
 
 # glibc hands every allocation over 128 KiB to mmap and returns it to the kernel on free (and trims the heap's top
 # once 128 KiB of it is free). A training step allocates and frees megabytes of activations and gradients, so the
@@ -68,12 +77,29 @@ def apply() -> None:
     if not any(v in os.environ for v in _OMP_VARS):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.environ["GOMP_SPINCOUNT"] = _SPINCOUNT
+        os.environ[_OURS] = f"PASSIVE:{_SPINCOUNT}"
     if _heap == "system":
         _heap = _retain_heap()
 
 
+def pool_spin_us() -> int:
+    """How long the kernels' idle helper threads spin before they sleep, in microseconds (-1: never sleep)."""
+    if os.environ.get(SPIN_ENV, "").strip():
+        try:
+            return max(-1, int(os.environ[SPIN_ENV]))
+        except ValueError:
+            pass  # not a number: the policy below
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
+    ours = os.environ.get(_OURS) == f"{policy}:{os.environ.get('GOMP_SPINCOUNT')}"
+    if policy == "ACTIVE":
+        return -1
+    if policy == "PASSIVE" and not ours:
+        return 0
+    return SPIN_US
+
+
 def state() -> dict:
-    """What is in force: the OpenMP wait policy and libgomp's spin count (None = the runtime's default), and the
-    heap policy."""
+    """What is in force: the OpenMP wait policy and libgomp's spin count (None = the runtime's default), the
+    kernels' helper spin window, and the heap policy."""
     return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
-            "heap": _heap}
+            "pool_spin_us": pool_spin_us(), "heap": _heap}

@@ -28,6 +28,155 @@
 #define SERIAL 32768   /* below this many elements one thread is faster than waking the others */
 #define INLINE static inline __attribute__((always_inline))
 
+
+/* ---- the threads: a small pool of its own, not OpenMP.
+ *
+ * A training step of a tiny CNN is a few dozen short parallel operations with gaps of Python between them. Under a
+ * passive wait policy a helper thread sleeps in each gap, and on a virtual machine waking it costs about 0.1-0.3 ms
+ * (measured: a bare OpenMP loop on a 2-core AMD EPYC host), twice per operation, since the caller then also sleeps
+ * at the closing barrier while the late helper finishes its half. Spinning threads (OMP_WAIT_POLICY=ACTIVE) avoid
+ * that but hold both cores, and a second training beside them collapses. This pool's helpers wait for the next
+ * operation by spinning with sched_yield(): the core is theirs only while nothing else wants it, so a process
+ * beside them runs at once. After `spin_ns` without work they sleep on a condition variable.
+ *
+ * tm_run(task, arg, n) runs task(arg, tid, n) on the caller (tid 0) and n - 1 helpers and returns when all are done;
+ * tm_barrier() inside a task waits for the other n - 1. Work is split by tid into fixed contiguous ranges. */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+
+typedef void (*task_fn)(void *arg, int tid, int n);
+#define MAXT 255   /* an operation's thread count travels in the low byte of P.word */
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int helpers;                         /* helper threads started */
+    atomic_ulong word;                   /* operation number << 8 | its thread count (caller included) */
+    task_fn fn;                          /* read only by the operation's participants */
+    void *arg;
+    atomic_int pending, sleepers, bar_count;
+    atomic_ulong bar_gen;
+    atomic_long spin_ns;
+} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, 0, 2000000};
+
+INLINE void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+/* spin (yielding the core every 32 rounds) until *v != old; never sleeps: for waits inside an operation */
+INLINE void spin_while(atomic_ulong *v, unsigned long old) {
+    for (unsigned i = 1; atomic_load_explicit(v, memory_order_acquire) == old; i++)
+        if (i % 32) relax(); else sched_yield();
+}
+
+static void *helper(void *arg) {
+    /* the operation number current when the helper was made: the operation that made it comes after */
+    const int tid = (int)((unsigned long)arg & 255);
+    unsigned long seen = (unsigned long)arg >> 8, w;
+    for (;;) {
+        long t0 = now_ns();
+        for (unsigned i = 1; (atomic_load_explicit(&P.word, memory_order_acquire) >> 8) == seen; i++) {
+            if (i % 32) { relax(); continue; }
+            const long limit = atomic_load_explicit(&P.spin_ns, memory_order_relaxed);
+            if (limit >= 0 && now_ns() - t0 > limit) {
+                pthread_mutex_lock(&P.mu);
+                atomic_fetch_add(&P.sleepers, 1);
+                while ((atomic_load(&P.word) >> 8) == seen) pthread_cond_wait(&P.cv, &P.mu);
+                atomic_fetch_sub(&P.sleepers, 1);
+                pthread_mutex_unlock(&P.mu);
+                break;
+            }
+            sched_yield();
+        }
+        /* one load: a helper outside this operation must not read a later operation's fields */
+        w = atomic_load_explicit(&P.word, memory_order_acquire);
+        seen = w >> 8;
+        const int n = (int)(w & 255);
+        if (tid < n) {  /* the caller waits for every participant, so fn and arg stay this operation's */
+            P.fn(P.arg, tid, n);
+            atomic_fetch_sub_explicit(&P.pending, 1, memory_order_release);
+        }
+    }
+    return NULL;
+}
+
+static void after_fork_in_child(void) {  /* the helpers did not come along */
+    pthread_mutex_init(&P.mu, NULL);
+    pthread_cond_init(&P.cv, NULL);
+    P.helpers = 0;
+    atomic_store(&P.sleepers, 0);
+}
+
+static pthread_mutex_t start_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* the number of threads an operation may use: n, or fewer if helpers could not be started */
+static int ensure_helpers(int n) {
+    if (n > MAXT) n = MAXT;
+    if (n - 1 <= P.helpers) return n;
+    pthread_mutex_lock(&start_mu);
+    static int atfork;
+    if (!atfork) { pthread_atfork(NULL, NULL, after_fork_in_child); atfork = 1; }
+    while (P.helpers < n - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        unsigned long arg = (atomic_load(&P.word) >> 8) << 8 | (unsigned long)(P.helpers + 1);
+        int failed = pthread_create(&t, &attr, helper, (void *)arg);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        P.helpers++;
+    }
+    pthread_mutex_unlock(&start_mu);
+    return P.helpers + 1 < n ? P.helpers + 1 : n;
+}
+
+/* The calling thread must not be inside another tm_run (operations do not nest), and one thread at a time calls
+   it: the training step runs on one Python thread, and the Python wrappers hold the GIL-free call short. */
+static void tm_run(task_fn fn, void *arg, int n) {
+    if (n > 1) n = ensure_helpers(n);
+    if (n <= 1) { fn(arg, 0, 1); return; }
+    P.fn = fn; P.arg = arg;
+    atomic_store(&P.pending, n - 1);
+    atomic_store(&P.bar_count, 0);
+    atomic_store(&P.word, ((atomic_load(&P.word) >> 8) + 1) << 8 | (unsigned long)n);  /* publishes fn, arg */
+    if (atomic_load(&P.sleepers) > 0) {                 /* a helper that checked gen before the bump sleeps */
+        pthread_mutex_lock(&P.mu);
+        pthread_cond_broadcast(&P.cv);
+        pthread_mutex_unlock(&P.mu);
+    }
+    fn(arg, 0, n);
+    for (unsigned i = 1; atomic_load_explicit(&P.pending, memory_order_acquire) > 0; i++)
+        if (i % 32) relax(); else sched_yield();
+}
+
+/* all n threads of the current operation meet here */
+static void tm_barrier(int n) {
+    if (n <= 1) return;
+    unsigned long g = atomic_load(&P.bar_gen);
+    if (atomic_fetch_add(&P.bar_count, 1) == n - 1) {
+        atomic_store(&P.bar_count, 0);
+        atomic_fetch_add(&P.bar_gen, 1);
+    } else {
+        spin_while(&P.bar_gen, g);
+    }
+}
+
+/* how long an idle helper spins before it sleeps: ns >= 0, or -1 for never (the user asked for ACTIVE waiting) */
+void tm_set_spin(long ns) { atomic_store(&P.spin_ns, ns); }
+
+INLINE long lo(long n, int tid, int nt) { return n * tid / nt; }  /* thread tid's range [lo(tid), lo(tid + 1)) */
+
 static long gcdl(long a, long b) { while (b) { long t = a % b; a = b; b = t; } return a; }
 static int unit(int C) { int P = (int)(C / gcdl(C, 8) * 8); return P * ((32 + P - 1) / P); }
 
@@ -88,118 +237,131 @@ static void fold(const float *part, int U, int C, double *out) {
 }
 
 /* x, out: rows x C. Writes out, the batch mean and biased var (C doubles each), and coef = [invstd; a] (2C floats)
-   for the backward pass. */
+   for the backward pass. One operation, three passes with a barrier after each of the first two. Between the passes
+   every thread folds the slice sums itself (a few thousand additions, the same in every thread) instead of waiting
+   for one thread to do it; the passes write separate buffers, so a thread still folding never sees the next pass's
+   writes. */
+struct bn_fwd { const float *x; long rows, E, nb, tail; int C, U; const float *weight, *bias; double eps;
+                float *out; double *mean, *var; float *coef, *part, *p2; };
+
+static void bn_fwd_task(void *arg, int tid, int n) {
+    const struct bn_fwd *a = arg;
+    const float *x = a->x;
+    const long nb = a->nb, tail = a->tail, E = a->E, rows = a->rows;
+    const int C = a->C, U = a->U, k0 = (int)lo(CHUNKS, tid, n), k1 = (int)lo(CHUNKS, tid + 1, n);
+    float *part = a->part, *p2 = a->p2;
+    float m[MAXU], s[MAXU], t[MAXU];
+    double mu[MAXU], v[MAXU];
+    for (int k = k0; k < k1; k++) {
+        DISPATCH(U, sum_blocks(x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, part + k * U));
+        if (k == 0) for (long i = tail; i < E; i++) part[(i - tail) % U] += x[i];
+    }
+    tm_barrier(n);
+    fold(part, U, C, mu);
+    for (int c = 0; c < C; c++) mu[c] /= rows;
+    for (int j = 0; j < U; j++) m[j] = (float)mu[j % C];
+    for (int k = k0; k < k1; k++) {
+        DISPATCH(U, sqdev_blocks(x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, m, p2 + k * U));
+        if (k == 0) for (long i = tail; i < E; i++) {
+            float d = x[i] - m[(i - tail) % U];
+            p2[(i - tail) % U] += d * d;
+        }
+    }
+    tm_barrier(n);
+    fold(p2, U, C, v);
+    for (int c = 0; c < C; c++) v[c] /= rows;
+    for (int j = 0; j < U; j++) {
+        int c = j % C;
+        s[j] = (float)(a->weight[c] * (1.0 / sqrt(v[c] + a->eps)));
+        t[j] = (float)(a->bias[c] - mu[c] * ((double)a->weight[c] / sqrt(v[c] + a->eps)));
+    }
+    for (int k = k0; k < k1; k++)
+        DISPATCH(U, apply_blocks(x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, s, t, a->out));
+    if (tid == 0) {
+        for (int c = 0; c < C; c++) {
+            double invstd = 1.0 / sqrt(v[c] + a->eps);
+            a->mean[c] = mu[c];
+            a->var[c] = v[c];
+            a->coef[c] = (float)invstd;
+            a->coef[C + c] = (float)(a->weight[c] * invstd);
+        }
+        for (long i = tail; i < E; i++) {
+            float w = x[i] * s[(i - tail) % U] + t[(i - tail) % U];
+            a->out[i] = w > 0.f ? w : 0.f;
+        }
+    }
+}
+
 int tm_bn_relu_forward(const float *x, long rows, int C, const float *weight, const float *bias, double eps,
                        float *out, double *mean, double *var, float *coef, int threads) {
     const int U = unit(C);
     if (U > MAXU) return 1;
-    const long E = rows * C, nb = E / U, tail = nb * U;
+    const long E = rows * C, nb = E / U;
     float *part = malloc(sizeof(float) * 2 * CHUNKS * U);
     if (!part) return 2;
-    float *p2 = part + CHUNKS * U;
-    const int par = E > SERIAL;
-    /* one parallel region, three passes with a barrier after each: the threads wake once per call. Between the
-       passes every thread folds the slice sums itself (a few thousand additions, the same in every thread), which
-       saves the two barriers a single thread's fold would need; the passes write separate buffers, so a thread
-       still folding never sees the next pass's writes. */
-    #pragma omp parallel num_threads(threads) if(par)
-    {
-        float m[MAXU], s[MAXU], t[MAXU];
-        double mu[MAXU], v[MAXU];
-        #pragma omp for schedule(static)
-        for (int k = 0; k < CHUNKS; k++) {
-            DISPATCH(U, sum_blocks(x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, part + k * U));
-            if (k == 0) for (long i = tail; i < E; i++) part[(i - tail) % U] += x[i];
-        }
-        fold(part, U, C, mu);
-        for (int c = 0; c < C; c++) mu[c] /= rows;
-        for (int j = 0; j < U; j++) m[j] = (float)mu[j % C];
-        #pragma omp for schedule(static)
-        for (int k = 0; k < CHUNKS; k++) {
-            DISPATCH(U, sqdev_blocks(x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, m, p2 + k * U));
-            if (k == 0) for (long i = tail; i < E; i++) {
-                float d = x[i] - m[(i - tail) % U];
-                p2[(i - tail) % U] += d * d;
-            }
-        }
-        fold(p2, U, C, v);
-        for (int c = 0; c < C; c++) v[c] /= rows;
-        for (int j = 0; j < U; j++) {
-            int c = j % C;
-            s[j] = (float)(weight[c] * (1.0 / sqrt(v[c] + eps)));
-            t[j] = (float)(bias[c] - mu[c] * ((double)weight[c] / sqrt(v[c] + eps)));
-        }
-        #pragma omp master
-        for (int c = 0; c < C; c++) {
-            double invstd = 1.0 / sqrt(v[c] + eps);
-            mean[c] = mu[c];
-            var[c] = v[c];
-            coef[c] = (float)invstd;
-            coef[C + c] = (float)(weight[c] * invstd);
-        }
-        #pragma omp for schedule(static)
-        for (int k = 0; k < CHUNKS; k++)
-            DISPATCH(U, apply_blocks(x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, s, t, out));
-        #pragma omp master
-        for (long i = tail; i < E; i++) {
-            float w = x[i] * s[(i - tail) % U] + t[(i - tail) % U];
-            out[i] = w > 0.f ? w : 0.f;
-        }
-    }
+    struct bn_fwd a = {x, rows, E, nb, nb * U, C, U, weight, bias, eps, out, mean, var, coef, part,
+                       part + CHUNKS * U};
+    tm_run(bn_fwd_task, &a, E > SERIAL ? threads : 1);
     free(part);
     return 0;
 }
 
-/* g: the gradient of out; y: out; x, mean, coef: as the forward pass left them. Writes dx, dweight, dbias. */
+/* g: the gradient of out; y: out; x, mean, coef: as the forward pass left them. Writes dx, dweight, dbias. Two
+   passes, one barrier between them; each thread folds the sums itself, as in the forward pass. */
+struct bn_bwd { const float *g, *y, *x; long rows, E, nb, tail; int C, U; const double *mean; const float *coef;
+                float *dx, *dweight, *dbias, *part, *p2, *m; };
+
+static void bn_bwd_task(void *arg, int tid, int n) {
+    const struct bn_bwd *a = arg;
+    const float *g = a->g, *y = a->y, *x = a->x, *m = a->m, *coef = a->coef;
+    const long nb = a->nb, tail = a->tail, E = a->E, rows = a->rows;
+    const int C = a->C, U = a->U, k0 = (int)lo(CHUNKS, tid, n), k1 = (int)lo(CHUNKS, tid + 1, n);
+    float *part = a->part, *p2 = a->p2, *dx = a->dx;
+    float s[MAXU], k1v[MAXU], k0v[MAXU];
+    double sg[MAXU], sgx[MAXU], q1[MAXU], q0[MAXU];
+    for (int k = k0; k < k1; k++) {
+        DISPATCH(U, gsum_blocks(g, y, x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, m, part + k * U, p2 + k * U));
+        if (k == 0) for (long i = tail; i < E; i++) {
+            int j = (int)((i - tail) % U);
+            float gz = y[i] > 0.f ? g[i] : 0.f;
+            part[j] += gz; p2[j] += gz * (x[i] - m[j]);
+        }
+    }
+    tm_barrier(n);
+    fold(part, U, C, sg);
+    fold(p2, U, C, sgx);
+    for (int c = 0; c < C; c++) {
+        double invstd = coef[c], av = coef[C + c], q = av * invstd * invstd * sgx[c] / rows;
+        q1[c] = -q;
+        q0[c] = -av * sg[c] / rows + a->mean[c] * q;
+    }
+    for (int j = 0; j < U; j++) { s[j] = coef[C + j % C]; k1v[j] = (float)q1[j % C]; k0v[j] = (float)q0[j % C]; }
+    for (int k = k0; k < k1; k++)
+        DISPATCH(U, gin_blocks(g, y, x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, s, k1v, k0v, dx));
+    if (tid == 0) {
+        for (int c = 0; c < C; c++) {
+            a->dweight[c] = (float)(sgx[c] * coef[c]);
+            a->dbias[c] = (float)sg[c];
+        }
+        for (long i = tail; i < E; i++) {
+            int j = (int)((i - tail) % U);
+            float gz = y[i] > 0.f ? g[i] : 0.f;
+            dx[i] = gz * s[j] + x[i] * k1v[j] + k0v[j];
+        }
+    }
+}
+
 int tm_bn_relu_backward(const float *g, const float *y, const float *x, long rows, int C, const double *mean,
                         const float *coef, float *dx, float *dweight, float *dbias, int threads) {
     const int U = unit(C);
     if (U > MAXU) return 1;
-    const long E = rows * C, nb = E / U, tail = nb * U;
+    const long E = rows * C, nb = E / U;
     float *part = malloc(sizeof(float) * (2 * CHUNKS * U + U));
     if (!part) return 2;
-    float *p2 = part + CHUNKS * U, *m = p2 + CHUNKS * U;
+    float *m = part + 2 * CHUNKS * U;
     for (int j = 0; j < U; j++) m[j] = (float)mean[j % C];
-    const int par = E > SERIAL;
-    /* two passes, one barrier between them; each thread folds the sums itself, as in the forward pass */
-    #pragma omp parallel num_threads(threads) if(par)
-    {
-        float s[MAXU], k1[MAXU], k0[MAXU];
-        double sg[MAXU], sgx[MAXU], q1[MAXU], q0[MAXU];
-        #pragma omp for schedule(static)
-        for (int k = 0; k < CHUNKS; k++) {
-            DISPATCH(U, gsum_blocks(g, y, x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, m, part + k * U,
-                                    p2 + k * U));
-            if (k == 0) for (long i = tail; i < E; i++) {
-                int j = (int)((i - tail) % U);
-                float gz = y[i] > 0.f ? g[i] : 0.f;
-                part[j] += gz; p2[j] += gz * (x[i] - m[j]);
-            }
-        }
-        fold(part, U, C, sg);
-        fold(p2, U, C, sgx);
-        for (int c = 0; c < C; c++) {
-            double invstd = coef[c], a = coef[C + c], q = a * invstd * invstd * sgx[c] / rows;
-            q1[c] = -q;
-            q0[c] = -a * sg[c] / rows + mean[c] * q;
-        }
-        for (int j = 0; j < U; j++) { s[j] = coef[C + j % C]; k1[j] = (float)q1[j % C]; k0[j] = (float)q0[j % C]; }
-        #pragma omp master
-        {
-            for (int c = 0; c < C; c++) {
-                dweight[c] = (float)(sgx[c] * coef[c]);
-                dbias[c] = (float)sg[c];
-            }
-            for (long i = tail; i < E; i++) {
-                int j = (int)((i - tail) % U);
-                float gz = y[i] > 0.f ? g[i] : 0.f;
-                dx[i] = gz * s[j] + x[i] * k1[j] + k0[j];
-            }
-        }
-        #pragma omp for schedule(static)
-        for (int k = 0; k < CHUNKS; k++)
-            DISPATCH(U, gin_blocks(g, y, x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, s, k1, k0, dx));
-    }
+    struct bn_bwd a = {g, y, x, rows, E, nb, nb * U, C, U, mean, coef, dx, dweight, dbias, part, part + CHUNKS * U, m};
+    tm_run(bn_bwd_task, &a, E > SERIAL ? threads : 1);
     free(part);
     return 0;
 }
@@ -243,29 +405,42 @@ INLINE void unpool_row(const float *restrict g, const unsigned char *restrict id
     case 24: { const int c_ = 24; CALL; } break; case 32: { const int c_ = 32; CALL; } break; \
     default: { const int c_ = C; CALL; } }
 
+struct pool2 { const float *x; const unsigned char *idx_in; long N, H, W; int C; float *out; unsigned char *idx; };
+
+static void pool_fwd_task(void *arg, int tid, int n) {
+    const struct pool2 *a = arg;
+    const long H = a->H, W = a->W, OH = H / 2, OW = W / 2, rows = a->N * OH;
+    const int C = a->C;
+    for (long r = lo(rows, tid, n); r < lo(rows, tid + 1, n); r++) {
+        const float *r0 = a->x + ((r / OH * H + 2 * (r % OH)) * W) * C;
+        DISPATCH_C(C, pool_row(r0, r0 + W * C, OW, c_, a->out + r * OW * C, a->idx + r * OW * C));
+    }
+}
+
 void tm_maxpool2_forward(const float *x, long N, long H, long W, int C, float *out, unsigned char *idx,
                          int threads) {
-    const long OH = H / 2, OW = W / 2;
-    #pragma omp parallel for schedule(static) num_threads(threads) if(N * H * W * C > SERIAL)
-    for (long r = 0; r < N * OH; r++) {
-        long n = r / OH, oh = r % OH;
-        const float *r0 = x + ((n * H + 2 * oh) * W) * C;
-        DISPATCH_C(C, pool_row(r0, r0 + W * C, OW, c_, out + r * OW * C, idx + r * OW * C));
+    struct pool2 a = {x, NULL, N, H, W, C, out, idx};
+    tm_run(pool_fwd_task, &a, N * H * W * C > SERIAL ? threads : 1);
+}
+
+static void pool_bwd_task(void *arg, int tid, int n) {  /* x: the output gradient; out: dx */
+    const struct pool2 *a = arg;
+    const long H = a->H, W = a->W, OH = H / 2, OW = W / 2;
+    const int C = a->C;
+    for (long i = lo(a->N, tid, n); i < lo(a->N, tid + 1, n); i++) {
+        for (long oh = 0; oh < OH; oh++) {
+            float *d0 = a->out + ((i * H + 2 * oh) * W) * C;
+            long r = i * OH + oh;
+            DISPATCH_C(C, unpool_row(a->x + r * OW * C, a->idx_in + r * OW * C, W, OW, c_, d0, d0 + W * C));
+        }
+        if (H % 2) memset(a->out + ((i * H + H - 1) * W) * C, 0, sizeof(float) * W * C);  /* an odd last row */
     }
 }
 
 void tm_maxpool2_backward(const float *g, const unsigned char *idx, long N, long H, long W, int C, float *dx,
                           int threads) {
-    const long OH = H / 2, OW = W / 2;
-    #pragma omp parallel for schedule(static) num_threads(threads) if(N * H * W * C > SERIAL)
-    for (long n = 0; n < N; n++) {
-        for (long oh = 0; oh < OH; oh++) {
-            float *d0 = dx + ((n * H + 2 * oh) * W) * C;
-            long r = n * OH + oh;
-            DISPATCH_C(C, unpool_row(g + r * OW * C, idx + r * OW * C, W, OW, c_, d0, d0 + W * C));
-        }
-        if (H % 2) memset(dx + ((n * H + H - 1) * W) * C, 0, sizeof(float) * W * C);  /* an odd last row */
-    }
+    struct pool2 a = {g, idx, N, H, W, C, dx, NULL};
+    tm_run(pool_bwd_task, &a, N * H * W * C > SERIAL ? threads : 1);
 }
 
 /* ---- 2-D convolution for the same channels-last float32 activations: stride 1, no padding, no dilation, one
@@ -364,18 +539,25 @@ static void pack(const float *w, int Co, int Ci, int K, int flip, float *out) {
             }
 }
 
+struct conv { const float *x; long N, H, W; int Ci; const float *w; int Co, K; const float *g; float *out, *dx, *dw;
+               const float *wp; float *part; atomic_int failed; };
+
+static void conv_fwd_task(void *arg, int tid, int n) {
+    struct conv *a = arg;
+    const long H = a->H, W = a->W, OH = H - a->K + 1, OW = W - a->K + 1, rows = a->N * OH;
+    for (long r = lo(rows, tid, n); r < lo(rows, tid + 1, n); r++)
+        conv_row(a->x + ((r / OH * H + r % OH) * W) * a->Ci, W * a->Ci, a->Ci, a->K, a->wp, up8(a->Co), (int)OW,
+                 a->out + r * OW * a->Co, a->Co);
+}
+
 int tm_conv_forward(const float *x, long N, long H, long W, int Ci, const float *w, int Co, int K, float *out,
                     int threads) {
     const long OH = H - K + 1, OW = W - K + 1;
-    const int ws = up8(Co);
-    float *wp = malloc(sizeof(float) * K * K * Ci * ws);
+    float *wp = malloc(sizeof(float) * K * K * Ci * up8(Co));
     if (!wp) return 2;
     pack(w, Co, Ci, K, 0, wp);
-    #pragma omp parallel for schedule(static) num_threads(threads) if(N * OH * OW * Co > SERIAL)
-    for (long r = 0; r < N * OH; r++) {
-        long n = r / OH, oh = r % OH;
-        conv_row(x + ((n * H + oh) * W) * Ci, W * Ci, Ci, K, wp, ws, (int)OW, out + r * OW * Co, Co);
-    }
+    struct conv a = {x, N, H, W, Ci, w, Co, K, NULL, out, NULL, NULL, wp, NULL, 0};
+    tm_run(conv_fwd_task, &a, N * OH * OW * Co > SERIAL ? threads : 1);
     free(wp);
     return 0;
 }
@@ -440,66 +622,67 @@ static void wgrad_image(const float *x, long xrow, int Ci, int K, const float *g
     }
 }
 
+/* dx for images [i0, i1): the valid convolution of the output gradient, zero-padded by K-1, with the flipped
+   kernel; then dw for the fixed image slices of this thread; a barrier; then this thread's share of the slice sums,
+   in slice order, in double. */
+static void conv_bwd_task(void *arg, int tid, int n) {
+    struct conv *a = arg;
+    const long N = a->N, H = a->H, W = a->W;
+    const int Ci = a->Ci, Co = a->Co, K = a->K;
+    const long OH = H - K + 1, OW = W - K + 1, KK = K * K, PH = OH + 2 * (K - 1), PW = OW + 2 * (K - 1);
+    const int ws = up8(Co), gs = Co % 8 ? ws : Co;  /* g is copied at stride ws if Co % 8 */
+    const long nw = KK * Ci * ws;
+    const long padded = a->dx ? PH * PW * Co : 0, copied = gs != Co ? OH * OW * gs : 0;
+    float *buf = malloc(sizeof(float) * (padded + copied + 1));
+    if (!buf) atomic_store(&a->failed, 1);
+    if (a->dx && buf)
+        for (long i = lo(N, tid, n); i < lo(N, tid + 1, n); i++) {
+            const float *gn = a->g + i * OH * OW * Co;
+            memset(buf, 0, sizeof(float) * padded);
+            for (long oh = 0; oh < OH; oh++)
+                memcpy(buf + ((oh + K - 1) * PW + K - 1) * Co, gn + oh * OW * Co, sizeof(float) * OW * Co);
+            for (long r = 0; r < H; r++)
+                conv_row(buf + r * PW * Co, PW * Co, Co, K, a->wp, up8(Ci), (int)W, a->dx + ((i * H + r) * W) * Ci,
+                         Ci);
+        }
+    for (long k = lo(CHUNKS, tid, n); k < lo(CHUNKS, tid + 1, n); k++) {
+        float *pw = a->part + k * nw;
+        memset(pw, 0, sizeof(float) * nw);
+        if (!buf) continue;
+        for (long i = N * k / CHUNKS; i < N * (k + 1) / CHUNKS; i++) {
+            const float *gn = a->g + i * OH * OW * Co;
+            if (copied) {
+                float *gc = buf + padded;
+                for (long j = 0; j < OH * OW; j++) {
+                    memcpy(gc + j * gs, gn + j * Co, sizeof(float) * Co);
+                    memset(gc + j * gs + Co, 0, sizeof(float) * (gs - Co));
+                }
+                gn = gc;
+            }
+            wgrad_image(a->x + i * H * W * Ci, W * Ci, Ci, K, gn, gs, (int)OH, (int)OW, Co, pw);
+        }
+    }
+    free(buf);
+    tm_barrier(n);
+    for (long e = lo(nw, tid, n); e < lo(nw, tid + 1, n); e++) {  /* e = [kh][kw][ci][co] of the padded layout */
+        long co = e % ws, ci = e / ws % Ci, t = e / ws / Ci;
+        if (co >= Co) continue;
+        double sum = 0;
+        for (int k = 0; k < CHUNKS; k++) sum += a->part[k * nw + e];
+        a->dw[(co * Ci + ci) * KK + t] = (float)sum;
+    }
+}
+
 /* g: the gradient of out (N x OH x OW x Co). Writes dx (N x H x W x Ci; skipped when dx is NULL) and dw
    (Co x Ci x K x K). */
 int tm_conv_backward(const float *x, long N, long H, long W, int Ci, const float *w, int Co, int K,
                      const float *g, float *dx, float *dw, int threads) {
-    const long OH = H - K + 1, OW = W - K + 1, KK = K * K;
-    const int wsx = up8(Ci), ws = up8(Co), gs = Co % 8 ? ws : Co;  /* g is copied at stride ws if Co % 8 */
-    const long PH = OH + 2 * (K - 1), PW = OW + 2 * (K - 1);       /* g zero-padded for dx */
-    const long nw = KK * Ci * ws;
-    float *wt = malloc(sizeof(float) * KK * Co * wsx), *part = malloc(sizeof(float) * CHUNKS * nw);
+    const long OH = H - K + 1, OW = W - K + 1, nw = (long)K * K * Ci * up8(Co);
+    float *wt = malloc(sizeof(float) * K * K * Co * up8(Ci)), *part = malloc(sizeof(float) * CHUNKS * nw);
     if (!wt || !part) { free(wt); free(part); return 2; }
     pack(w, Co, Ci, K, 1, wt);
-    int failed = 0;
-    #pragma omp parallel num_threads(threads) if(N * OH * OW * Co > SERIAL)
-    {
-        const long padded = dx ? PH * PW * Co : 0, copied = gs != Co ? OH * OW * gs : 0;
-        float *buf = malloc(sizeof(float) * (padded + copied + 1));
-        if (!buf) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        if (dx) {
-            #pragma omp for schedule(static) nowait
-            for (long n = 0; n < N; n++) {
-                if (!buf) continue;
-                const float *gn = g + n * OH * OW * Co;
-                memset(buf, 0, sizeof(float) * padded);
-                for (long oh = 0; oh < OH; oh++)
-                    memcpy(buf + ((oh + K - 1) * PW + K - 1) * Co, gn + oh * OW * Co, sizeof(float) * OW * Co);
-                for (long i = 0; i < H; i++)
-                    conv_row(buf + i * PW * Co, PW * Co, Co, K, wt, wsx, (int)W, dx + ((n * H + i) * W) * Ci, Ci);
-            }
-        }
-        #pragma omp for schedule(static)
-        for (int k = 0; k < CHUNKS; k++) {
-            float *pw = part + k * nw;
-            memset(pw, 0, sizeof(float) * nw);
-            if (!buf) continue;
-            for (long n = N * k / CHUNKS; n < N * (k + 1) / CHUNKS; n++) {
-                const float *gn = g + n * OH * OW * Co;
-                if (copied) {
-                    float *gc = buf + padded;
-                    for (long i = 0; i < OH * OW; i++) {
-                        memcpy(gc + i * gs, gn + i * Co, sizeof(float) * Co);
-                        memset(gc + i * gs + Co, 0, sizeof(float) * (gs - Co));
-                    }
-                    gn = gc;
-                }
-                wgrad_image(x + n * H * W * Ci, W * Ci, Ci, K, gn, gs, (int)OH, (int)OW, Co, pw);
-            }
-        }
-        #pragma omp for schedule(static)
-        for (long e = 0; e < nw; e++) {  /* e = [kh][kw][ci][co] of the padded layout */
-            long co = e % ws, ci = e / ws % Ci, t = e / ws / Ci;
-            if (co >= Co) continue;
-            double s = 0;
-            for (int k = 0; k < CHUNKS; k++) s += part[k * nw + e];
-            dw[(co * Ci + ci) * KK + t] = (float)s;
-        }
-        free(buf);
-    }
+    struct conv a = {x, N, H, W, Ci, w, Co, K, g, NULL, dx, dw, wt, part, 0};
+    tm_run(conv_bwd_task, &a, N * OH * OW * Co > SERIAL ? threads : 1);
     free(wt); free(part);
-    return failed ? 2 : 0;
+    return atomic_load(&a.failed) ? 2 : 0;
 }
