@@ -341,3 +341,36 @@ def test_the_helpers_wait_as_the_user_asked(monkeypatch, env, expected):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert runtime.pool_spin_us() == (runtime.SPIN_US if expected == "default" else expected)
+
+
+def test_two_python_threads_may_train_on_the_kernels_at_once(built):
+    import threading
+
+    from tinymnist.kernels import Conv2d
+
+    cases = [_conv_case(64, 8, 26, 26, 16, 3, seed=s) for s in (5, 6)]
+
+    def grad(case):
+        x, weight, g = case
+        conv = Conv2d(8, 16, 3, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+        for _ in range(5):  # ctypes lets go of the GIL: the two threads' calls overlap
+            conv.weight.grad = None
+            conv(x).backward(g)
+        return conv.weight.grad
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        alone = [grad(c) for c in cases]
+        together = [None, None]
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, grad(cases[i]))) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        torch.set_num_threads(before)
+    assert not any(t.is_alive() for t in threads), "the kernels deadlocked"
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))

@@ -110,7 +110,10 @@ static void *helper(void *arg) {
     return NULL;
 }
 
-static void after_fork_in_child(void) {  /* the helpers did not come along */
+static pthread_mutex_t run_mu = PTHREAD_MUTEX_INITIALIZER;  /* one operation at a time */
+
+static void after_fork_in_child(void) {  /* the helpers did not come along, nor did a lock another thread held */
+    pthread_mutex_init(&run_mu, NULL);
     pthread_mutex_init(&P.mu, NULL);
     pthread_cond_init(&P.cv, NULL);
     P.helpers = 0;
@@ -141,11 +144,12 @@ static int ensure_helpers(int n) {
     return P.helpers + 1 < n ? P.helpers + 1 : n;
 }
 
-/* The calling thread must not be inside another tm_run (operations do not nest), and one thread at a time calls
-   it: the training step runs on one Python thread, and the Python wrappers hold the GIL-free call short. */
+/* Operations do not nest (a task never calls tm_run). Callers on several threads (ctypes releases the GIL) take
+   turns: the pool runs one operation at a time. */
 static void tm_run(task_fn fn, void *arg, int n) {
     if (n > 1) n = ensure_helpers(n);
     if (n <= 1) { fn(arg, 0, 1); return; }
+    pthread_mutex_lock(&run_mu);
     P.fn = fn; P.arg = arg;
     atomic_store(&P.pending, n - 1);
     atomic_store(&P.bar_count, 0);
@@ -158,6 +162,7 @@ static void tm_run(task_fn fn, void *arg, int n) {
     fn(arg, 0, n);
     for (unsigned i = 1; atomic_load_explicit(&P.pending, memory_order_acquire) > 0; i++)
         if (i % 32) relax(); else sched_yield();
+    pthread_mutex_unlock(&run_mu);
 }
 
 /* all n threads of the current operation meet here */
