@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import runtime
+from .kernels import OPS as KERNEL_OPS
 from .config import AugConfig, TrainConfig
 from .data import MEAN, MNIST, STD, Loader, load_mnist
 from .device import (autocast, available_cores, configure_threads, hardware, seed_everything, sync,
@@ -372,7 +373,7 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
         results["ratios"]["two-runs/one"] = round(results["two_runs"]["images_per_s"] / single, 3)
     results["env"] = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
                       "precision": cfg.precision, "memory_format": cfg.memory_format, "kernels": cfg.kernels,
-                      "hardware": facts,
+                      "kernel_ops": list(KERNEL_OPS), "hardware": facts,
                       "classic_workers": workers, "model": model_name, "batch_size": bs,
                       "aug": {"rotate": cfg.aug.rotate, "translate": cfg.aug.translate, "scale": cfg.aug.scale},
                       "python": platform.python_version(), "platform": platform.platform(),
