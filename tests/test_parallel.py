@@ -86,6 +86,24 @@ def test_check_histories_do_not_depend_on_jobs(tmp_path):
         assert "val_acc" in a["history"][0]
 
 
+def test_on_the_c_kernels_a_history_does_not_depend_on_the_thread_count(tmp_path):
+    # the kernels sum over fixed slices and PyTorch's remaining training ops are elementwise or small: measured on
+    # the full recipe too (results/check-final-jobs*.json: 2 threads per run and 1, the same five histories)
+    from tinymnist.kernels import library
+
+    if library()[0] is None:
+        pytest.skip("no C compiler here: the kernels do not run")
+    synthetic_mnist(tmp_path / "d", n_train=256, n_test=64)
+    args = ["check", "final", "--seeds", "1", "--epochs", "2", "--last", "2", "--batch-size", "64", "--val", "32",
+            "--data-dir", str(tmp_path / "d"), "--no-progress", "--jobs", "1", "--kernels", "fused"]
+    for threads in ("1", "2"):
+        main(args + ["--threads", threads, "--runs", str(tmp_path / f"runs{threads}"),
+                     "--json", str(tmp_path / f"ev{threads}.json")])
+    one, two = (json.loads((tmp_path / f"ev{t}.json").read_text()) for t in ("1", "2"))
+    assert (one["threads_per_run"], two["threads_per_run"]) == (1, 2)
+    assert without_time(one["seeds"][0]["history"]) == without_time(two["seeds"][0]["history"])
+
+
 def test_failed_seeds_are_named_and_check_exits_non_zero(tmp_path, capsys, monkeypatch):
     # no data: every seed fails in its worker, each is named on its own line, and the command ends in one line
     monkeypatch.setenv("TINYMNIST_MIRRORS", "http://127.0.0.1:9/")  # nothing listens there: fails at once
