@@ -454,7 +454,8 @@ void tm_maxpool2_backward(const float *g, const unsigned char *idx, long N, long
  *
  * Why: PyTorch runs these through oneDNN, which for 1-16 channels reorders activations and weights into blocked
  * layouts around every call (about 20 extra parallel operations per training step of Model_7) and reaches about
- * a third of the machine's multiply rate in the backward pass. Each call here is one parallel region.
+ * a third of the machine's multiply rate in the backward pass. Each call here is one operation of the thread pool
+ * above.
  *
  * forward:   a tile of PB consecutive output pixels x 8*CV output channels is held in registers; each step
  *            broadcasts one input value per pixel against a vector of packed weights ([kh][kw][ci][co]).
