@@ -30,9 +30,10 @@ build is atomic, so parallel workers never load half a library. Where no compile
 
 Results: the batch norm kernels and the convolutions' weight gradient sum over fixed slices of the batch in double,
 and every other output is computed whole by one thread, so the results depend on the data alone, not on the thread
-count. They are not bit-identical to PyTorch's kernels (another summation order), so a run
-trained fused and one trained native differ in the last digits, and then in their histories, as runs with different
-thread counts do. tests/test_kernels.py holds them to PyTorch's outputs, gradients and running statistics.
+count; whole fused runs of the final recipe at 1 and 2 threads had identical histories (results/check-final-jobs*.json).
+They are not bit-identical to PyTorch's kernels (another summation order), so a run trained fused and one trained
+native differ in the last digits, and then in their histories. tests/test_kernels.py holds them to PyTorch's
+outputs, gradients and running statistics.
 """
 
 from __future__ import annotations
@@ -294,21 +295,26 @@ def _is_plain_2x2(m: nn.Module) -> bool:
             and m.padding in (0, (0, 0)) and m.dilation in (1, (1, 1)) and not m.ceil_mode and not m.return_indices)
 
 
-def swap_max_pools(model: nn.Module) -> int:
-    """Replace each plain 2x2 nn.MaxPool2d (stride 2, no padding) by a MaxPool2x2, in place; returns how many."""
+def _swap(model: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]) -> int:
+    """Replace each submodule for which `match` holds by `make(it)`, in place; returns how many."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if _is_plain_2x2(child):
-                setattr(parent, name, MaxPool2x2())
+            if match(child):
+                setattr(parent, name, make(child))
                 count += 1
     return count
 
 
+def swap_max_pools(model: nn.Module) -> int:
+    """Replace each plain 2x2 nn.MaxPool2d (stride 2, no padding) by a MaxPool2x2, in place; returns how many."""
+    return _swap(model, _is_plain_2x2, lambda _: MaxPool2x2())
+
+
 class _Conv2d(torch.autograd.Function):
     """conv2d(x, weight) with stride 1, no padding, no dilation, one group and no bias, on the C kernels: one
-    parallel region per call in each direction, no layout reorders. Its results are the same at any thread
-    count; they differ from oneDNN's in the last bits (another summation order)."""
+    operation of their thread pool per call in each direction, no layout reorders. Its results are the same at any
+    thread count; they differ from oneDNN's in the last bits (another summation order)."""
 
     @staticmethod
     def forward(ctx, x, weight):
@@ -354,20 +360,17 @@ def _is_plain_conv(m: nn.Module) -> bool:
             and m.dilation == (1, 1) and m.padding in ((0, 0), "valid") and m.kernel_size[0] == m.kernel_size[1])
 
 
+def _kernel_conv(old: nn.Conv2d) -> Conv2d:
+    conv = Conv2d(old.in_channels, old.out_channels, old.kernel_size, bias=False, device=old.weight.device,
+                  dtype=old.weight.dtype)
+    conv.weight = old.weight  # the same tensor: an optimizer may already hold it
+    return conv.train(old.training)
+
+
 def swap_convs(model: nn.Module) -> int:
     """Replace each stride-1, unpadded, ungrouped, bias-free square nn.Conv2d by a Conv2d, in place, keeping its
     weight tensor; returns how many."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if _is_plain_conv(child):
-                conv = Conv2d(child.in_channels, child.out_channels, child.kernel_size, bias=False,
-                              device=child.weight.device, dtype=child.weight.dtype)
-                conv.weight = child.weight
-                conv.train(child.training)
-                setattr(parent, name, conv)
-                count += 1
-    return count
+    return _swap(model, _is_plain_conv, _kernel_conv)
 
 
 def use_kernels(model: nn.Module) -> int:
