@@ -22,6 +22,8 @@ of Model_7 hardly faster than one (strace: ~200 futex calls per step). The pool'
 by spinning with sched_yield(), so they are awake when the next operation comes while a process beside them still
 gets the core at once; after runtime.SPIN_US without work they sleep. Measured on that host (interleaved, 2
 threads, 80 steps, 3 repeats): 5,479-6,817 images/s against 4,652-5,236 with helpers that sleep at once.
+These were one-off measurements with scratch scripts (quoted in the commit messages); `tinymnist bench` is the
+repeatable one.
 
 The C source is built once per machine with the system's C compiler (CC, or cc/gcc/clang on PATH; POSIX threads,
 no OpenMP needed) for this CPU (-march=native), into a cache (TINYMNIST_CACHE, else ~/.cache/tinymnist). The

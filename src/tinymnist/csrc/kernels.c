@@ -545,7 +545,7 @@ static void pack(const float *w, int Co, int Ci, int K, int flip, float *out) {
             }
 }
 
-struct conv { const float *x; long N, H, W; int Ci; const float *w; int Co, K; const float *g; float *out, *dx, *dw;
+struct conv { const float *x; long N, H, W; int Ci, Co, K; const float *g; float *out, *dx, *dw;
                const float *wp; float *part; atomic_int failed; };
 
 static void conv_fwd_task(void *arg, int tid, int n) {
@@ -562,7 +562,7 @@ int tm_conv_forward(const float *x, long N, long H, long W, int Ci, const float 
     float *wp = malloc(sizeof(float) * K * K * Ci * up8(Co));
     if (!wp) return 2;
     pack(w, Co, Ci, K, 0, wp);
-    struct conv a = {x, N, H, W, Ci, w, Co, K, NULL, out, NULL, NULL, wp, NULL, 0};
+    struct conv a = {x, N, H, W, Ci, Co, K, NULL, out, NULL, NULL, wp, NULL, 0};
     tm_run(conv_fwd_task, &a, N * OH * OW * Co > SERIAL ? threads : 1);
     free(wp);
     return 0;
@@ -687,7 +687,7 @@ int tm_conv_backward(const float *x, long N, long H, long W, int Ci, const float
     float *wt = malloc(sizeof(float) * K * K * Co * up8(Ci)), *part = malloc(sizeof(float) * CHUNKS * nw);
     if (!wt || !part) { free(wt); free(part); return 2; }
     pack(w, Co, Ci, K, 1, wt);
-    struct conv a = {x, N, H, W, Ci, w, Co, K, g, NULL, dx, dw, wt, part, 0};
+    struct conv a = {x, N, H, W, Ci, Co, K, g, NULL, dx, dw, wt, part, 0};
     tm_run(conv_bwd_task, &a, N * OH * OW * Co > SERIAL ? threads : 1);
     free(wt); free(part);
     return atomic_load(&a.failed) ? 2 : 0;
