@@ -79,7 +79,7 @@ def run_check(step_name: str, seeds: int, last: int = 5, data_dir: Optional[str]
         run_dir.mkdir(parents=True)  # claim the name now: every seed starts within the same second
         runs.append(Job(f"seed {seed}", train_job, dict(
             config=replace(base, seed=seed).to_dict(), run_dir=str(run_dir), name=f"{step.name}-seed{seed}",
-            data_dir=data_dir, device=device, threads=per_run)))
+            data_dir=data_dir, device=device, threads=per_run), parts=base.epochs if workers > 1 else 1))
 
     def report(o) -> None:
         if not o.ok:

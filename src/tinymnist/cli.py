@@ -314,7 +314,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         run_dir = new_run_dir(s.name, args.runs)
         run_dir.mkdir(parents=True)
         jobs.append(Job(s.name, train_job, dict(config=s.config.to_dict(), run_dir=str(run_dir), name=s.name,
-                                                data_dir=args.data_dir, device=args.device, threads=threads)))
+                                                data_dir=args.data_dir, device=args.device, threads=threads),
+                        parts=s.config.epochs if workers > 1 else 1))
 
     def done(o) -> None:
         if not o.ok:

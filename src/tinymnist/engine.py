@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import random
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -155,52 +157,119 @@ def evaluate(model: nn.Module, loader: Loader, verbose: bool = True, precision: 
     return m
 
 
+class Trainer:
+    """One recipe in training: model, optimizer, schedule, EMA, loaders and every RNG, advanced an epoch at a time.
+
+    state_dict() holds all that the next epoch depends on, so a run stopped after any epoch and resumed from it,
+    in this process or another, gives the same history as a run that never stopped (the same seed, device and
+    threads). That is what lets parallel runs move between worker processes at epoch boundaries."""
+
+    def __init__(self, cfg: TrainConfig, data: MNIST):
+        device = data.train_images.device
+        seed_everything(cfg.seed)
+        if "auto" in (cfg.precision, cfg.memory_format, cfg.kernels):  # train_run resolves (and warns) before
+            cfg = resolve_for(cfg, device, hardware(device), warn=False)
+        self.cfg, self.device = cfg, device
+        self.fmt = torch_memory_format(cfg.memory_format)
+        self.model = build_for(cfg, device)
+        train_images, train_labels = data.train_images, data.train_labels
+        self.val = None
+        if cfg.val:
+            keep, held = (i.to(device) for i in validation_split(data.train_labels, cfg.val))
+            self.val = Loader(train_images[held], train_labels[held], cfg.eval_batch_size,
+                              limit_batches=cfg.limit_batches)
+            train_images, train_labels = train_images[keep], train_labels[keep]
+        self.train = Loader(train_images, train_labels, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                            aug=cfg.aug, limit_batches=cfg.limit_batches)
+        self.test = Loader(data.test_images, data.test_labels, cfg.eval_batch_size, limit_batches=cfg.limit_batches)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scheduler, self.per_batch = make_scheduler(self.optimizer, cfg, len(self.train))
+        self.ema = EMA(self.model, cfg.ema) if cfg.ema else None
+        self.history: list[dict] = []
+
+    @property
+    def final(self) -> Net:
+        """The model that is evaluated and kept: the EMA average when the recipe has one, else the raw model."""
+        return self.ema.model if self.ema else self.model
+
+    @property
+    def done(self) -> bool:
+        return len(self.history) >= self.cfg.epochs
+
+    def run_epoch(self, progress: Optional[bool] = None, verbose: bool = True) -> dict:
+        """Train one epoch, evaluate, and return (and keep) its history record."""
+        cfg, epoch = self.cfg, len(self.history) + 1
+        t0 = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]  # the LR at the start of the epoch
+        tr = train_epoch(self.model, self.train, self.optimizer, self.scheduler if self.per_batch else None,
+                         cfg.label_smoothing, desc=f"epoch {epoch}/{cfg.epochs}", progress=progress, ema=self.ema,
+                         precision=cfg.precision, memory_format=self.fmt)
+        if verbose:
+            print(f"Epoch {epoch:2d}/{cfg.epochs}: train loss {tr.loss:.4f}, train accuracy {tr.acc:.2f}%, lr {lr:.3e}")
+        record = {"epoch": epoch, "train_loss": round(tr.loss, 6), "train_acc": round(tr.acc, 4)}
+        if self.val is not None:
+            va = evaluate(self.final, self.val, verbose=False, precision=cfg.precision, memory_format=self.fmt)
+            record.update(val_loss=round(va.loss, 6), val_acc=round(va.acc, 4))
+            if verbose:
+                print(f"Validation set: Average loss: {va.loss:.4f}, Accuracy: {va.correct}/{va.total} ({va.acc:.2f}%)")
+        te = evaluate(self.final, self.test, verbose=verbose, precision=cfg.precision, memory_format=self.fmt)
+        if self.scheduler is not None and not self.per_batch:
+            self.scheduler.step()
+        sync(self.device)
+        record.update(test_loss=round(te.loss, 6), test_acc=round(te.acc, 4), lr=lr,
+                      seconds=round(time.perf_counter() - t0, 3))
+        self.history.append(record)
+        return record
+
+    def state_dict(self) -> dict:
+        """Everything the next epoch depends on, as tensors and plain values (torch.save, weights_only loads it)."""
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+               "order": self.train.order_gen.get_state(), "aug": self.train.aug_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"epoch": len(self.history), "history": list(self.history), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "ema": {"model": self.ema.model.state_dict(), "updates": self.ema.updates} if self.ema else None,
+                "rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from state_dict() of the same recipe: the next run_epoch() is the epoch after the saved one."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.model.load_state_dict(state["ema"]["model"])
+            self.ema.updates = int(state["ema"]["updates"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_python_rng_state(rng["python"]))
+        kind, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        self.train.order_gen.set_state(rng["order"])
+        self.train.aug_gen.set_state(rng["aug"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.history = list(state["history"])
+
+
+def _python_rng_state(state):
+    """random.setstate wants (version, tuple of ints, gauss); a saved and loaded state may come back as lists."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
 def fit(cfg: TrainConfig, data: MNIST, on_epoch: Optional[Callable[[dict, Net], None]] = None,
         progress: Optional[bool] = None, verbose: bool = True) -> tuple[Net, list[dict]]:
     """Train `cfg` on `data` (already on the training device); return the model and per-epoch history.
 
     With cfg.ema, the averaged model is the one evaluated and returned; train metrics are the raw model's."""
-    device = data.train_images.device
-    seed_everything(cfg.seed)
-    if "auto" in (cfg.precision, cfg.memory_format, cfg.kernels):  # train_run resolves (and warns) before
-        cfg = resolve_for(cfg, device, hardware(device), warn=False)
-    fmt = torch_memory_format(cfg.memory_format)
-    model = build_for(cfg, device)
-    train_images, train_labels = data.train_images, data.train_labels
-    val = None
-    if cfg.val:
-        keep, held = (i.to(device) for i in validation_split(data.train_labels, cfg.val))
-        val = Loader(train_images[held], train_labels[held], cfg.eval_batch_size, limit_batches=cfg.limit_batches)
-        train_images, train_labels = train_images[keep], train_labels[keep]
-    train = Loader(train_images, train_labels, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                   aug=cfg.aug, limit_batches=cfg.limit_batches)
-    test = Loader(data.test_images, data.test_labels, cfg.eval_batch_size, limit_batches=cfg.limit_batches)
-    optimizer = make_optimizer(model, cfg)
-    scheduler, per_batch = make_scheduler(optimizer, cfg, len(train))
-    ema = EMA(model, cfg.ema) if cfg.ema else None
-    final = ema.model if ema else model
-    history: list[dict] = []
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]  # the LR at the start of the epoch
-        tr = train_epoch(model, train, optimizer, scheduler if per_batch else None, cfg.label_smoothing,
-                         desc=f"epoch {epoch}/{cfg.epochs}", progress=progress, ema=ema, precision=cfg.precision,
-                         memory_format=fmt)
-        if verbose:
-            print(f"Epoch {epoch:2d}/{cfg.epochs}: train loss {tr.loss:.4f}, train accuracy {tr.acc:.2f}%, lr {lr:.3e}")
-        record = {"epoch": epoch, "train_loss": round(tr.loss, 6), "train_acc": round(tr.acc, 4)}
-        if val is not None:
-            va = evaluate(final, val, verbose=False, precision=cfg.precision, memory_format=fmt)
-            record.update(val_loss=round(va.loss, 6), val_acc=round(va.acc, 4))
-            if verbose:
-                print(f"Validation set: Average loss: {va.loss:.4f}, Accuracy: {va.correct}/{va.total} ({va.acc:.2f}%)")
-        te = evaluate(final, test, verbose=verbose, precision=cfg.precision, memory_format=fmt)
-        if scheduler is not None and not per_batch:
-            scheduler.step()
-        sync(device)
-        record.update(test_loss=round(te.loss, 6), test_acc=round(te.acc, 4), lr=lr,
-                      seconds=round(time.perf_counter() - t0, 3))
-        history.append(record)
+    trainer = Trainer(cfg, data)
+    while not trainer.done:
+        record = trainer.run_epoch(progress=progress, verbose=verbose)
         if on_epoch is not None:
-            on_epoch(record, final)
-    return final, history
+            on_epoch(record, trainer.final)
+    return trainer.final, trainer.history

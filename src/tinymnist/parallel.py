@@ -23,11 +23,17 @@ POLL = 0.5  # seconds between checks that every worker is still alive
 
 @dataclass(frozen=True)
 class Job:
-    """One run: `fn(**kwargs)` in a worker. `fn` is a module-level function, so a spawned process can import it."""
+    """One run: `fn(**kwargs)` in a worker. `fn` is a module-level function, so a spawned process can import it.
+
+    parts > 1: the run comes in that many pieces, `fn(**kwargs, part=k)` for k = 0, 1, ... in order, each
+    continuing from what the one before left on disk (runs.train_job: one epoch each). Any worker may take any
+    piece, so the last runs' pieces spread over every worker instead of leaving cores idle; the last piece's
+    return value is the run's result."""
 
     label: str  # names the run in messages: "seed 3", "step gap", "trial 12"
     fn: Callable[..., Any]
     kwargs: dict = field(default_factory=dict)
+    parts: int = 1
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,64 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+class Schedule:
+    """Which piece of which run a free worker trains next.
+
+    While there are at least twice as many unfinished runs as workers, a worker keeps the run it has, so runs
+    finish (and are reported) early, as whole runs one after another would. After that, a free worker takes
+    the next piece of the run with the most pieces left that no worker holds: the last runs share every worker
+    and end together, instead of one run finishing alone on one core while the others idle. For n runs of
+    equal length on w workers this ends after ceil(total pieces / w) piece-times, the least possible."""
+
+    def __init__(self, parts: Sequence[int], workers: int):
+        self.total = list(parts)
+        self.left = list(parts)  # pieces not yet done, per run
+        self.workers = workers
+        self.busy: set[int] = set()  # runs with a piece in a worker now
+        self.closed: set[int] = set()  # runs finished or failed
+        self.last: dict[int, int] = {}  # worker -> the run it trained last
+
+    def next_piece(self, worker: int) -> Optional[tuple[int, int]]:
+        """(run, part) for `worker`, or None when no piece is free now."""
+        open_runs = [i for i in range(len(self.left)) if i not in self.closed]
+        free = [i for i in open_runs if i not in self.busy]
+        if not free:
+            return None
+        mine = self.last.get(worker)
+        if mine in free and len(open_runs) >= 2 * self.workers:
+            pick = mine
+        elif len(open_runs) >= 2 * self.workers:
+            pick = min(free, key=lambda i: (self._started(i), i))  # the next run in order, not yet started
+        else:
+            pick = max(free, key=lambda i: (self.left[i], -i))
+        self.busy.add(pick)
+        self.last[worker] = pick
+        return pick, self.done_parts(pick)
+
+    def _started(self, i: int) -> bool:
+        return self.done_parts(i) > 0 or i in self.busy
+
+    def done_parts(self, i: int) -> int:
+        return self.total[i] - self.left[i]
+
+    def piece_done(self, run: int) -> bool:
+        """Record a finished piece; return True when it was the run's last."""
+        self.busy.discard(run)
+        self.left[run] -= 1
+        if self.left[run] == 0:
+            self.closed.add(run)
+            return True
+        return False
+
+    def fail(self, run: int) -> None:
+        self.busy.discard(run)
+        self.closed.add(run)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.closed) == len(self.left)
 
 
 def plan(runs: int, jobs: int = 0, threads: int = 0, device_type: str = "cpu") -> tuple[int, int]:
@@ -60,9 +124,10 @@ def _one_line(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {text[0]}" if text else e.__class__.__name__
 
 
-def _call(job: Job) -> Outcome:
+def _call(job: Job, part: Optional[int] = None) -> Outcome:
     try:
-        return Outcome(job.label, result=job.fn(**job.kwargs))
+        kwargs = job.kwargs if part is None else {**job.kwargs, "part": part}
+        return Outcome(job.label, result=job.fn(**kwargs))
     except Exception as e:  # a failed run is reported in one line; the others go on
         return Outcome(job.label, error=_one_line(e))
 
@@ -71,15 +136,14 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt  # unwinds the run: atomic writes drop their temporary files, Optuna fails its trial
 
 
-def _worker(tasks, results, threads: int) -> None:
+def _worker(wid: int, tasks, results, threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides, with SIGTERM
     signal.signal(signal.SIGTERM, _terminated)
     configure_threads(threads)
     try:
         while (item := tasks.get()) is not None:
-            i, job = item
-            results.put(("start", i, os.getpid()))
-            results.put(("done", i, _call(job)))
+            i, part, job = item
+            results.put(("done", wid, i, _call(job, part if job.parts > 1 else None)))
     except KeyboardInterrupt:
         sys.exit(143)  # stopped by the parent; its run was unwound above, and the parent prints the one line
 
@@ -88,67 +152,90 @@ def run_jobs(jobs: Sequence[Job], workers: int, threads: int, on_done: Optional[
              progress: Optional[bool] = None, desc: str = "runs") -> list[Outcome]:
     """Run every job, `workers` at a time with `threads` each; return their outcomes in the order given.
 
-    on_done sees each outcome as it finishes (the caller prints its line). A failed run does not stop the others.
-    Ctrl-C stops every worker (their open files are discarded, finished runs stay complete) and re-raises."""
+    Jobs in parts go piece by piece to whichever worker Schedule picks. on_done sees each outcome as its run
+    finishes (the caller prints its line). A failed run does not stop the others. Ctrl-C stops every worker (their
+    open files are discarded, finished runs stay complete) and re-raises."""
     outcomes: list[Optional[Outcome]] = [None] * len(jobs)
-    bar = tqdm(total=len(jobs), desc=desc, unit="run", disable=None if progress is None else not progress,
-               dynamic_ncols=True, file=sys.stderr)
+    pieces = any(j.parts > 1 for j in jobs)
+    bar = tqdm(total=sum(j.parts for j in jobs), desc=desc, unit="epoch" if pieces else "run",
+               disable=None if progress is None else not progress, dynamic_ncols=True, file=sys.stderr)
 
     def finish(i: int, outcome: Outcome) -> None:
         outcomes[i] = outcome
         if on_done is not None:
             with bar.external_write_mode():
                 on_done(outcome)
-        bar.update(1)
 
     try:
         if workers <= 1:
             configure_threads(threads)
             for i, job in enumerate(jobs):
-                finish(i, _call(job))
+                for part in range(job.parts):
+                    outcome = _call(job, part if job.parts > 1 else None)
+                    bar.update(1 if outcome.ok else job.parts - part)
+                    if not outcome.ok or part == job.parts - 1:
+                        finish(i, outcome)
+                        break
         else:
-            _pool(jobs, workers, threads, finish)
+            _pool(jobs, workers, threads, finish, bar.update)
     finally:
         bar.close()
     return outcomes  # type: ignore[return-value]
 
 
-def _pool(jobs: Sequence[Job], workers: int, threads: int, finish: Callable[[int, Outcome], None]) -> None:
+def _pool(jobs: Sequence[Job], workers: int, threads: int, finish: Callable[[int, Outcome], None],
+          advance: Callable[[int], Any]) -> None:
     ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
-    tasks, results = ctx.Queue(), ctx.Queue()
-    for item in enumerate(jobs):
-        tasks.put(item)
-    for _ in range(workers):
-        tasks.put(None)
-    procs = [ctx.Process(target=_worker, args=(tasks, results, threads), daemon=True) for _ in range(workers)]
+    results = ctx.Queue()
+    inboxes = [ctx.Queue() for _ in range(workers)]  # each worker is handed one piece at a time
+    procs = [ctx.Process(target=_worker, args=(w, inboxes[w], results, threads), daemon=True) for w in range(workers)]
     for p in procs:
         p.start()
-    running: dict[int, int] = {}  # pid -> job index
-    pending = set(range(len(jobs)))
+    schedule = Schedule([j.parts for j in jobs], workers)
+    holding: dict[int, int] = {}  # worker -> the run whose piece it trains now
+    alive = set(range(workers))
 
-    def settle(i: int, outcome: Outcome) -> None:
-        pending.discard(i)
+    def hand_out() -> None:
+        for w in sorted(alive - set(holding)):
+            piece = schedule.next_piece(w)
+            if piece is None:
+                break
+            holding[w] = piece[0]
+            inboxes[w].put((piece[0], piece[1], jobs[piece[0]]))
+
+    def fail(i: int, outcome: Outcome) -> None:
+        advance(schedule.left[i])
+        schedule.fail(i)
         finish(i, outcome)
 
     try:
-        while pending:
+        hand_out()
+        while not schedule.finished:
             try:
-                msg = results.get(timeout=POLL)
+                _, w, i, outcome = results.get(timeout=POLL)
             except queue.Empty:
-                for p in procs:
-                    if p.exitcode not in (None, 0) and p.pid in running:  # killed mid-run: only its run is lost
-                        i = running.pop(p.pid)
-                        settle(i, Outcome(jobs[i].label, error=f"worker process died (exit code {p.exitcode})"))
-                if pending and not any(p.is_alive() for p in procs) and results.empty():
-                    for i in sorted(pending):
-                        settle(i, Outcome(jobs[i].label, error="not run: every worker process died"))
+                for w, p in enumerate(procs):
+                    if w in alive and p.exitcode is not None:  # killed mid-run: only its run is lost
+                        alive.discard(w)
+                        if w in holding:
+                            i = holding.pop(w)
+                            fail(i, Outcome(jobs[i].label, error=f"worker process died (exit code {p.exitcode})"))
+                if not alive and results.empty():
+                    for i in range(len(jobs)):
+                        if i not in schedule.closed:
+                            fail(i, Outcome(jobs[i].label, error="not run: every worker process died"))
+                hand_out()
                 continue
-            if msg[0] == "start":
-                running[msg[2]] = msg[1]
+            holding.pop(w, None)
+            if not outcome.ok:
+                fail(i, outcome)
             else:
-                _, i, outcome = msg
-                running = {pid: j for pid, j in running.items() if j != i}
-                settle(i, outcome)
+                advance(1)
+                if schedule.piece_done(i):
+                    finish(i, outcome)
+            hand_out()
+        for inbox in inboxes:
+            inbox.put(None)
     except BaseException:
         for p in procs:
             if p.is_alive():
@@ -160,4 +247,3 @@ def _pool(jobs: Sequence[Job], workers: int, threads: int, finish: Callable[[int
         raise
     for p in procs:
         p.join()
-

@@ -1,4 +1,5 @@
-"""Run directories: config.json, history.json, model.pt and curves.png, each written atomically."""
+"""Run directories: config.json, history.json, model.pt and curves.png, each written atomically, and resume.pt,
+the state a stopped run continues from."""
 
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ import torch
 
 from . import __version__
 from .config import TrainConfig
-from .data import MNIST, VAL_SEED, load_mnist, split_fingerprint, validation_split
+from .data import MNIST, VAL_SEED, load_mnist, resolve_data_dir, split_fingerprint, validation_split
 from .device import configure_threads, hardware, pick_device
-from .engine import fit, resolve_for
+from .engine import Trainer, resolve_for
 from .errors import TinyMnistError
-from .fileio import atomic_path, write_json
+from .fileio import atomic_path, read_json, write_json
 from .kernels import OPS as KERNEL_OPS
 from .model import Net, count_params, model_class
 from .plots import plot_curves
 
 CHECKPOINT_FORMAT = "tinymnist-checkpoint-v1"
+STATE_FILE = "resume.pt"  # what a stopped run needs to continue: written after every epoch but the last
+STATE_FORMAT = "tinymnist-resume-v1"
 
 
 def new_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
@@ -112,11 +115,12 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
 def train_run(cfg: TrainConfig, out: Optional[str | os.PathLike] = None, data_dir: Optional[str] = None,
               device: str = "auto", name: Optional[str] = None, progress: Optional[bool] = None,
               verbose: bool = True, threads: int = 0, data: Optional[MNIST] = None,
-              on_epoch: Optional[Callable[[dict], None]] = None) -> tuple[Path, list[dict]]:
+              on_epoch: Optional[Callable[[dict], None]] = None, until: Optional[int] = None) -> tuple[Path, list[dict]]:
     """Train `cfg` and write its run directory; return the directory and the history.
 
     `data` (already on the device) skips loading; `on_epoch` sees each record after history.json holds it, and
-    may raise to stop the run (a sweep's pruner does): the epochs done stay on disk."""
+    may raise to stop the run (a sweep's pruner does): the epochs done stay on disk, with the state to resume
+    them. `until` stops after that many epochs (resume_run continues)."""
     cfg.validate()
     if cfg.dropout is None:  # record the dropout actually used, not "model default"
         cfg = replace(cfg, dropout=model_class(cfg.model).default_dropout)
@@ -139,23 +143,114 @@ def train_run(cfg: TrainConfig, out: Optional[str | os.PathLike] = None, data_di
     write_json(run_dir / "config.json", meta)
     if verbose:
         print(f"{meta['name']}: {cfg.model}, {params:,} parameters, {cfg.epochs} epochs on {dev}; writing {run_dir}")
-    history: list[dict] = []
+    return run_dir, _advance(run_dir, meta, Trainer(cfg, data), until, progress, verbose, on_epoch)
 
-    def record_epoch(record: dict, _model: Net) -> None:
-        history.append(record)
-        write_json(run_dir / "history.json", history)  # rewritten each epoch: a crash keeps the epochs done
+
+def resume_run(run_dir: str | os.PathLike, data_dir: Optional[str] = None, progress: Optional[bool] = None,
+               verbose: bool = True, threads: int = 0, data: Optional[MNIST] = None, until: Optional[int] = None,
+               expect_epoch: Optional[int] = None) -> tuple[Path, list[dict]]:
+    """Continue a stopped run from its last finished epoch, on the device it trained on; return its history.
+
+    threads=0 uses the thread count the run recorded (a history depends on it). expect_epoch: fail unless the
+    saved state is after exactly that many epochs."""
+    run_dir = Path(run_dir)
+    meta, cfg = _read_meta(run_dir)
+    state = _read_state(run_dir, meta)
+    if expect_epoch is not None and state["epoch"] != expect_epoch:
+        raise TinyMnistError(f"{run_dir}: its saved state is after epoch {state['epoch']}, expected {expect_epoch}")
+    dev = pick_device(str(meta["env"].get("device", "cpu")).split(":")[0])
+    configure_threads(threads or int(meta["env"].get("threads") or 0))
+    if data is None:
+        data = load_mnist(data_dir, device=dev, progress=progress is not False)
+    trainer = Trainer(cfg, data)
+    trainer.load_state_dict(state)
+    if verbose:
+        print(f"{meta['name']}: resuming {cfg.model} after epoch {state['epoch']} of {cfg.epochs}; writing {run_dir}")
+    return run_dir, _advance(run_dir, meta, trainer, until, progress, verbose, None)
+
+
+def _read_meta(run_dir: Path) -> tuple[dict, TrainConfig]:
+    try:
+        meta = read_json(run_dir / "config.json")
+        cfg = TrainConfig.from_dict(meta["config"])
+    except FileNotFoundError:
+        raise TinyMnistError(f"{run_dir}: not a run directory (no config.json)") from None
+    except (OSError, ValueError, KeyError, TypeError, TinyMnistError) as e:
+        raise TinyMnistError(f"{run_dir}/config.json: unreadable ({e.__class__.__name__}: {e})") from None
+    if not isinstance(meta.get("env"), dict):
+        raise TinyMnistError(f"{run_dir}/config.json: no environment recorded")
+    return meta, cfg
+
+
+def _read_state(run_dir: Path, meta: dict) -> dict:
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        if (run_dir / "model.pt").is_file():
+            raise TinyMnistError(f"{run_dir}: this run is finished; there is nothing to resume")
+        raise TinyMnistError(f"{run_dir}: no {STATE_FILE} (the run finished no epoch, or it predates resumable runs)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors all mean "not a state we can read"
+        raise TinyMnistError(f"{path}: not a tinymnist resume state ({e.__class__.__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise TinyMnistError(f"{path}: not a tinymnist resume state (no '{STATE_FORMAT}' marker)")
+    if state.get("config") != meta["config"]:
+        raise TinyMnistError(f"{path}: saved by a different recipe than {run_dir}/config.json holds")
+    return state
+
+
+def _advance(run_dir: Path, meta: dict, trainer: Trainer, until: Optional[int], progress: Optional[bool],
+             verbose: bool, on_epoch: Optional[Callable[[dict], None]]) -> list[dict]:
+    """Train up to epoch `until` (None: to the end), writing the state and history.json after every epoch, and
+    the model and curves after the last one; return the history so far."""
+    cfg = trainer.cfg
+    stop = cfg.epochs if until is None else min(until, cfg.epochs)
+    while len(trainer.history) < stop:
+        record = trainer.run_epoch(progress=progress, verbose=verbose)
+        if not trainer.done:  # a crash after this line resumes from here; after the last epoch, model.pt is next
+            with atomic_path(run_dir / STATE_FILE) as tmp:
+                torch.save({"format": STATE_FORMAT, "config": meta["config"], **trainer.state_dict()}, tmp)
+        write_json(run_dir / "history.json", trainer.history)  # a crash keeps the epochs done
         if on_epoch is not None:
             on_epoch(record)
+    if trainer.done:
+        save_checkpoint(run_dir / "model.pt", trainer.final, cfg)
+        plot_curves(trainer.history, run_dir / "curves.png",
+                    title=f"{meta['name']} ({cfg.model}, {meta['params']:,} params)")
+        (run_dir / STATE_FILE).unlink(missing_ok=True)
+    return list(trainer.history)
 
-    model, history_out = fit(cfg, data, on_epoch=record_epoch, progress=progress, verbose=verbose)
-    save_checkpoint(run_dir / "model.pt", model, cfg)
-    plot_curves(history_out, run_dir / "curves.png", title=f"{meta['name']} ({cfg.model}, {params:,} params)")
-    return run_dir, history_out
+
+_data_cache: dict = {}  # one dataset per worker process: (directory, its files' stamps, device) -> MNIST
 
 
-def train_job(config: dict, run_dir: str, name: str, data_dir: Optional[str], device: str, threads: int) -> dict:
-    """Train a recipe (as a to_dict() dict) into `run_dir`, quietly; module-level, so a worker process can run it."""
+def _cached_data(data_dir: Optional[str], device: torch.device) -> MNIST:
+    root = resolve_data_dir(data_dir)
+    stamps = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in root.iterdir() if f.is_file())
+                   ) if root.is_dir() else ()
+    key = (str(root.resolve()), stamps, str(device))
+    if key not in _data_cache:
+        _data_cache.clear()
+        _data_cache[key] = load_mnist(data_dir, device=device, progress=False)
+    return _data_cache[key]
+
+
+def train_job(config: dict, run_dir: str, name: str, data_dir: Optional[str], device: str, threads: int,
+              part: Optional[int] = None) -> dict:
+    """Train a recipe (as a to_dict() dict) into `run_dir`, quietly; module-level, so a worker process can run it.
+
+    part=None trains the whole run; part=k trains epoch k+1 only (resuming from the state epoch k left), so that
+    a run's epochs can go to whichever worker is free (parallel.Job.parts)."""
     cfg = TrainConfig.from_dict(config)
-    _, history = train_run(cfg, out=run_dir, data_dir=data_dir, device=device, name=name, progress=False,
-                           verbose=False, threads=threads)
+    if part is None:
+        _, history = train_run(cfg, out=run_dir, data_dir=data_dir, device=device, name=name, progress=False,
+                               verbose=False, threads=threads)
+    else:
+        data = _cached_data(data_dir, pick_device(device))
+        if part == 0:
+            _, history = train_run(cfg, out=run_dir, device=device, name=name, progress=False, verbose=False,
+                                   threads=threads, data=data, until=1)
+        else:
+            _, history = resume_run(run_dir, progress=False, verbose=False, threads=threads, data=data,
+                                    until=part + 1, expect_epoch=part)
     return {"seed": cfg.seed, "history": history, "run_dir": run_dir}
