@@ -103,3 +103,42 @@ def test_a_closed_pipe_ends_quietly():
     p.stdout.close()  # before the interpreter has started, so the first write meets a closed pipe
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 141 and err == "", err
+
+
+def test_resume_finishes_a_stopped_run_as_if_it_never_stopped(tmp_path, capsys):
+    from conftest import synthetic_mnist
+    from tinymnist.config import TrainConfig
+    from tinymnist.runs import STATE_FILE, train_run
+
+    synthetic_mnist(tmp_path / "d", n_train=256, n_test=64)
+    cfg = TrainConfig(model="Model_6", epochs=3, batch_size=64, dropout=0.1, ema=0.9)
+    common = dict(data_dir=str(tmp_path / "d"), device="cpu", progress=False, verbose=False, threads=1)
+    _, straight = train_run(cfg, out=tmp_path / "straight", **common)
+    train_run(cfg, out=tmp_path / "stopped", until=1, **common)  # what a Ctrl-C after epoch 1 leaves
+    stopped = tmp_path / "stopped"
+    assert sorted(p.name for p in stopped.iterdir()) == ["config.json", "history.json", STATE_FILE]
+    code, out, err = run(capsys, "resume", str(stopped), "--data-dir", str(tmp_path / "d"), "--no-progress")
+    assert code == 0, err
+    assert sorted(p.name for p in stopped.iterdir()) == ["config.json", "curves.png", "history.json", "model.pt"]
+    resumed = json.loads((stopped / "history.json").read_text())
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(resumed) == strip(straight) and f"{straight[-1]['test_acc']:.2f}%" in out
+    # and every way it cannot go on is one line, exit 1, with nothing changed
+    code, _, err = run(capsys, "resume", str(stopped))
+    assert code == 1 and "finished; there is nothing to resume" in err and err.count("\n") == 1
+    code, _, err = run(capsys, "resume", str(tmp_path / "nowhere"))
+    assert code == 1 and "not a run directory" in err and err.count("\n") == 1
+    train_run(cfg, out=tmp_path / "other", until=1, **common)
+    (tmp_path / "other" / STATE_FILE).write_bytes(b"not a state")
+    code, _, err = run(capsys, "resume", str(tmp_path / "other"))
+    assert code == 1 and "not a tinymnist resume state" in err and err.count("\n") == 1
+    train_run(TrainConfig(model="Model_6", epochs=3, batch_size=32), out=tmp_path / "mixed", until=1, **common)
+    (tmp_path / "mixed" / STATE_FILE).write_bytes((tmp_path / "straight" / "model.pt").read_bytes())
+    code, _, err = run(capsys, "resume", str(tmp_path / "mixed"))
+    assert code == 1 and "not a tinymnist resume state" in err
+    train_run(cfg, out=tmp_path / "a", until=1, **common)
+    train_run(TrainConfig(model="Model_6", epochs=3, batch_size=32), out=tmp_path / "b", until=1, **common)
+    (tmp_path / "b" / STATE_FILE).write_bytes((tmp_path / "a" / STATE_FILE).read_bytes())
+    code, _, err = run(capsys, "resume", str(tmp_path / "b"))
+    assert code == 1 and "saved by a different recipe" in err
+    assert json.loads((tmp_path / "b" / "history.json").read_text())[0]["epoch"] == 1  # untouched

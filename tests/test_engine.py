@@ -109,3 +109,34 @@ def test_bf16_precision_trains_and_is_validated(tmp_path):
     assert history[0]["train_loss"] > 0
     with pytest.raises(TinyMnistError, match="unknown precision"):
         TrainConfig(precision="fp8").validate()
+
+
+@pytest.mark.parametrize("kernels", ["native", "fused"])
+def test_a_run_stopped_after_every_epoch_and_resumed_matches_one_that_never_stopped(tmp_path, kernels):
+    # every piece of state a later epoch reads: momentum, the LR schedule, the EMA, dropout's global RNG, the
+    # loader's order and augmentation generators, Python's and NumPy's RNGs (through torch.save, as on disk)
+    from tinymnist.engine import Trainer
+    from tinymnist.kernels import library
+
+    if kernels == "fused" and library()[0] is None:
+        pytest.skip("no C compiler here: the kernels do not run")
+    synthetic_mnist(tmp_path, n_train=192, n_test=64)
+    data = load_mnist(tmp_path, download=False)
+    cfg = TrainConfig(model="Model_7", epochs=3, batch_size=32, lr=0.05, dropout=0.1, ema=0.9, val=32,
+                      label_smoothing=0.1, aug=AugConfig(rotate=10, translate=0.1, erase_p=0.5),
+                      memory_format="channels_last", kernels=kernels)
+    straight = Trainer(cfg, data)
+    while not straight.done:
+        straight.run_epoch(progress=False, verbose=False)
+    state = None
+    for _ in range(cfg.epochs):
+        trainer = Trainer(cfg, data)  # a new process would start the same way: seeded, then the saved state
+        if state is not None:
+            torch.save(state, tmp_path / "s.pt")
+            trainer.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+        trainer.run_epoch(progress=False, verbose=False)
+        state = trainer.state_dict()
+        torch.rand(7)  # whatever else the process does with the global RNG in between does not leak in
+    assert _strip_time(trainer.history) == _strip_time(straight.history)
+    for a, b in zip(trainer.final.state_dict().values(), straight.final.state_dict().values()):
+        assert torch.equal(a, b)

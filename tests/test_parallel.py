@@ -77,10 +77,13 @@ def test_check_histories_do_not_depend_on_jobs(tmp_path):
                             "--json", str(tmp_path / f"ev{jobs}.json")]) == 1  # random data fails the rule
     one, two = (json.loads((tmp_path / f"ev{j}.json").read_text()) for j in ("1", "2"))
     assert one["jobs"] == 1 and two["jobs"] == 2 and one["metric"] == "val_acc"
+    assert (one["handed_out"], two["handed_out"]) == ("runs", "epochs")
     # the evidence says what 'auto' became here, and whether the commit it names is all of the code that ran
     assert one["config"]["kernels"] == "auto" and one["trained"]["kernels"] in ("fused", "native")
     assert one["trained"]["memory_format"] in ("contiguous", "channels_last")
     assert one["env"]["git_dirty"] in (True, False, None)
+    # with 2 jobs the runs moved between the workers epoch by epoch (resume.pt), and none is left behind
+    assert not list((tmp_path / "runs2").glob("*/resume.pt")) and len(list((tmp_path / "runs2").glob("*/model.pt"))) == 3
     for a, b in zip(one["seeds"], two["seeds"]):
         assert a["seed"] == b["seed"] and without_time(a["history"]) == without_time(b["history"])
         assert "val_acc" in a["history"][0]
@@ -154,3 +157,61 @@ def _session_members(sid: int) -> list[int]:
         if fields[0] != "Z" and int(fields[3]) == sid:  # fields: state, ppid, pgrp, session
             out.append(int(stat.parent.name))
     return out
+
+
+def _simulate(parts, workers):
+    """Pieces of one time unit each, handed out as run_jobs hands them: (makespan, finish time per run)."""
+    from tinymnist.parallel import Schedule
+
+    schedule, t, finished = Schedule(parts, workers), 0, {}
+    holding = {}
+    while not schedule.finished:
+        for w in range(workers):
+            if w not in holding and (piece := schedule.next_piece(w)) is not None:
+                assert piece[1] == parts[piece[0]] - schedule.left[piece[0]]  # each run's pieces in order
+                holding[w] = piece[0]
+        assert holding, "a worker must always have something while runs are open"
+        t += 1
+        for w, i in sorted(holding.items()):
+            if schedule.piece_done(i):
+                finished[i] = t
+        holding.clear()
+    return t, finished
+
+
+@pytest.mark.parametrize("runs, workers", [(5, 2), (9, 2), (3, 2), (2, 2), (7, 3), (1, 2)])
+def test_the_schedule_keeps_every_worker_busy_to_the_end(runs, workers):
+    import math
+
+    makespan, finished = _simulate([15] * runs, workers)
+    assert makespan == max(15, math.ceil(15 * runs / workers))  # the least possible: no core idles at the end
+    if runs >= 2 * workers:  # while there are enough runs, whole runs finish early, as one after another would
+        assert sorted(finished.values())[:workers] == [15] * workers
+
+
+def test_uneven_runs_still_finish_together():
+    makespan, _ = _simulate([15, 20, 15, 15, 15, 15, 15, 15, 15], 2)
+    assert makespan == 70  # 140 pieces on 2 workers
+
+
+def piece(x, part, log):
+    with open(log, "a") as f:
+        f.write(f"{x}:{part}\n")
+    if x == 2 and part == 1:
+        raise TinyMnistError("run 2 broke in its second piece")
+    return (x, part)
+
+
+def test_pieces_run_in_order_the_last_one_is_the_result_and_a_failed_piece_ends_only_its_run(tmp_path):
+    log = tmp_path / "log"
+    for workers in (1, 2):
+        log.write_text("")
+        seen = []
+        out = run_jobs([Job(f"run {x}", piece, {"x": x, "log": str(log)}, parts=3) for x in range(4)], workers, 1,
+                       on_done=seen.append, progress=False)
+        assert [o.result for o in out] == [(0, 2), (1, 2), None, (3, 2)]
+        assert out[2].error == "run 2 broke in its second piece" and len(seen) == 4
+        lines = log.read_text().split()
+        for x in range(4):
+            assert [line for line in lines if line.startswith(f"{x}:")] == (
+                [f"{x}:0", f"{x}:1"] if x == 2 else [f"{x}:0", f"{x}:1", f"{x}:2"])

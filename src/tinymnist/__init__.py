@@ -17,6 +17,7 @@ _API = {
     "STEPS": "experiments", "get_step": "experiments",  # the series; each step's .config is its recipe
     "TrainConfig": "config", "override": "config",  # a recipe, and a copy of one with fields replaced
     "train_run": "runs",  # train a recipe into a run directory; returns (run_dir, history)
+    "resume_run": "runs",  # continue a stopped run from its last finished epoch; returns (run_dir, history)
     "load_checkpoint": "runs",  # a run's model.pt -> (model, recipe)
     "plot_curves": "plots",  # a history's loss and accuracy curves as a PNG
     "run_check": "check",  # train a step over seeds and judge the target

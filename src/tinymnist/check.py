@@ -111,5 +111,6 @@ def run_check(step_name: str, seeds: int, last: int = 5, data_dir: Optional[str]
             "last": last, "threshold": THRESHOLD, "metric": metric, "passed": all(r.passed for r in rules),
             "rules": [{"rule": r.text, "passed": r.passed} for r in rules],
             "final_acc_mean": round(mean, 4), "final_acc_std": round(std, 4),
-            "jobs": workers, "threads_per_run": per_run, "wall_s": round(wall, 1),
+            "jobs": workers, "threads_per_run": per_run, "handed_out": "epochs" if workers > 1 else "runs",
+            "wall_s": round(wall, 1),
             "config": base.to_dict(), "trained": trained, "env": env, "seeds": results}

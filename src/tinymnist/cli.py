@@ -141,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_device(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("resume", help="continue a stopped run (Ctrl-C, a crash) from its last finished epoch",
+                       formatter_class=fmt)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory that train, check or reproduce wrote")
+    p.add_argument("--data-dir", default=None, help="directory holding the MNIST files (default: as for train)")
+    p.add_argument("--threads", type=_nonneg_int, default=0,
+                   help="CPU threads (0 = the count the run recorded: the history depends on it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_resume)
+
     p = sub.add_parser("experiments", help="the experiment series, one line per step", formatter_class=fmt)
     p.set_defaults(func=cmd_experiments)
 
@@ -286,6 +295,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     best = max(history, key=lambda r: r["test_acc"])
     print(f"best test accuracy {best['test_acc']:.2f}% (epoch {best['epoch']}); "
           f"final {history[-1]['test_acc']:.2f}%; run directory: {run_dir}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .runs import resume_run
+
+    run_dir, history = resume_run(args.run_dir, data_dir=args.data_dir, threads=args.threads,
+                                  progress=False if args.no_progress else None)
+    print(f"final test accuracy {history[-1]['test_acc']:.2f}% after epoch {history[-1]['epoch']}; "
+          f"run directory: {run_dir}")
     return 0
 
 

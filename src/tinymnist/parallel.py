@@ -1,12 +1,12 @@
 """Independent runs in worker processes: the cores split among them, one line per finished run, Ctrl-C safe.
 
 Each run's history depends only on its recipe, seed, device and threads, never on which worker trains it or what
-trains beside it: every run seeds its own RNGs and draws its batches from its own generators."""
+trains beside it: every run seeds its own RNGs and draws its batches from its own generators, and a run handed
+from one worker to another at an epoch boundary continues from its saved state (runs.resume_run) exactly."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import queue
 import signal
 import sys

@@ -438,17 +438,26 @@ def _timed_checks(results: Path) -> list[str]:
     if not files:
         return []
     evs = [read_json(f) for f in files]
-    out = ["", "| check | jobs × threads per run | kernels | wall time |", "| --- | --- | --- | ---: |"]
+    out = ["", "| check | jobs × threads per run | work handed to the workers | kernels | wall time |",
+           "| --- | --- | --- | --- | ---: |"]
     for f, ev in zip(files, evs):
         kernels = ev.get("trained", {}).get("kernels", "native")  # evidence from before the field: PyTorch's
+        # evidence from before the field handed out whole runs
+        unit = "epoch by epoch" if ev.get("handed_out") == "epochs" else "whole runs"
         out.append(f"| `results/{f.name}` ({ev['step']}, {len(ev['seeds'])} seeds) | {ev['jobs']} × "
-                   f"{ev['threads_per_run']} | {_kernels_text(kernels, ev['env'].get('kernel_ops'))} | "
+                   f"{ev['threads_per_run']} | {unit} | {_kernels_text(kernels, ev['env'].get('kernel_ops'))} | "
                    f"{ev['wall_s'] / 60:.1f} min |")
     by_jobs = {ev["jobs"]: ev for ev in evs}
     if 1 in by_jobs and len(by_jobs) > 1:
         most = by_jobs[max(by_jobs)]
         out += ["", f"`--jobs {most['jobs']}` took **{most['wall_s'] / by_jobs[1]['wall_s']:.2f}×** the wall time of "
                     f"`--jobs 1` on {hardware_text(most['env'])}."]
+        if most.get("handed_out") == "epochs":
+            out += ["", "With more than one job, a run moves between the workers at epoch boundaries (each epoch "
+                        "resumes from the `resume.pt` the one before wrote, with the same result): once fewer runs "
+                        "are left than twice the workers, every worker takes the next epoch of the run with the "
+                        "most left, so the last runs share the cores and end together instead of one run training "
+                        "alone while the other cores idle."]
     return out
 
 
