@@ -146,6 +146,28 @@ def test_ctrl_c_or_kill_stops_every_worker_with_one_line_and_leaves_no_partial_f
         json.loads(h.read_text())  # every file on disk is whole
 
 
+_STRAY_SIGTERM = """
+import signal, threading, time, multiprocessing as mp
+from tinymnist import parallel
+inbox = mp.get_context("spawn").Queue()  # empty: the worker waits for its next piece
+signal.signal(signal.SIGTERM, parallel._terminated)
+def poke():
+    time.sleep(0.3)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # the kernel may pick any thread; here, not main
+threading.Thread(target=poke).start()
+try:
+    parallel._next_task(inbox)
+except KeyboardInterrupt:
+    print("stopped")
+"""
+
+
+def test_a_waiting_worker_stops_even_when_a_helper_thread_takes_the_sigterm():
+    # a bare blocking get() would wait forever here: Python runs the handler only when the main thread runs code
+    done = subprocess.run([sys.executable, "-c", _STRAY_SIGTERM], capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == "stopped", done.stderr
+
+
 def _session_members(sid: int) -> list[int]:
     """Live processes of session `sid`: a worker orphaned by its parent's death still belongs to it."""
     out = []

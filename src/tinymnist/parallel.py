@@ -10,6 +10,7 @@ import multiprocessing as mp
 import queue
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -19,6 +20,7 @@ from .device import available_cores, configure_threads
 from .errors import TinyMnistError
 
 POLL = 0.5  # seconds between checks that every worker is still alive
+STOP_GRACE = 30.0  # seconds the workers get, together, to unwind their runs after a stop before they are killed
 
 
 @dataclass(frozen=True)
@@ -136,16 +138,30 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt  # unwinds the run: atomic writes drop their temporary files, Optuna fails its trial
 
 
+def _next_task(tasks):
+    """The next item of the inbox. The wait wakes every POLL seconds: the kernel may deliver the parent's SIGTERM
+    to a helper thread (the queue's feeder), and Python runs its handler only when the main thread runs Python
+    code, so a main thread blocked in a bare read would never stop."""
+    while True:
+        try:
+            return tasks.get(timeout=POLL)
+        except queue.Empty:
+            continue
+
+
 def _worker(wid: int, tasks, results, threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides, with SIGTERM
     signal.signal(signal.SIGTERM, _terminated)
-    configure_threads(threads)
     try:
-        while (item := tasks.get()) is not None:
+        configure_threads(threads)
+        while (item := _next_task(tasks)) is not None:
             i, part, job = item
             results.put(("done", wid, i, _call(job, part if job.parts > 1 else None)))
     except KeyboardInterrupt:
-        sys.exit(143)  # stopped by the parent; its run was unwound above, and the parent prints the one line
+        # stopped by the parent; its run was unwound above, and the parent prints the one line. The parent reads
+        # no more results, so exit without waiting to flush one into the pipe.
+        results.cancel_join_thread()
+        sys.exit(143)
 
 
 def run_jobs(jobs: Sequence[Job], workers: int, threads: int, on_done: Optional[Callable[[Outcome], None]] = None,
@@ -240,10 +256,12 @@ def _pool(jobs: Sequence[Job], workers: int, threads: int, finish: Callable[[int
         for p in procs:
             if p.is_alive():
                 p.terminate()
+        deadline = time.monotonic() + STOP_GRACE
         for p in procs:
-            p.join(timeout=30)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
+                p.join()
         raise
     for p in procs:
         p.join()
