@@ -236,3 +236,78 @@ def test_unreachable_storage_is_one_line(tmp_path, capsys):
     assert main(["sweep", str(space), "--trials", "1", "--storage", url, "--data-dir", str(tmp_path / "d")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot open study storage" in err and "secret" not in err
+
+
+# ---------------------------------------------------------------- the pruner's warm-up holds for every seed
+
+
+def test_searching_epochs_is_refused():
+    with pytest.raises(TinyMnistError, match="epochs cannot be searched"):
+        parse_space({"search": {"epochs": [10, 15]}})
+
+
+def test_pruner_warmup_holds_for_every_seed():
+    """A trial far below the median is never pruned in the first warmup_epochs - 1 epochs of any seed."""
+    from tinymnist.sweep import _pruner
+
+    epochs, warmup = 4, 3
+    space = parse_space({"seeds": 2, "fixed": {"epochs": epochs}, "last": 2,
+                         "pruner": {"startup_trials": 1, "warmup_epochs": warmup}})
+    study = optuna.create_study(direction="maximize", pruner=_pruner(space))
+    good = study.ask()
+    for step in range(2 * epochs):
+        good.report(99.0, step)
+    study.tell(good, 99.0)
+    bad = study.ask()
+    pruned_at = []
+    for step in range(2 * epochs):
+        bad.report(10.0, step)
+        if bad.should_prune():
+            pruned_at.append(step)
+    # seed 0: steps 0-3, seed 1: steps 4-7; epochs 1-2 of each seed (steps 0, 1, 4, 5) are warm-up
+    assert pruned_at == [2, 3, 6, 7]
+
+
+def test_two_seed_sweep_prunes_no_trial_before_the_warmup_of_its_second_seed(tmp_path):
+    from optuna.trial import TrialState
+
+    from tinymnist.sweep import create_study
+
+    synthetic_mnist(tmp_path / "d", n_train=512, n_test=64, learnable=True)
+    epochs, warmup = 3, 2
+    space = tmp_path / "two.toml"
+    space.write_text(f"""
+step = "final"
+seeds = 2
+max_params = 5000
+last = 1
+[fixed]
+epochs = {epochs}
+batch_size = 32
+val = 64
+layout = "c4 c8 P c4/1 c8 c8 G o"
+[search]
+lr = [1e-6, 0.1, 0.2, 0.3]
+[pruner]
+startup_trials = 1
+warmup_epochs = {warmup}
+""")
+    out = tmp_path / "out"
+    # a good recipe first, then one that learns nothing: the median rule must prune the second, after warm-up
+    from tinymnist.sweep import load_space, storage_url
+
+    study = create_study(load_space(space), storage_url(None, out), "two")
+    study.enqueue_trial({"lr": 0.1})
+    study.enqueue_trial({"lr": 1e-6})
+    assert main(["sweep", str(space), "--trials", "4", "--jobs", "1", "--threads", "1", "--out", str(out),
+                 "--data-dir", str(tmp_path / "d")]) == 0
+    trials = trials_of(f"sqlite:///{out / 'study.db'}", "two")
+    by_median = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    assert [t.params["lr"] for t in by_median][:1] == [1e-6]
+    for t in trials:
+        if t.state == TrialState.PRUNED and t.intermediate_values:
+            last = max(t.intermediate_values)
+            assert last % epochs >= warmup - 1, f"trial {t.number} pruned at step {last}, inside a seed's warm-up"
+    # every seed-1 epoch is reported one seed's length after seed 0's, so the steps line up between trials
+    for t in trials:
+        assert set(t.intermediate_values) <= set(range(2 * epochs))

@@ -9,6 +9,7 @@ the trial of a killed one failed (and queue it again), so a dead worker loses on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 import platform
@@ -66,6 +67,12 @@ class Space:
     startup_trials: int = 5  # the pruner compares a trial with the median only after this many finished
     warmup_epochs: int = 5  # and only from this epoch of a seed on
 
+    @property
+    def epochs(self) -> int:
+        """Epochs per seed: fixed for the whole study (parse_space refuses a searched `epochs`), so that the
+        pruner's steps line up between trials."""
+        return self.config({p.name: (p.choices[0] if p.choices else p.low) for p in self.search}).epochs
+
     def config(self, values: dict) -> TrainConfig:
         """The base step's recipe with the fixed fields and `values` (flat names, aug.x for augmentation)."""
         from .experiments import get_step
@@ -120,6 +127,9 @@ def parse_space(data: dict, where: str = "space") -> Space:
     search = []
     for name, spec in _flatten(data.get("search", {})).items():
         _check_name(name, f"{where} [search]")
+        if name == "epochs":
+            raise TinyMnistError(f"{where}: epochs cannot be searched (the pruner compares trials epoch by epoch, "
+                                 "and the rule allows at most 15); fix it in [fixed]")
         if name in fixed:
             raise TinyMnistError(f"{where}: {name!r} is both fixed and searched")
         if isinstance(spec, list):
@@ -147,9 +157,8 @@ def parse_space(data: dict, where: str = "space") -> Space:
         raise TinyMnistError(f"{where}: a sweep chooses on validation, so val must be > 0")
     space = Space(step, fixed, tuple(search), seeds, int(data.get("max_params", 8000 - 1)), int(data.get("last", 5)),
                   int(pruner.get("startup_trials", 5)), int(pruner.get("warmup_epochs", 5)))
-    probe = space.config({p.name: (p.choices[0] if p.choices else p.low) for p in search})  # fields and values fit
-    if space.last > probe.epochs:
-        raise TinyMnistError(f"{where}: last = {space.last} is more than the {probe.epochs} epochs")
+    if space.last > space.epochs:  # space.epochs also checks that the fields and values fit
+        raise TinyMnistError(f"{where}: last = {space.last} is more than the {space.epochs} epochs")
     return space
 
 
@@ -314,10 +323,33 @@ def _sampler():
 
 
 def _pruner(space: Space):
+    return _seed_warmup_pruner_class()(space.epochs, space.warmup_epochs, space.startup_trials)
+
+
+@functools.lru_cache(maxsize=None)
+def _seed_warmup_pruner_class():
+    """The pruner of every sweep, defined on first use since Optuna is an optional extra."""
     import optuna
 
-    return optuna.pruners.MedianPruner(n_startup_trials=space.startup_trials,
-                                       n_warmup_steps=max(0, space.warmup_epochs - 1))
+    class _SeedWarmupPruner(optuna.pruners.BasePruner):
+        """Optuna's median rule, with its warm-up applied to every seed of a trial, not only the first.
+
+        A trial reports seed i's epoch e (from 1) as step i * epochs + e - 1, so that every seed's epochs are
+        compared with the same seed's epochs of other trials. MedianPruner's own n_warmup_steps counts steps from
+        the trial's start and would let the second seed be pruned after its first epoch; Optuna has no
+        per-segment warm-up, hence this wrapper."""
+
+        def __init__(self, epochs: int, warmup_epochs: int, startup_trials: int):
+            self.epochs, self.warmup_epochs = epochs, warmup_epochs
+            self._median = optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0)
+
+        def prune(self, study, trial) -> bool:
+            step = trial.last_step
+            if step is None or step % self.epochs < self.warmup_epochs - 1:
+                return False
+            return self._median.prune(study, trial)
+
+    return _SeedWarmupPruner
 
 
 def sweep_worker(space_data: dict, space_name: str, storage: str, study: str, trials: int, out: str,
