@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -142,6 +143,71 @@ def demo_process(*args, cwd=None):
                             stderr=subprocess.PIPE, text=True, cwd=cwd)
 
 
+def raw_request(url: str, data: bytes, read: bool = True) -> bytes:
+    """Send raw bytes to the server; return what it answers (until it closes), or b"" without reading."""
+    host, port = url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(data)
+        if not read:
+            return b""
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def wait_for_lines(capfd, count: int, timeout: float = 10.0) -> str:
+    """stderr so far, once it holds `count` lines (or the time is up)."""
+    import time
+
+    text, deadline = "", time.time() + timeout
+    while time.time() < deadline:
+        text += capfd.readouterr().err
+        if text.count("\n") >= count:
+            break
+        time.sleep(0.05)
+    return text
+
+
+def test_clients_that_leave_mid_request_leave_one_line_each_and_no_traceback(server, capfd, test_digits):
+    capfd.readouterr()
+    head = b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n"
+    raw_request(server, head + b"\x89PNG" + bytes(96), read=False)  # half a request, then gone
+    err = wait_for_lines(capfd, 1)
+    assert "Traceback" not in err and err.count("\n") <= 1
+    assert "closed the connection mid-request" in err or not err
+    # many at once, as a load probe does: at most one line each, and the server goes on answering
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda _: raw_request(server, head + bytes(10), read=False), range(60)))
+    err = wait_for_lines(capfd, 60)
+    assert "Traceback" not in err and err.count("\n") <= 60
+    images, labels = test_digits
+    status, body = post(server, drawn(images[0]))
+    assert status == 200 and body["digit"] == labels[0]
+
+
+@pytest.mark.parametrize("headers, status", [
+    ("", 411),  # no Content-Length
+    ("Content-Length: abc\r\n", 400),
+    ("Content-Length: -5\r\n", 400),
+    ("Content-Length: 1e3\r\n", 400),
+    ("Content-Length: 10\r\nContent-Length: 12\r\n", 400),
+    ("Transfer-Encoding: chunked\r\n", 411),
+])
+def test_a_post_without_a_usable_content_length_gets_411_or_400(server, capfd, headers, status):
+    capfd.readouterr()
+    for path in ("/api/predict", "/api/predict?x=1"):
+        answer = raw_request(server, f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\nabcdefghij".encode())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == str(status).encode(), answer
+        assert "error" in json.loads(body)
+    # on any other path, a POST is a 404 whose unread body is never taken for a next request
+    answer = raw_request(server, f"POST /elsewhere HTTP/1.1\r\nHost: x\r\n{headers}\r\nGET / HTTP/1.1\r\n\r\n".encode())
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 404")
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_busy_port_and_bad_checkpoint_are_one_line(server, model_path, tmp_path):
     port = server.rsplit(":", 1)[1]
     p = demo_process(str(model_path), "--port", port)
@@ -164,14 +230,28 @@ def test_ctrl_c_stops_the_server_cleanly(model_path):
 
 
 def test_checkpoint_choice(tmp_path, model_path):
+    """Given none, the demo shows the answer: the newest run of the answer's recipe, else the shipped one."""
+    from dataclasses import replace
+
+    from tinymnist.experiments import answer, get_step
+
     assert find_checkpoint(str(model_path)) == model_path
     assert find_checkpoint(None, tmp_path / "no-runs") == shipped_checkpoint()
-    newest = tmp_path / "runs" / "b" / "model.pt"
-    for p in (tmp_path / "runs" / "a" / "model.pt", newest):
-        p.parent.mkdir(parents=True)
-        shutil.copy(model_path, p)
-    os.utime(tmp_path / "runs" / "a" / "model.pt", (1, 1))
-    assert find_checkpoint(None, tmp_path / "runs") == newest
+    runs = tmp_path / "runs"
+    recipes = {"old-answer": replace(answer().config, seed=3, kernels="native"),
+               "answer": answer().config, "other": replace(get_step("half").config), "broken": None}
+    for i, (name, cfg) in enumerate(recipes.items()):
+        (runs / name).mkdir(parents=True)
+        shutil.copy(model_path, runs / name / "model.pt")
+        config = "{not json" if cfg is None else json.dumps({"config": cfg.to_dict()})
+        (runs / name / "config.json").write_text(config)
+        os.utime(runs / name / "model.pt", (i + 1, i + 1))  # older to newer, in this order
+    assert find_checkpoint(None, runs) == runs / "answer" / "model.pt"
+    os.utime(runs / "old-answer" / "model.pt", (10, 10))  # another seed, another machine: the same recipe
+    assert find_checkpoint(None, runs) == runs / "old-answer" / "model.pt"
+    for name in ("answer", "old-answer"):
+        shutil.rmtree(runs / name)
+    assert find_checkpoint(None, runs) == shipped_checkpoint()
 
 
 # ---------------------------------------------------------------- a real browser

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tinymnist.check import verdict
-from tinymnist.experiments import STEPS, get_step, last_step
+from tinymnist.experiments import ANSWER, STEPS, answer, get_step, last_step
 from tinymnist.model import create_model, list_models
 from tinymnist.report import SECTIONS, generated_section, step_result
 
@@ -32,6 +32,63 @@ def test_last_step_meets_the_budget():
     assert s is STEPS[-1] and get_step(s.name) is s
     assert create_model(s.config.model, dropout=s.config.dropout).num_params() < 8000
     assert s.config.epochs <= 15
+
+
+def _passing_checks() -> dict:
+    """step -> its committed check evidence, for every step whose 5-seed (or more) test check passes with the
+    step's current recipe."""
+    import json
+
+    from tinymnist.config import TrainConfig
+
+    passing = {}
+    for path in sorted((ROOT / "results").glob("check-*.json")):
+        ev = json.loads(path.read_text())
+        step = get_step(ev["step"])
+        same = TrainConfig.from_dict(ev["config"]).recipe() == step.config.recipe()
+        if same and ev["passed"] and ev["metric"] == "test_acc" and len(ev["seeds"]) >= 5 and ev["last"] >= 5:
+            passing[step.name] = ev
+    return passing
+
+
+def test_the_answer_is_the_smallest_step_whose_5_seed_check_passes():
+    passing = _passing_checks()
+    assert ANSWER in passing, f"the answer {ANSWER!r} has no passing 5-seed check under results/"
+    params = {name: get_step(name).config.build_model().num_params() for name in passing}
+    assert params[ANSWER] == min(params.values())
+    smaller = [s.name for s in STEPS if s.config.build_model().num_params() < params[ANSWER]]
+    assert not set(smaller) & set(passing), "a smaller step passes: it is the answer now"
+    assert answer() is get_step(ANSWER)
+
+
+def test_the_shipped_model_is_the_answer():
+    import json
+
+    from tinymnist.config import TrainConfig
+    from tinymnist.demo import shipped_checkpoint
+    from tinymnist.runs import load_checkpoint
+
+    shipped = shipped_checkpoint()
+    saved = TrainConfig.from_dict(json.loads((shipped.parent / "config.json").read_text())["config"])
+    assert saved.recipe() == answer().config.recipe()
+    _, cfg = load_checkpoint(shipped)
+    assert cfg.recipe() == answer().config.recipe()
+
+
+def test_train_with_no_step_trains_the_answer_and_says_why(tmp_path, capsys, monkeypatch):
+    from tinymnist import cli
+
+    seen = {}
+
+    def fake_train_run(cfg, out=None, name=None, **kw):
+        seen.update(cfg=cfg, name=name)
+        return Path(out), [{"epoch": 1, "test_acc": 10.0}]
+
+    monkeypatch.setattr("tinymnist.runs.train_run", fake_train_run)
+    assert cli.main(["train", "--out", str(tmp_path / "run")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert seen["name"] == ANSWER and seen["cfg"] == answer().config
+    assert first.startswith(f"training step {ANSWER} ") and "the answer: the smallest step that passes over 5" in first
 
 
 @pytest.mark.parametrize("step", [s for s in STEPS if s.chosen_by], ids=lambda s: s.name)

@@ -30,7 +30,7 @@ def test_notebook_runs_top_to_bottom(real_data_dir, tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = next(c for c in nb.cells if c.cell_type == "code" and c.source.startswith("# parameters"))
     params.source = "\n".join([
-        "# parameters", f"DATA_DIR = {str(real_data_dir)!r}", 'STEP = "final"', "EPOCHS = 2",
+        "# parameters", f"DATA_DIR = {str(real_data_dir)!r}", 'STEP = None', "EPOCHS = 2",
         "LIMIT_BATCHES = 5", "CHECK_SEEDS = 2", f"OUT = {str(tmp_path / 'out')!r}"])
     NotebookClient(nb, timeout=170, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))

@@ -45,7 +45,9 @@ def write_space(path: Path, epochs: int = 2) -> Path:
 
 
 def trials_of(url: str, study: str):
-    return optuna.load_study(study_name=study, storage=url).get_trials()
+    from tinymnist.sweep import open_storage
+
+    return optuna.load_study(study_name=study, storage=open_storage(url, None)).get_trials()
 
 
 def assert_consistent(trials, want: int, epochs: int):
@@ -174,7 +176,9 @@ def postgres():
     subprocess.run(runas + [pg_ctl, "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"], check=True,
                    capture_output=True)
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+        # the plain form the README shows (trust authentication accepts any password); SQLAlchemy 2.1 alone would
+        # take it to psycopg 3, which the sweep extra does not install
+        yield f"postgresql://postgres:pw@127.0.0.1:{port}/postgres"
     finally:
         subprocess.run(runas + [pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)

@@ -15,6 +15,7 @@ _API = {
     "list_models": "model", "create_model": "model",  # the registry of Model_1, Model_2, ...
     "summarize": "summary", "format_summary": "summary",  # shapes, parameters, receptive field, MACs
     "STEPS": "experiments", "get_step": "experiments",  # the series; each step's .config is its recipe
+    "answer": "experiments",  # the series' answer: the smallest step whose 5-seed check passes
     "TrainConfig": "config", "override": "config",  # a recipe, and a copy of one with fields replaced
     "train_run": "runs",  # train a recipe into a run directory; returns (run_dir, history)
     "resume_run": "runs",  # continue a stopped run from its last finished epoch; returns (run_dir, history)

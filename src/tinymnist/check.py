@@ -13,7 +13,7 @@ from .errors import TinyMnistError
 MAX_PARAMS = 8000  # strictly fewer than this
 MAX_EPOCHS = 15
 THRESHOLD = 99.40  # percent, in every one of the last K epochs
-RESOLVED = ("precision", "memory_format", "kernels")  # recipe fields that "auto" resolves per machine
+from .config import MACHINE_FIELDS as RESOLVED  # recipe fields that "auto" resolves per machine
 
 
 @dataclass(frozen=True)

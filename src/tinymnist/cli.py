@@ -111,7 +111,7 @@ def _overrides(args: argparse.Namespace, **extra) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from .device import DEVICES
-    from .experiments import last_step, step_names
+    from .experiments import ANSWER_WHY, answer, step_names
     from .model import list_models
 
     fmt = _Help
@@ -127,11 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", choices=list_models(), metavar="MODEL", help=f"one of: {', '.join(list_models())}")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("train", help="train a step's recipe (default: the last step) and write a run directory",
+    p = sub.add_parser("train", help="train a step's recipe (default: the series' answer) and write a run directory",
                        formatter_class=fmt)
     p.add_argument("--step", choices=step_names(), default=None, metavar="STEP",
                    help=f"experiment step whose recipe to train (one of: {', '.join(step_names())}; "
-                        f"default: {last_step().name})")
+                        f"default: {answer().name}, {ANSWER_WHY})")
     p.add_argument("--model", choices=list_models(), default=None, metavar="NAME",
                    help=f"train this model with the step's recipe (one of: {', '.join(list_models())})")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seeds every RNG")
@@ -244,10 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput: our pipeline vs the classic DataLoader pipeline vs the bare model",
                        formatter_class=fmt)
     p.add_argument("--model", choices=list_models(), default=None, metavar="NAME",
-                   help=f"model to train (default: the last step's, {last_step().config.model})")
+                   help=f"model to train (default: the series' answer's, {answer().config.model})")
     p.add_argument("--steps", type=_positive_int, default=60, help="timed training steps per repeat")
     p.add_argument("--repeats", type=_positive_int, default=3, help="repeats per pipeline; the median is reported")
-    p.add_argument("--batch-size", type=_positive_int, default=last_step().config.batch_size, help="batch size")
+    p.add_argument("--batch-size", type=_positive_int, default=answer().config.batch_size, help="batch size")
     p.add_argument("--workers", type=_nonneg_int, default=2, help="DataLoader workers of the classic pipeline")
     p.add_argument("--no-epoch", action="store_true", help="skip timing one full epoch plus a test pass")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
@@ -284,12 +284,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import override
-    from .experiments import last_step, get_step
+    from .experiments import ANSWER_WHY, answer, get_step
     from .runs import train_run
 
-    step = get_step(args.step) if args.step else last_step()
+    step = get_step(args.step) if args.step else answer()
     name = step.name if args.model is None else args.model
     cfg = override(step.config, _overrides(args, seed=args.seed, model=args.model)).validate()
+    why = f"the answer: {ANSWER_WHY}" if step is answer() else "chosen with --step"
+    print(f"training step {step.name} ({cfg.model}, {cfg.build_model().num_params():,} parameters, seed {cfg.seed}): "
+          f"{why}" + (f"; model {args.model} given with --model" if args.model else ""), flush=True)
     run_dir, history = train_run(cfg, out=args.out, data_dir=args.data_dir, device=args.device, name=name,
                                  progress=False if args.no_progress else None, threads=args.threads)
     best = max(history, key=lambda r: r["test_acc"])
@@ -472,12 +475,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
     from .data import load_mnist
     from .device import configure_threads, pick_device
-    from .experiments import last_step
+    from .experiments import answer
     from .fileio import write_json
 
     device = pick_device(args.device)
     configure_threads(args.threads)
-    cfg = replace(last_step().config, batch_size=args.batch_size, precision=args.precision)
+    cfg = replace(answer().config, batch_size=args.batch_size, precision=args.precision)
     data = load_mnist(args.data_dir, device=device)
     result = run_bench(data, args.model or cfg.model, cfg, steps=args.steps, repeats=args.repeats,
                        epoch=not args.no_epoch, workers=args.workers, data_dir=args.data_dir,

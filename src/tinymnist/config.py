@@ -9,6 +9,7 @@ from typing import Any, Optional
 from .errors import TinyMnistError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+MACHINE_FIELDS = ("precision", "memory_format", "kernels")  # "auto" resolves per machine; a run records the result
 SCHEDULERS = ("none", "step", "onecycle")
 
 
@@ -118,6 +119,14 @@ class TrainConfig:
         from .model import create_model
 
         return create_model(self.model, dropout=self.dropout, layout=self.layout)
+
+    def recipe(self) -> dict[str, Any]:
+        """The fields that make two runs the same recipe: every field but the seed and those a machine resolves
+        ("auto" precision, memory format and kernels, see MACHINE_FIELDS)."""
+        d = self.to_dict()
+        for k in ("seed",) + MACHINE_FIELDS:
+            d.pop(k)
+        return d
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

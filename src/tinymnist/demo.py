@@ -10,6 +10,7 @@ import errno
 import io
 import json
 import os
+import socket
 import sys
 import threading
 from http import HTTPStatus
@@ -23,6 +24,7 @@ import torch
 from .errors import TinyMnistError
 
 MAX_BODY = 1 << 20  # bytes: a 280x280 canvas as PNG is a few kilobytes
+IDLE_TIMEOUT = 20  # seconds a connection may stall (no request, or a body that stops arriving) before it is dropped
 DRAIN_LIMIT = 16 << 20  # a larger body is not even read before the 413
 SHIPPED = "model.pt"  # the trained final model inside the package, with its config.json and history.json
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -30,16 +32,28 @@ STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js",
 
 
 def shipped_checkpoint() -> Path:
-    """The trained final model that ships in the package."""
+    """The trained answer of the series (experiments.answer()) that ships in the package."""
     return Path(str(resources.files("tinymnist") / "assets" / SHIPPED))
 
 
 def find_checkpoint(explicit: Optional[str] = None, runs: str | os.PathLike = "runs") -> Path:
-    """An explicit checkpoint, else the newest model.pt under `runs`, else the shipped final model."""
+    """An explicit checkpoint, else the newest finished run of the series' answer under `runs` (what the README's
+    first command trains), else the shipped answer."""
+    from .config import TrainConfig
+    from .experiments import answer
+    from .fileio import read_json
+
     if explicit:
         return Path(explicit)
     found = sorted(Path(runs).glob("**/model.pt"), key=lambda p: p.stat().st_mtime) if Path(runs).is_dir() else []
-    return found[-1] if found else shipped_checkpoint()
+    want = answer().config.recipe()
+    for path in reversed(found):
+        try:
+            if TrainConfig.from_dict(read_json(path.parent / "config.json")["config"]).recipe() == want:
+                return path
+        except (OSError, ValueError, KeyError, TypeError, TinyMnistError):  # not a run directory we can read
+            continue
+    return shipped_checkpoint()
 
 
 class Classifier:
@@ -76,10 +90,35 @@ class BadInput(Exception):
     """The request's body is not something we can classify: a 400 with a JSON error."""
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its request was complete: nobody to answer."""
+
+
+class _Reject(Exception):
+    """A request refused before its body is read: the status and the message of the JSON error."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _content_length(headers) -> int:
+    """The body's length from a POST's headers; a missing one is a 411, one that is not a single non-negative
+    integer a 400 (as _Reject)."""
+    values = headers.get_all("Content-Length") or []
+    if not values:
+        raise _Reject(HTTPStatus.LENGTH_REQUIRED, "send the PNG with a Content-Length header")
+    text = values[0].strip()
+    if len(set(v.strip() for v in values)) > 1 or not text.isdigit() or not text.isascii():
+        raise _Reject(HTTPStatus.BAD_REQUEST, f"Content-Length must be a number of bytes, got {', '.join(values)!r}")
+    return int(text)
+
+
 def make_handler(classify: Classifier):
     class Handler(BaseHTTPRequestHandler):
         server_version = "tinymnist-demo"
         protocol_version = "HTTP/1.1"
+        timeout = IDLE_TIMEOUT  # a stalled client times out instead of holding a thread for ever
 
         def log_message(self, fmt, *args):  # one quiet server: no line per request
             pass
@@ -106,13 +145,14 @@ def make_handler(classify: Classifier):
 
         def do_POST(self):
             if self.path.split("?", 1)[0] != "/api/predict":
+                self.close_connection = True  # its body, unread, must not be taken for the next request
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {self.path}"})
                 return
             try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
+                length = _content_length(self.headers)
+            except _Reject as e:
                 self.close_connection = True
-                self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "send the PNG with a Content-Length"})
+                self._json(e.status, {"error": str(e)})
                 return
             if length > MAX_BODY:
                 # Read (and drop) a moderately large body so that the client, still sending, gets the answer
@@ -124,6 +164,8 @@ def make_handler(classify: Classifier):
                 self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"body over {MAX_BODY} bytes"})
                 return
             body = self.rfile.read(length) if length > 0 else b""
+            if len(body) < length:  # the client closed mid-body
+                raise ClientGone(f"closed after {len(body)} of {length} bytes")
             if not body:
                 self._json(HTTPStatus.BAD_REQUEST, {"error": "empty body: send the drawing as PNG bytes"})
                 return
@@ -137,16 +179,34 @@ def make_handler(classify: Classifier):
     return Handler
 
 
+class DemoServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer whose failed requests are one line each on stderr, never a traceback: a client that
+    disconnects or stalls mid-request is the client's business, and the server goes on."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        e = sys.exc_info()[1]
+        if isinstance(e, ClientGone):
+            why = f"client closed the connection mid-request ({e})"
+        elif isinstance(e, (TimeoutError, socket.timeout)):
+            why = f"client stalled for more than {IDLE_TIMEOUT} s"
+        elif isinstance(e, ConnectionError):
+            why = f"client closed the connection ({e.__class__.__name__})"
+        else:
+            why = f"request failed: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        print(f"tinymnist demo: {client_address[0]}:{client_address[1]}: {why}", file=sys.stderr, flush=True)
+
+
 def make_server(checkpoint: Path, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """A ready server (bound, not yet serving); a busy port or a bad checkpoint is one TinyMnistError."""
     classify = Classifier(checkpoint)
     try:
-        server = ThreadingHTTPServer((host, port), make_handler(classify))
+        server = DemoServer((host, port), make_handler(classify))
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise TinyMnistError(f"port {port} on {host} is already in use: pick another with --port") from None
         raise TinyMnistError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    server.daemon_threads = True
     server.classifier = classify  # type: ignore[attr-defined]
     return server
 

@@ -328,8 +328,7 @@ def render_performance(results: Path = RESULTS) -> str:
     b = read_json(bench)
     env = b["env"]
     r = b["ratios"]
-    model_flag = "" if env["model"] == STEPS[-1].config.model else f" --model {env['model']}"
-    out += [f"`tinymnist bench{model_flag} --json results/{bench.name}` trained `{env['model']}` at batch {env['batch_size']} with "
+    out += [f"`tinymnist bench --model {env['model']} --json results/{bench.name}` trained `{env['model']}` at batch {env['batch_size']} with "
             f"the same augmentation (rotate ±{env['aug']['rotate']:g}°, shift ±{env['aug']['translate']:g}, zoom "
             f"±{env['aug']['scale']:g}) on {env['device']}: {hardware_text(env)}, {env['threads']} threads, "
             f"{env['precision']}, {env['memory_format']} memory format, "

@@ -182,6 +182,7 @@ def open_storage(url: str, heartbeat: Optional[int] = HEARTBEAT):
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 
+    url = driver_url(url)
     kwargs: dict = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 60}  # workers wait for each other's writes instead of failing
@@ -200,13 +201,36 @@ def open_storage(url: str, heartbeat: Optional[int] = HEARTBEAT):
         raise TinyMnistError(f"cannot open study storage {_safe(url)}: {_first_line(e)}") from None
 
 
-def _safe(url: str) -> str:
-    """The URL without its password."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
+PG_DRIVER = "psycopg2"  # what the sweep extra installs (psycopg2-binary)
+
+
+def driver_url(url: str) -> str:
+    """A plain postgresql:// (or postgres://) URL with the driver the sweep extra installs, psycopg2, named.
+
+    SQLAlchemy picks the driver of a plain URL by its own version: psycopg2 up to 2.0, psycopg 3 from 2.1, which
+    nothing here installs. Naming the driver makes the URL a user writes work with either; a URL that names its
+    driver (postgresql+psycopg://, ...) is left as it is."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:  # Optuna's own error names what is wrong
+        return url
+    if parsed.drivername in ("postgresql", "postgres"):
+        return parsed.set(drivername=f"postgresql+{PG_DRIVER}").render_as_string(hide_password=False)
     return url
+
+
+def _safe(url: str) -> str:
+    """The URL without its password (SQLAlchemy's own rendering), for messages."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url.split("://", 1)[0] + "://…" if "://" in url else "(not a storage URL)"
 
 
 def _first_line(e: BaseException) -> str:
