@@ -12,6 +12,7 @@ import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,58 +258,30 @@ def test_checkpoint_choice(tmp_path, model_path):
 # ---------------------------------------------------------------- a real browser
 
 
-@pytest.fixture(scope="module")
-def page(server):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        chromium = None
-    if not chromium:
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import demo_screenshot as shot  # noqa: E402  the browser helpers that also make docs/demo.png
+
+DRAWINGS, stroke, shown_digit = shot.DRAWINGS, shot.stroke, shot.shown_digit
+
+
+def need_chromium() -> None:
+    if shot.chromium_path() is None:
         msg = "Chromium (Debian package chromium) or Playwright for Python is missing"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(msg)
         pytest.skip(msg)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        pg = browser.new_page(viewport={"width": 900, "height": 700})
-        pg.goto(server + "/")
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    need_chromium()
+    with shot.open_page(server + "/") as pg:
         yield pg
-        browser.close()
-
-
-def stroke(page, points, box):
-    """A mouse stroke through canvas points (0..280 coordinates)."""
-    page.mouse.move(box["x"] + points[0][0], box["y"] + points[0][1])
-    page.mouse.down()
-    for x, y in points[1:]:
-        page.mouse.move(box["x"] + x, box["y"] + y, steps=6)
-    page.mouse.up()
-
-
-def shown_digit(page) -> str:
-    """The digit on show once the page answers the final drawing (not a request sent mid-stroke)."""
-    page.wait_for_function("() => { const d = document.body.dataset; "
-                           "return d.digit !== undefined && d.digit !== '' && d.answered === d.drawn; }",
-                           timeout=30000)
-    return page.inner_text("#digit")
-
-
-DRAWINGS = {
-    "1": [[(140, 40), (140, 240)]],
-    "7": [[(70, 50), (210, 50), (120, 240)]],
-    "0": [[(140, 40), (95, 70), (80, 140), (95, 210), (140, 240), (185, 210), (200, 140), (185, 70), (140, 40)]],
-}
 
 
 @pytest.mark.parametrize("digit", list(DRAWINGS))
 def test_drawn_strokes_are_recognised(page, digit):
-    page.click("#clear")
-    box = page.locator("#pad").bounding_box()
-    for s in DRAWINGS[digit]:
-        stroke(page, s, box)
+    shot.draw(page, digit)
     assert shown_digit(page) == digit
     assert page.locator("#top li").count() == 3
 
@@ -353,3 +326,13 @@ def test_the_shipped_model_scores_what_its_history_recorded(real_data_dir):
     model, cfg = load_checkpoint(shipped)
     result = collect_errors(model, load_mnist(real_data_dir, progress=False), cfg.memory_format)
     assert result["test_acc"] == history[-1]["test_acc"]
+
+
+def test_the_screenshot_script_draws_a_7_and_shows_the_answer(tmp_path, model_path):
+    """scripts/demo_screenshot.py, which makes docs/demo.png, on the same model: the picture holds its answer."""
+    need_chromium()
+    out = tmp_path / "demo.png"
+    assert shot.screenshot(out, model_path) == "7"
+    with Image.open(out) as img:
+        assert img.size == (shot.VIEWPORT["width"], shot.VIEWPORT["height"])
+    assert (Path(__file__).resolve().parents[1] / "docs" / "demo.png").is_file()

@@ -9,7 +9,7 @@ import torch
 from tinymnist.check import verdict
 from tinymnist.experiments import ANSWER, STEPS, answer, get_step, last_step
 from tinymnist.model import create_model, list_models
-from tinymnist.report import SECTIONS, generated_section, step_result
+from tinymnist.report import PAGES, SECTIONS, generated_section, page_section, step_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,17 +112,86 @@ def test_a_searched_step_trains_the_recipe_its_trial_chose(step):
 
 
 def test_readme_parameter_counts_match_the_models():
-    section = generated_section(ROOT / "README.md")
+    section = generated_section(ROOT / "docs" / "series.md", "experiments")
     rows = re.findall(r"^\| \[(\w+)\]\([^)]*\) \| (Model_\d+) \| ([\d,]+) \|", section, re.M)
     assert [r[0] for r in rows] == [s.name for s in STEPS]
     for step, model, params in rows:
         assert int(params.replace(",", "")) == create_model(model, dropout=get_step(step).config.dropout).num_params()
 
 
-@pytest.mark.parametrize("section", sorted(SECTIONS))
-def test_readme_sections_are_what_the_generator_produces(section):
-    assert generated_section(ROOT / "README.md", section) == SECTIONS[section](ROOT / "results"), \
-        "README is stale: run `tinymnist report`"
+@pytest.mark.parametrize("page, section", [(p, s) for p, sections in PAGES.items() for s in sections])
+def test_every_page_section_is_what_the_generator_produces(page, section):
+    assert generated_section(ROOT / page, section) == page_section(page, section, ROOT / "results"), \
+        f"{page} is stale: run `tinymnist report`"
+
+
+def test_every_section_has_a_page():
+    assert sorted(s for sections in PAGES.values() for s in sections) == sorted(SECTIONS)
+
+
+def test_report_regenerates_every_page_byte_for_byte(tmp_path):
+    """`tinymnist report` on a copy of the pages with every generated section emptied gives the committed pages."""
+    import shutil
+
+    from tinymnist.report import markers, update_pages
+
+    for page, sections in PAGES.items():
+        text = (ROOT / page).read_text()
+        for name in sections:
+            start, end = markers(name)
+            text = text.split(start)[0] + start + end + text.split(end, 1)[1]
+        (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / page).write_text(text)
+    shutil.copytree(ROOT / "results", tmp_path / "results")
+    shutil.copytree(ROOT / "spaces", tmp_path / "spaces")  # a search's section names its space's fixed fields
+    assert update_pages(tmp_path, tmp_path / "results")
+    for page in PAGES:
+        assert (tmp_path / page).read_bytes() == (ROOT / page).read_bytes(), page
+    assert update_pages(tmp_path, tmp_path / "results") == []
+
+
+def test_a_page_without_its_markers_is_one_clear_error(tmp_path):
+    from tinymnist.errors import TinyMnistError
+    from tinymnist.report import update_pages
+
+    for page in PAGES:
+        (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / page).write_text("# no markers\n")
+    with pytest.raises(TinyMnistError, match="has no <!-- headline:start -->"):
+        update_pages(tmp_path, ROOT / "results")
+
+
+def _links(page: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+def _anchors(page: Path) -> set[str]:
+    from tinymnist.report import _anchor
+
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {_anchor(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize("page", ["README.md"] + sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")))
+def test_every_link_and_image_works_from_its_page(page):
+    here = ROOT / page
+    for link in _links(here):
+        if link.startswith(("http://", "https://")):
+            continue
+        target, _, anchor = link.partition("#")
+        path = (here.parent / target).resolve() if target else here
+        assert path.exists(), f"{page}: {link} points at nothing"
+        if anchor and path.suffix == ".md":
+            assert anchor in _anchors(path), f"{page}: {link}: no such heading"
+
+
+def test_the_readme_reads_in_two_minutes():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    order = ["```bash", "<!-- headline:start -->", "<!-- answer:start -->", "docs/demo.png", "## Use a trained model",
+             "## Commands", "## More"]
+    assert [text.index(x) for x in order] == sorted(text.index(x) for x in order)
 
 
 def test_results_record_their_run():

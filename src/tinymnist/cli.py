@@ -153,22 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiments", help="the experiment series, one line per step", formatter_class=fmt)
     p.set_defaults(func=cmd_experiments)
 
-    p = sub.add_parser("reproduce", help="train the steps, write results/ and regenerate the README section",
+    p = sub.add_parser("reproduce", help="train the steps, write results/ and regenerate the README and docs/",
                        formatter_class=fmt)
     p.add_argument("--only", nargs="+", choices=step_names(), metavar="STEP", default=None,
                    help=f"train only these steps (default: all of {', '.join(step_names())})")
     p.add_argument("--results", default="results", help="results directory")
-    p.add_argument("--readme", default="README.md", help="README whose experiments section is regenerated")
+    p.add_argument("--root", default=".", help="checkout whose README.md and docs/ pages are regenerated")
     p.add_argument("--runs", default="runs", help="where the run directories go")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_jobs(p)
     _add_data_device(p)
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("report", help="regenerate the README's generated sections from results/ (no training)",
-                       formatter_class=fmt)
+    p = sub.add_parser("report", help="regenerate the generated sections of the README and docs/ from results/ "
+                                      "(no training)", formatter_class=fmt)
     p.add_argument("--results", default="results", help="results directory")
-    p.add_argument("--readme", default="README.md", help="README to update")
+    p.add_argument("--root", default=".", help="checkout whose README.md and docs/ pages are regenerated")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("check", help="train a step with seeds 0..N-1 and judge the target rules", formatter_class=fmt)
@@ -326,7 +326,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .device import pick_device
     from .experiments import STEPS
     from .parallel import Job, plan, run_jobs
-    from .report import collect_run, update_readme
+    from .report import collect_run
     from .runs import new_run_dir, train_job
 
     steps = [s for s in STEPS if s.name in (args.only or [s.name for s in STEPS])]
@@ -350,8 +350,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print(f"reproduce: {len(steps)} steps, {workers} at a time with {threads} thread(s) each", flush=True)
     outcomes = run_jobs(jobs, workers, threads, on_done=done, progress=False if args.no_progress else None,
                         desc="reproduce")
-    changed = update_readme(Path(args.readme), Path(args.results))
-    print(f"{args.readme}: regenerated {', '.join(changed) if changed else 'nothing (already up to date)'}")
+    _report_pages(args.root, args.results)
     failed = [o.label for o in outcomes if not o.ok]
     if failed:
         raise TinyMnistError(f"{len(failed)} of {len(steps)} steps failed: {', '.join(failed)}")
@@ -362,15 +361,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .experiments import STEPS
-    from .report import replot, replot_checks, step_result, update_readme
+    from .report import replot, replot_checks, step_result
 
     for s in STEPS:
         if step_result(s, Path(args.results)) is not None:
             replot(s, Path(args.results))
     replot_checks(Path(args.results))
-    changed = update_readme(Path(args.readme), Path(args.results))
-    print(f"{args.readme}: regenerated {', '.join(changed) if changed else 'nothing (already up to date)'}")
+    _report_pages(args.root, args.results)
     return 0
+
+
+def _report_pages(root: str, results: str) -> None:
+    from pathlib import Path
+
+    from .report import update_pages
+
+    changed = update_pages(Path(root), Path(results))
+    print(f"regenerated {'; '.join(changed) if changed else 'nothing (every page already up to date)'}")
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -172,6 +172,13 @@ def _errors_section(step: Step, results: Path) -> list[str]:
             f"![confusion matrix: {step.name}]({rel}/{CONFUSION_FILE})", ""]
 
 
+def render_searches(results: Path = RESULTS) -> str:
+    """The searches page's generated section: every committed sweep, and the validation bars."""
+    start, end = markers("searches")
+    body = _search_sections(results) or ["No search has been committed yet.", ""]
+    return "\n".join([start, NOTE, "", *body, end])
+
+
 def _search_sections(results: Path) -> list[str]:
     """Every committed sweep (results/sweep-*/trials.json): how many recipes were tried and the best on validation."""
     out, studies = [], {}
@@ -226,7 +233,7 @@ def _short(v) -> str:
 def render(results: Path = RESULTS) -> str:
     """The whole generated experiments section, as Markdown."""
     res = {s.name: step_result(s, results) for s in STEPS}
-    out = [START, NOTE, "", "## Experiments", "",
+    out = [START, NOTE, "", "## The series", "",
            "Each step changes one thing, states its **Target** before it runs, and reads its **Result** from the "
            "run it wrote under `results/<step>/`. `tinymnist reproduce` reruns every step and regenerates this "
            "section; `tinymnist report` regenerates it from `results/` alone.", "",
@@ -246,8 +253,8 @@ def render(results: Path = RESULTS) -> str:
                        f"{per_epoch:.0f} | {r['best_train']:.2f}% | {r['best_test']:.2f}% | {r['min_last5']:.2f}% |")
     out += ["", "Seconds per epoch (training plus the test pass) are as recorded by each run, on the machine and "
                 "thread count its `config.json` names; runs that shared a machine with others are slower. MACs "
-                "count one forward pass.", ""]
-    out += _search_sections(results)
+                "count one forward pass. The searches that chose the later recipes are on "
+                "[the searches page](docs/searches.md).", ""]
     for s in STEPS:  # the proof of every step that was checked over seeds: the assignment's answer, the smallest
         out += _check_section(s, results)
     for s in STEPS:
@@ -320,7 +327,7 @@ ISA_NAMES = (("AVX2", "avx2"), ("FMA", "fma"), ("AVX-512", "avx512f"), ("AVX-512
 def render_performance(results: Path = RESULTS) -> str:
     """The performance section, from results/bench.json (and the timed checks, when committed)."""
     start, end = markers("performance")
-    out = [start, NOTE, "", "## Performance", ""]
+    out = [start, NOTE, "", "## Measured", ""]
     bench = results / BENCH_FILE
     if not bench.is_file():
         return "\n".join(out + ["No benchmark has been committed yet: run `tinymnist bench --json results/bench.json`.",
@@ -472,7 +479,7 @@ def render_headline(results: Path = RESULTS) -> str:
         histories = [x["history"] for x in ev["seeds"]]
         mean, std = final_accuracy_stats(histories)
         worst = min(min(r["test_acc"] for r in h[-ev["last"]:]) for h in histories)
-        rows.append(f"| [{s.name}](#{_anchor(s.title)}) | {s.role} | `{ev['model']}` | **{ev['params']:,}** | {ev['epochs']} | "
+        rows.append(f"| [{s.name}](docs/series.md#{_anchor(s.title)}) | {s.role} | `{ev['model']}` | **{ev['params']:,}** | {ev['epochs']} | "
                     f"{len(histories)} | {worst:.2f}% | {mean:.2f} ± {std:.2f}% | {'PASS' if ev['passed'] else 'FAIL'} |")
     if not rows:
         return "\n".join([start, NOTE, "", "No step has been checked over seeds yet.", "", end])
@@ -483,31 +490,80 @@ def render_headline(results: Path = RESULTS) -> str:
                       *rows, "", end])
 
 
-SECTIONS = {"headline": render_headline, "experiments": render, "performance": render_performance}
+def render_answer(results: Path = RESULTS) -> str:
+    """The README's picture of the answer: its proof over seeds, one line and the plot."""
+    from .experiments import answer
+
+    start, end = markers("answer")
+    step = answer()
+    path = results / CHECK_FILE.format(step=step.name)
+    if not path.is_file():
+        return "\n".join([start, NOTE, "", f"The answer, `{step.name}`, has no committed check yet.", "", end])
+    ev = read_json(path)
+    k = ev["last"]
+    worst = min(min(r["test_acc"] for r in x["history"][-k:]) for x in ev["seeds"])
+    return "\n".join([
+        start, NOTE, "",
+        f"The answer, [`{step.name}`](docs/series.md#{_anchor(step.title)}) ({ev['params']:,} parameters), over "
+        f"{len(ev['seeds'])} seeds: test accuracy per epoch, every seed at or above {ev['threshold']:.2f}% in each "
+        f"of its last {k} epochs (worst {worst:.2f}%). From `results/{path.name}`.", "",
+        f"![proof over seeds: {step.name}](results/{path.with_suffix('.png').name})", "", end])
 
 
-def update_readme(readme: Path, results: Path = RESULTS) -> list[str]:
-    """Regenerate every section of `readme` between its markers; return the names of those that changed."""
-    text = original = readme.read_text()
+SECTIONS = {"headline": render_headline, "answer": render_answer, "experiments": render,
+            "searches": render_searches, "performance": render_performance}
+# Where each generated section lives, relative to the checkout: the README is the front page, docs/ the evidence.
+PAGES = {"README.md": ("headline", "answer"), "docs/series.md": ("experiments",),
+         "docs/searches.md": ("searches",), "docs/performance.md": ("performance",)}
+
+
+def relink(text: str, page: str) -> str:
+    """Sections link as from the checkout's root (results/..., docs/...); on a page under docs/, make every
+    Markdown link and image target relative to that page."""
+    if not page.startswith("docs/"):
+        return text
+    def fix(m: re.Match) -> str:
+        target = m[1]
+        if target.startswith(("http://", "https://", "#")):
+            return m[0]
+        return f"]({target[len('docs/'):] if target.startswith('docs/') else '../' + target})"
+
+    return re.sub(r"\]\(([^)\s]+)\)", fix, text)
+
+
+def page_section(page: str, section: str, results: Path = RESULTS) -> str:
+    """A section as it must read on `page`."""
+    return relink(SECTIONS[section](results), page)
+
+
+def update_pages(root: Path = Path("."), results: Path = RESULTS) -> list[str]:
+    """Regenerate every generated section of the README and the docs pages; return "page: section" for each that
+    changed. A page without a section's markers is one TinyMnistError."""
     changed = []
-    for name, fn in SECTIONS.items():
-        start, end = markers(name)
-        if start not in text or end not in text:
-            raise ValueError(f"{readme} has no {start} ... {end} markers")
-        head, rest = text.split(start, 1)
-        old, tail = rest.split(end, 1)
-        new = fn(results)
-        if start + old + end != new:
-            changed.append(name)
-        text = head + new + tail
-    if text != original:
-        with atomic_path(readme) as tmp:
-            tmp.write_text(text)
+    for page, sections in PAGES.items():
+        path = Path(root) / page
+        try:
+            text = original = path.read_text()
+        except OSError as e:
+            raise TinyMnistError(f"{path}: cannot read ({e.strerror or e})") from None
+        for name in sections:
+            start, end = markers(name)
+            if start not in text or end not in text:
+                raise TinyMnistError(f"{path} has no {start} ... {end} markers: restore them where the section goes")
+            head, rest = text.split(start, 1)
+            old, tail = rest.split(end, 1)
+            new = page_section(page, name, results)
+            if start + old + end != new:
+                changed.append(f"{page}: {name}")
+            text = head + new + tail
+        if text != original:
+            with atomic_path(path) as tmp:
+                tmp.write_text(text)
     return changed
 
 
-def generated_section(readme: Path, section: str = "experiments") -> str:
-    """The part of `readme` between (and including) a section's markers."""
+def generated_section(page: Path, section: str) -> str:
+    """The part of `page` between (and including) a section's markers."""
     start, end = markers(section)
-    text = readme.read_text()
+    text = page.read_text()
     return start + text.split(start, 1)[1].split(end, 1)[0] + end
