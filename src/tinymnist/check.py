@@ -50,9 +50,28 @@ def final_accuracy_stats(histories: Sequence[Sequence[dict]], metric: str = "tes
     return statistics.mean(finals), (statistics.stdev(finals) if len(finals) > 1 else 0.0)
 
 
+def earlier_test_looks(step_name: str, budget: int, results: str | Path = "results") -> list[str]:
+    """The committed test checks of *other* steps with the same parameter budget: each an earlier look at the test
+    set for that budget. Re-runs of one step's recipe (re-proving it after the arithmetic changed, or timing it)
+    choose nothing and are not counted."""
+    from .experiments import STEPS
+    from .fileio import read_json
+
+    others = {s.name for s in STEPS if s.budget == budget and s.name != step_name}
+    looks = []
+    for path in sorted(Path(results).glob("check-*.json")):
+        try:
+            ev = read_json(path)
+        except (OSError, ValueError):
+            continue
+        if ev.get("step") in others and ev.get("metric", "test_acc") == "test_acc" and ev["step"] not in looks:
+            looks.append(ev["step"])
+    return looks
+
+
 def run_check(step_name: str, seeds: int, last: int = 5, data_dir: Optional[str] = None, device: str = "auto",
               out_root: str = "runs", progress: Optional[bool] = None, threads: int = 0, jobs: int = 0,
-              overrides: Optional[dict] = None) -> dict:
+              overrides: Optional[dict] = None, results: str | Path = "results") -> dict:
     """Train `step_name` with seeds 0..seeds-1, `jobs` at a time; return the evidence object that --json writes.
 
     `overrides` replaces recipe fields. With a `val` among them, every seed holds out that many training images
@@ -107,7 +126,12 @@ def run_check(step_name: str, seeds: int, last: int = 5, data_dir: Optional[str]
     for rule in rules:
         print(f"{'PASS' if rule.passed else 'FAIL'}  {rule.text}")
     print(f"final-epoch {metric.split('_')[0]} accuracy over {seeds} seeds: {mean:.2f} +- {std:.2f}%")
-    return {"step": step.name, "model": base.model, "params": params, "epochs": base.epochs,
+    earlier = earlier_test_looks(step.name, step.budget, results) if metric == "test_acc" else []
+    if earlier:
+        print(f"this is look {len(earlier) + 1} at the test set for the {step.budget:,}-parameter budget "
+              f"(earlier: {', '.join(earlier)})")
+    return {"step": step.name, "model": base.model, "params": params, "epochs": base.epochs, "budget": step.budget,
+            "test_look": len(earlier) + 1 if metric == "test_acc" else 0, "earlier_looks": earlier,
             "last": last, "threshold": THRESHOLD, "metric": metric, "passed": all(r.passed for r in rules),
             "rules": [{"rule": r.text, "passed": r.passed} for r in rules],
             "final_acc_mean": round(mean, 4), "final_acc_std": round(std, 4),

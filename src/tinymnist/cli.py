@@ -361,12 +361,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .experiments import STEPS
-    from .report import replot, replot_checks, step_result
+    from .report import replot, replot_checks, replot_frontier, step_result
 
     for s in STEPS:
         if step_result(s, Path(args.results)) is not None:
             replot(s, Path(args.results))
     replot_checks(Path(args.results))
+    replot_frontier(Path(args.results))
     _report_pages(args.root, args.results)
     return 0
 

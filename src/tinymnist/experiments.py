@@ -19,6 +19,8 @@ class Step:
     role: str = ""  # what a step proven over seeds stands for, as the README's headline names it
     chosen_by: Optional[tuple[str, int]] = None  # (study, trial) of the committed sweep whose validation result chose
     #                                              this recipe; the test set confirms it once, with `tinymnist check`
+    budget: int = 7999  # the most parameters this step was allowed: the assignment's < 8,000, or a smaller budget
+    searches: tuple[str, ...] = ()  # every committed study whose trials led to this recipe (chosen_by's among them)
 
 
 # Steps 1-5 keep the classic recipe (plain SGD, LR 0.01, no schedule, no augmentation) so that each
@@ -162,6 +164,8 @@ STEPS: tuple[Step, ...] = (
         config=replace(_FINAL, model="Model_8", lr=0.213, ema=0.998, weight_decay=0.0),
         role="half the budget, at most 5,000 parameters: not reliable yet",
         chosen_by=("half-budget-aug", 0),
+        budget=5000,
+        searches=("half-budget", "half-budget-refine", "half-budget-aug"),
         target="Pass the same rule (every one of the last 5 of 15 epochs at 99.4% or more, for 5 of 5 seeds) with at "
                "most 5,000 parameters, the network and recipe chosen on 10,000 held-out training images alone and "
                "the test set read once, by this check. Model_8 is Model_7 at 12 channels where it had 16 and an "

@@ -36,3 +36,36 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
+
+
+def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathLike) -> None:
+    """Parameters against the rule's number: for every checked step, each seed's worst of the last epochs (dots)
+    and the step's minimum (a bar), the threshold as a line, passing steps filled. `points` are dicts with name,
+    params, worst (one number per seed) and passed."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    curve = sorted((p["params"], min(p["worst"])) for p in points)
+    ax.plot([c[0] for c in curve], [c[1] for c in curve], ":", color="#555", lw=1, zorder=2)
+    for p in points:
+        color = "#2a7f3f" if p["passed"] else "#b22"
+        xs = [p["params"]] * len(p["worst"])
+        ax.scatter(xs, p["worst"], s=18, color=color, alpha=0.6, zorder=3)
+        ax.scatter([p["params"]], [min(p["worst"])], s=120, marker="_", color=color, linewidths=2.5, zorder=4)
+        ax.annotate(f"{p['name']}\n{'PASS' if p['passed'] else 'FAIL'}", (p["params"], max(p["worst"])),
+                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8, color=color)
+    ax.axhline(threshold, color="grey", ls="--", lw=1, label=f"{threshold:.2f}%: every seed's last epochs must reach it")
+    ax.scatter([], [], s=18, color="grey", label="one seed's worst of its last epochs")
+    ax.scatter([], [], s=120, marker="_", color="grey", linewidths=2.5, label="the step's worst seed")
+    ax.scatter([], [], s=40, color="#2a7f3f", label="passes over every seed")
+    ax.scatter([], [], s=40, color="#b22", label="fails")
+    worst = [w for p in points for w in p["worst"]]
+    ax.set(xlabel="parameters", ylabel="test accuracy (%)", title="The reliability frontier: parameters against the "
+           "worst seed", ylim=(min(worst + [threshold]) - 0.12, max(worst + [threshold]) + 0.12))
+    xs = [p["params"] for p in points]
+    pad = max(200, (max(xs) - min(xs)) * 0.08)
+    ax.set_xlim(min(xs) - pad, max(xs) + pad)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)

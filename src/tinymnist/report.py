@@ -510,10 +510,88 @@ def render_answer(results: Path = RESULTS) -> str:
         f"![proof over seeds: {step.name}](results/{path.with_suffix('.png').name})", "", end])
 
 
-SECTIONS = {"headline": render_headline, "answer": render_answer, "experiments": render,
+FRONTIER_PNG = "frontier.png"
+
+
+def _frontier_rows(results: Path) -> list[dict]:
+    """Every step with a committed test check, smallest first, with what the frontier shows of it."""
+    import statistics
+
+    rows = []
+    for s in STEPS:
+        path = results / CHECK_FILE.format(step=s.name)
+        if not path.is_file():
+            continue
+        ev = read_json(path)
+        if ev.get("metric", "test_acc") != "test_acc":
+            continue
+        k = ev["last"]
+        worst = [min(r["test_acc"] for r in x["history"][-k:]) for x in ev["seeds"]]
+        seconds = statistics.median(r["seconds"] for x in ev["seeds"] for r in x["history"])
+        objective = None
+        if s.chosen_by:
+            study, number = s.chosen_by
+            trials = read_json(results / f"sweep-{study}" / "trials.json")["trials"]
+            objective = next(r["objective"] for r in trials if r["trial"] == number)
+        tried = sum(sum(read_json(results / f"sweep-{q}" / "trials.json")["counts"].values()) for q in s.searches)
+        rows.append({"name": s.name, "title": s.title, "budget": s.budget, "params": ev["params"],
+                     "macs": summarize(s.config.build_model()).macs, "seconds": seconds,
+                     "threads": ev.get("threads_per_run"), "objective": objective, "worst": worst,
+                     "passed": ev["passed"], "tried": tried, "look": ev.get("test_look", 1),
+                     "threshold": ev["threshold"], "last": k})
+    return sorted(rows, key=lambda r: (r["params"], r["name"]))
+
+
+def replot_frontier(results: Path = RESULTS) -> Optional[Path]:
+    """Draw results/frontier.png from the committed checks (None if there are none)."""
+    from .plots import plot_frontier
+
+    rows = _frontier_rows(results)
+    if not rows:
+        return None
+    plot_frontier(rows, rows[0]["threshold"], results / FRONTIER_PNG)
+    return results / FRONTIER_PNG
+
+
+def render_frontier(results: Path = RESULTS) -> str:
+    """The frontier: parameters against the worst seed, as a plot and a table, with the smallest passing step."""
+    start, end = markers("frontier")
+    rows = _frontier_rows(results)
+    if not rows:
+        return "\n".join([start, NOTE, "", "No step has been checked on test yet.", "", end])
+    passing = [r for r in rows if r["passed"]]
+    smallest = (f"The smallest step that passes over every seed: **{passing[0]['name']}, {passing[0]['params']:,} "
+                "parameters**." if passing else "No checked step passes yet.")
+    below = [r for r in rows if not r["passed"] and (not passing or r["params"] < passing[0]["params"])]
+    if below and passing:
+        names = ", ".join(f"{r['name']} ({r['params']:,})" for r in below)
+        smallest += (f" Below it, {names} "
+                     f"{'fails' if len(below) == 1 else 'fail'}: the curve crosses {rows[0]['threshold']:.2f}% "
+                     f"between {below[-1]['params']:,} and {passing[0]['params']:,} parameters.")
+    out = [start, NOTE, "", "**The reliability frontier.** Every step checked on test over 5 seeds: each dot is one "
+           f"seed's worst test accuracy of its last {rows[0]['last']} epochs, the bar the step's worst seed. "
+           + smallest, "", f"![the reliability frontier](results/{FRONTIER_PNG})", "",
+           "| budget | step | parameters | MACs per image | s per epoch | validation objective | test: worst seed | "
+           "verdict | recipes tried |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for r in rows:
+        budget = "< 8,000" if r["budget"] == 7999 else f"≤ {r['budget']:,}"
+        look = f" (look {r['look']} at test for this budget)" if r["look"] > 1 else ""
+        objective = "—" if r["objective"] is None else f"{r['objective']:.2f}%"
+        out.append(f"| {budget} | [{r['name']}](docs/series.md#{_anchor(r['title'])}) | {r['params']:,} | "
+                   f"{r['macs']:,} | {r['seconds']:.1f} | {objective} | {min(r['worst']):.2f}% | "
+                   f"{'PASS' if r['passed'] else 'FAIL'}{look} | {r['tried'] or '—'} |")
+    out += ["", "The validation objective is the search's: the worst validation accuracy of the last epochs, the "
+                "minimum over the trial's seeds, on 10,000 held-out training images; the test column is the check's, "
+                "after a refit on all 60,000. Seconds per epoch are the median over the check's epochs (training and "
+                "the test pass), each run with the threads, code and host its evidence records (compare within one check only). Recipes tried counts every trial of "
+                "the searches behind the step, pruned and failed ones included.", "", end]
+    return "\n".join(out)
+
+
+SECTIONS = {"headline": render_headline, "answer": render_answer, "frontier": render_frontier, "experiments": render,
             "searches": render_searches, "performance": render_performance}
 # Where each generated section lives, relative to the checkout: the README is the front page, docs/ the evidence.
-PAGES = {"README.md": ("headline", "answer"), "docs/series.md": ("experiments",),
+PAGES = {"README.md": ("headline", "answer", "frontier"), "docs/series.md": ("experiments",),
          "docs/searches.md": ("searches",), "docs/performance.md": ("performance",)}
 
 
