@@ -19,7 +19,7 @@ def run(capsys, *argv):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["train", "--model", "Nope"], "invalid choice: 'Nope' (choose from 'Model_1'"),
+    (["train", "--model", "Nope"], "invalid choice: 'Nope' (choose from Model_1, "),
     (["train", "--epochs", "0"], "expected a positive integer, got 0"),
     (["train", "--epochs", "ten"], "expected a positive integer, got 'ten'"),
     (["train", "--lr", "-1"], "expected a positive number"),

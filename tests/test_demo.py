@@ -329,10 +329,15 @@ def test_the_shipped_model_scores_what_its_history_recorded(real_data_dir):
 
 
 def test_the_screenshot_script_draws_a_7_and_shows_the_answer(tmp_path, model_path):
-    """scripts/demo_screenshot.py, which makes docs/demo.png, on the same model: the picture holds its answer."""
+    """scripts/demo_screenshot.py, which makes docs/demo.png, run as a script on the same model: the page it
+    pictures holds a drawn 7 and the answer 7."""
     need_chromium()
     out = tmp_path / "demo.png"
-    assert shot.screenshot(out, model_path) == "7"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "demo_screenshot.py"
+    p = subprocess.run([sys.executable, str(script), "--out", str(out), "--checkpoint", str(model_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"wrote {out}: a drawn 7, answered 7"
     with Image.open(out) as img:
         assert img.size == (shot.VIEWPORT["width"], shot.VIEWPORT["height"])
     assert (Path(__file__).resolve().parents[1] / "docs" / "demo.png").is_file()

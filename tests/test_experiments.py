@@ -231,3 +231,20 @@ def test_verdict_ignores_epochs_before_the_window_and_needs_enough_epochs():
     assert verdict(7000, 15, [_history([10.0] + [99.5] * 5)], last=5)[2].passed
     assert not verdict(7000, 15, [_history([99.5] * 3)], last=5)[2].passed
     assert not verdict(7000, 15, [], last=5)[2].passed
+
+
+def test_a_second_check_at_a_budget_is_recorded_as_the_second_look_at_test(tmp_path, monkeypatch):
+    import dataclasses
+    import json
+
+    from tinymnist import experiments
+    from tinymnist.check import earlier_test_looks
+
+    later = dataclasses.replace(get_step("half"), name="half-again")
+    monkeypatch.setattr(experiments, "STEPS", experiments.STEPS + (later,))
+    assert earlier_test_looks("half-again", 5000, tmp_path) == []
+    (tmp_path / "check-half.json").write_text(json.dumps({"step": "half", "metric": "test_acc"}))
+    (tmp_path / "check-final.json").write_text(json.dumps({"step": "final", "metric": "test_acc"}))
+    (tmp_path / "check-half-val.json").write_text(json.dumps({"step": "half", "metric": "val_acc"}))
+    assert earlier_test_looks("half-again", 5000, tmp_path) == ["half"]  # final has another budget
+    assert earlier_test_looks("half", 5000, tmp_path) == []  # a re-run of one step is not a new look

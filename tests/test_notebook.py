@@ -37,4 +37,5 @@ def test_notebook_runs_top_to_bottom(real_data_dir, tmp_path):
     assert "Receptive field at the output: 28x28" in text
     assert "misclassified of 10,000" in text and ("PASS" in text or "FAIL" in text)
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 4  # curves, misclassified grid, confusion matrix, proof
+    assert len(images) == 5  # curves, misclassified grid, confusion matrix, proof, the registered model's proof
+    assert "MyNet: PASS" in text or "MyNet: FAIL" in text

@@ -23,8 +23,9 @@ class Rule:
 
 
 def verdict(params: int, epochs: int, histories: Sequence[Sequence[dict]], last: int = 5,
-            threshold: float = THRESHOLD, metric: str = "test_acc") -> list[Rule]:
-    """Judge the three rules on per-seed histories (history.json lists), on `metric` (test_acc or val_acc)."""
+            threshold: float = THRESHOLD, metric: str = "test_acc", max_params: int = MAX_PARAMS) -> list[Rule]:
+    """Judge the three rules on per-seed histories (history.json lists), on `metric` (test_acc or val_acc);
+    the parameter rule is "fewer than `max_params`"."""
     if last < 1:
         raise TinyMnistError(f"--last must be >= 1, got {last}")
     mins = [worst_of_last(h, last, metric) for h in histories]
@@ -32,7 +33,7 @@ def verdict(params: int, epochs: int, histories: Sequence[Sequence[dict]], last:
     worst = min(mins) if complete else float("nan")
     what = "validation" if metric == "val_acc" else "test"
     return [
-        Rule(f"parameters {params:,} < {MAX_PARAMS:,}", params < MAX_PARAMS),
+        Rule(f"parameters {params:,} < {max_params:,}", params < max_params),
         Rule(f"epochs {epochs} <= {MAX_EPOCHS}", epochs <= MAX_EPOCHS),
         Rule(f"every seed's last {last} {what} accuracies >= {threshold:.2f}% (worst {worst:.2f}%, "
              f"{len(histories)} seeds)", complete and worst >= threshold),
@@ -69,35 +70,54 @@ def earlier_test_looks(step_name: str, budget: int, results: str | Path = "resul
     return looks
 
 
-def run_check(step_name: str, seeds: int, last: int = 5, data_dir: Optional[str] = None, device: str = "auto",
-              out_root: str = "runs", progress: Optional[bool] = None, threads: int = 0, jobs: int = 0,
-              overrides: Optional[dict] = None, results: str | Path = "results") -> dict:
-    """Train `step_name` with seeds 0..seeds-1, `jobs` at a time; return the evidence object that --json writes.
+def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = 5, data_dir: Optional[str] = None,
+              device: str = "auto", out_root: str = "runs", progress: Optional[bool] = None, threads: int = 0,
+              jobs: int = 0, overrides: Optional[dict] = None, results_dir: str | Path = "results",
+              model: Optional[str] = None, models_file: Optional[str] = None, recipe=None,
+              budget: int = MAX_PARAMS) -> dict:
+    """Train a step's recipe (default: the series' answer) with seeds 0..seeds-1, `jobs` at a time; return the
+    evidence object that --json writes.
 
-    `overrides` replaces recipe fields. With a `val` among them, every seed holds out that many training images
-    and the rule is judged on validation accuracy."""
+    `model` trains another model with the step's recipe: one of tinymnist's, a class registered with
+    register_model, or (with `models_file`) a class of the user's models file. `overrides` replaces recipe
+    fields; with a `val` among them, every seed holds out that many training images and the rule is judged on
+    validation accuracy. `recipe` (a validated TrainConfig) replaces all of that. `budget`: the parameter rule is
+    "fewer than budget"."""
+    from .config import for_user_model, override
     from .device import pick_device
-    from .experiments import get_step
+    from .experiments import answer, get_step
     from .fileio import read_json
+    from .model import count_params, list_builtin_models
     from .parallel import Job, plan, run_jobs
     from .runs import new_run_dir, train_job
 
-    step = get_step(step_name)
-    from .config import override
-
-    base = override(step.config, overrides or {}).validate()
+    step = get_step(step_name) if step_name else answer()
+    if recipe is None:
+        base = step.config
+        if models_file or (model is not None and model not in list_builtin_models()):
+            base = for_user_model(base, model, models_file or "")
+        elif model is not None:
+            base = replace(base, model=model)
+        recipe = override(base, overrides or {})
+    base = recipe.validate()
     metric = "val_acc" if base.val else "test_acc"
     if last > base.epochs:
         raise TinyMnistError(f"--last {last} is more than the step's {base.epochs} epochs")
-    params = base.build_model().num_params()
+    params = count_params(base.build_model())
     workers, per_run = plan(seeds, jobs, threads, pick_device(device).type)
-    print(f"check {step.name}: {seeds} seeds, {workers} at a time with {per_run} thread(s) each", flush=True)
+    if base.user_model and not base.models_file and workers > 1:
+        # a class registered in this process does not exist in a fresh worker process: train here, one at a time
+        print(f"check: {base.model} is registered in this process only, so its seeds train here one after another "
+              "(a models file trains in parallel)", flush=True)
+        workers, per_run = plan(1, 1, threads, pick_device(device).type)
+    label = step.name if base.model == step.config.model and not base.user_model else base.model
+    print(f"check {label}: {seeds} seeds, {workers} at a time with {per_run} thread(s) each", flush=True)
     runs = []
     for seed in range(seeds):
-        run_dir = new_run_dir(f"check-{step.name}-seed{seed}", out_root)
+        run_dir = new_run_dir(f"check-{label}-seed{seed}", out_root)
         run_dir.mkdir(parents=True)  # claim the name now: every seed starts within the same second
         runs.append(Job(f"seed {seed}", train_job, dict(
-            config=replace(base, seed=seed).to_dict(), run_dir=str(run_dir), name=f"{step.name}-seed{seed}",
+            config=replace(base, seed=seed).to_dict(), run_dir=str(run_dir), name=f"{label}-seed{seed}",
             data_dir=data_dir, device=device, threads=per_run), parts=base.epochs if workers > 1 else 1))
 
     def report(o) -> None:
@@ -121,16 +141,23 @@ def run_check(step_name: str, seeds: int, last: int = 5, data_dir: Optional[str]
     # what 'auto' became on this machine (every seed resolves it the same way)
     trained = {k: saved[0]["config"][k] for k in RESOLVED if k in saved[0]["config"]}
     histories = [r["history"] for r in results]
-    rules = verdict(params, base.epochs, histories, last, metric=metric)
+    rules = verdict(params, base.epochs, histories, last, metric=metric, max_params=budget)
     mean, std = final_accuracy_stats(histories, metric)
     for rule in rules:
         print(f"{'PASS' if rule.passed else 'FAIL'}  {rule.text}")
     print(f"final-epoch {metric.split('_')[0]} accuracy over {seeds} seeds: {mean:.2f} +- {std:.2f}%")
-    earlier = earlier_test_looks(step.name, step.budget, results) if metric == "test_acc" else []
+    earlier = (earlier_test_looks(step.name, step.budget, results_dir)
+               if metric == "test_acc" and label == step.name else [])
     if earlier:
         print(f"this is look {len(earlier) + 1} at the test set for the {step.budget:,}-parameter budget "
               f"(earlier: {', '.join(earlier)})")
-    return {"step": step.name, "model": base.model, "params": params, "epochs": base.epochs, "budget": step.budget,
+    own = {}
+    if base.models_file:
+        from .usermodels import file_sha256
+
+        own = {"models_file": {"path": base.models_file, "sha256": file_sha256(base.models_file), "class": base.model}}
+    return {"step": step.name, "label": label, "model": base.model, **own, "params": params, "epochs": base.epochs,
+            "budget": step.budget if label == step.name else budget - 1,
             "test_look": len(earlier) + 1 if metric == "test_acc" else 0, "earlier_looks": earlier,
             "last": last, "threshold": THRESHOLD, "metric": metric, "passed": all(r.passed for r in rules),
             "rules": [{"rule": r.text, "passed": r.passed} for r in rules],

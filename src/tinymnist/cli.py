@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-from .errors import TinyMnistError
+from .errors import TinyMnistError, UsageError
 
 EXIT_USAGE = 2
 
@@ -64,6 +64,54 @@ def _add_data_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to train")
     p.add_argument("--threads", type=_nonneg_int, default=0,
                    help="CPU threads per run (0 = the available cores, divided among the parallel runs)")
+
+
+def _add_models(p: argparse.ArgumentParser, what: str = "--model NAME picks one") -> None:
+    p.add_argument("--models", default=None, metavar="FILE.py",
+                   help=f"a Python file of your own nn.Module classes (forward: (N,1,28,28) -> (N,10)); {what}")
+
+
+def _user_model(args: argparse.Namespace, name: Optional[str], flag: str = "--model") -> Optional[str]:
+    """The model a command names, checked against the --models file (or tinymnist's models and registered ones);
+    with a --models file and no name, its only class. An unknown name is a usage error listing the valid ones."""
+    from .model import list_models
+
+    if args.models:
+        from .usermodels import load_models_file
+
+        found = load_models_file(args.models)
+        if name is None:
+            if len(found.classes) == 1:
+                return next(iter(found.classes))
+            raise UsageError(f"{args.models} defines {len(found.classes)} models: name one with {flag} "
+                             f"(choose from {', '.join(found.classes)})")
+        if name not in found.classes:
+            skipped = (f"; skipped: {', '.join(f'{k} ({v})' for k, v in found.skipped.items())}"
+                       if found.skipped else "")
+            raise UsageError(f"argument {flag}: invalid choice: {name!r} (choose from {', '.join(found.classes)}"
+                             f"{skipped})")
+        return name
+    if name is not None and name not in list_models():
+        raise UsageError(f"argument {flag}: invalid choice: {name!r} (choose from {', '.join(list_models())})")
+    return name
+
+
+def _recipe_for(step, args: argparse.Namespace, **extra):
+    """A step's recipe with the command's overrides, for --model/--models when given; validated."""
+    from .config import for_user_model, override
+
+    model = _user_model(args, getattr(args, "model", None))
+    base = step.config
+    if args.models or (model is not None and model not in _builtin()):
+        base = for_user_model(base, model, args.models or "")
+        model = None
+    return override(base, _overrides(args, model=model, **extra)).validate()
+
+
+def _builtin() -> list[str]:
+    from .model import list_builtin_models
+
+    return list_builtin_models()
 
 
 def _add_jobs(p: argparse.ArgumentParser) -> None:
@@ -121,10 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("models", help="list the models and their parameter counts", formatter_class=fmt)
+    _add_models(p, "list its models instead of tinymnist's")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("summary", help="per-layer shapes, parameters, receptive field and MACs", formatter_class=fmt)
-    p.add_argument("model", choices=list_models(), metavar="MODEL", help=f"one of: {', '.join(list_models())}")
+    p.add_argument("model", metavar="MODEL", help=f"one of: {', '.join(list_models())}; or a class of --models")
+    _add_models(p, "MODEL names one of its classes")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("train", help="train a step's recipe (default: the series' answer) and write a run directory",
@@ -132,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", choices=step_names(), default=None, metavar="STEP",
                    help=f"experiment step whose recipe to train (one of: {', '.join(step_names())}; "
                         f"default: {answer().name}, {ANSWER_WHY})")
-    p.add_argument("--model", choices=list_models(), default=None, metavar="NAME",
-                   help=f"train this model with the step's recipe (one of: {', '.join(list_models())})")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help=f"train this model with the step's recipe (one of: {', '.join(list_models())}; or a class "
+                        "of --models)")
+    _add_models(p)
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seeds every RNG")
     p.add_argument("--out", default=None, help="run directory (default: runs/<name>-<timestamp>/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -171,8 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=".", help="checkout whose README.md and docs/ pages are regenerated")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("check", help="train a step with seeds 0..N-1 and judge the target rules", formatter_class=fmt)
-    p.add_argument("step", choices=step_names(), metavar="STEP", help=f"one of: {', '.join(step_names())}")
+    p = sub.add_parser("check", help="train a step (or your model, with its recipe) with seeds 0..N-1 and judge the "
+                                     "target rules", formatter_class=fmt)
+    p.add_argument("step", nargs="?", choices=step_names(), default=None, metavar="STEP",
+                   help=f"one of: {', '.join(step_names())} (default: {answer().name}, {ANSWER_WHY}); its recipe "
+                        "trains --model when given")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="check this model with the step's recipe (one of tinymnist's, or a class of --models)")
+    _add_models(p)
+    p.add_argument("--budget", type=_positive_int, default=8000, metavar="N",
+                   help="the parameter rule: fewer than N parameters")
     p.add_argument("--seeds", type=_positive_int, default=5, help="number of seeds, 0..N-1")
     p.add_argument("--last", type=_positive_int, default=5, help="epochs at the end that must all pass")
     p.add_argument("--json", default=None, metavar="FILE", help="write the evidence (histories, verdict) here")
@@ -196,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="sweeps", help="directory for the SQLite study and every trial's run directory")
     p.add_argument("--heartbeat", type=_positive_int, default=60, metavar="SECONDS",
                    help="a running trial's heartbeat; one silent for twice this is marked failed and queued again")
+    _add_models(p, "the space's model (fixed or searched) names its classes")
     _add_jobs(p)
     _add_data_device(p)
     p.set_defaults(func=cmd_sweep)
@@ -218,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR", help="where to write (default: the checkpoint's directory)")
     p.add_argument("--data-dir", default=None, help="directory holding the MNIST files")
     p.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the model")
+    _add_models(p, "needed for a checkpoint of one of its models")
     p.set_defaults(func=cmd_errors)
 
     p = sub.add_parser("demo", help="a local web page: draw a digit and see what the model says", formatter_class=fmt)
@@ -225,11 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run's model.pt (default: the newest under runs/, else the trained model in the package)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: only this machine)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port (0 = any free one)")
+    _add_models(p, "needed for a checkpoint of one of its models")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("predict", help="classify digits in image files with a trained model", formatter_class=fmt)
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's model.pt")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's model.pt, or an .onnx file from export")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, BMP, GIF, TIFF, WebP ... any size or mode")
+    _add_models(p, "needed for a model.pt of one of its models (never for .onnx)")
     p.add_argument("--top", type=_top_k, default=3, help="how many of the most likely digits to show (1-10)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of one line per image")
     p.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the model")
@@ -239,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's model.pt")
     p.add_argument("--onnx", required=True, metavar="OUT", help="where to write the .onnx file")
+    _add_models(p, "needed for a checkpoint of one of its models; the .onnx file needs it no more")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="throughput: our pipeline vs the classic DataLoader pipeline vs the bare model",
@@ -266,33 +331,55 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .model import create_model, list_models, model_class
+    from .model import count_params, create_model, list_models
 
-    for name in list_models():
-        doc = (model_class(name).__doc__ or "").strip().splitlines()[0]
-        print(f"{name:<10}{create_model(name).num_params():>9,} params  {doc}")
+    if args.models:
+        from .usermodels import check_forward, load_models_file
+
+        found = load_models_file(args.models)
+        classes = {name: cls() for name, cls in found.classes.items()}
+        for name, model in classes.items():
+            check_forward(model, name, args.models)
+        rows = [(name, count_params(m), type(m).__doc__) for name, m in classes.items()]
+    else:
+        rows = [(n, count_params(create_model(n)), type(create_model(n)).__doc__) for n in list_models()]
+    for name, params, doc in rows:
+        print(f"{name:<10}{params:>9,} params  {(doc or '').strip().splitlines()[0] if doc else ''}".rstrip())
+    if args.models:
+        for name, why in found.skipped.items():
+            print(f"{name:<10}  skipped: {why}")
     return 0
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from .model import create_model
+    from .config import TrainConfig
     from .summary import format_summary, summarize
 
-    print(format_summary(summarize(create_model(args.model)), title=args.model))
+    name = _user_model(args, args.model, "MODEL")
+    cfg = TrainConfig(model=name, models_file=args.models or "")
+    if cfg.user_model:
+        from .usermodels import check_forward
+
+        check_forward(cfg.build_model(), name, args.models or "")
+    print(format_summary(summarize(cfg.build_model()), title=name))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import override
     from .experiments import ANSWER_WHY, answer, get_step
+    from .model import count_params
     from .runs import train_run
 
     step = get_step(args.step) if args.step else answer()
-    name = step.name if args.model is None else args.model
-    cfg = override(step.config, _overrides(args, seed=args.seed, model=args.model)).validate()
-    why = f"the answer: {ANSWER_WHY}" if step is answer() else "chosen with --step"
-    print(f"training step {step.name} ({cfg.model}, {cfg.build_model().num_params():,} parameters, seed {cfg.seed}): "
-          f"{why}" + (f"; model {args.model} given with --model" if args.model else ""), flush=True)
+    cfg = _recipe_for(step, args, seed=args.seed)
+    name = step.name if cfg.model == step.config.model and not cfg.user_model else cfg.model
+    size = f"{count_params(cfg.build_model()):,} parameters, seed {cfg.seed}"
+    if name == step.name:
+        why = f"the answer: {ANSWER_WHY}" if step is answer() else "chosen with --step"
+        print(f"training step {step.name} ({cfg.model}, {size}): {why}", flush=True)
+    else:
+        source = f" from {args.models}" if args.models else ""
+        print(f"training {cfg.model}{source} ({size}) with the recipe of step {step.name}", flush=True)
     run_dir, history = train_run(cfg, out=args.out, data_dir=args.data_dir, device=args.device, name=name,
                                  progress=False if args.no_progress else None, threads=args.threads)
     best = max(history, key=lambda r: r["test_acc"])
@@ -382,15 +469,26 @@ def _report_pages(root: str, results: str) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import run_check
-    from .fileio import write_json
+    from pathlib import Path
 
-    evidence = run_check(args.step, args.seeds, args.last, data_dir=args.data_dir, device=args.device,
+    from .check import run_check
+    from .experiments import answer, get_step
+    from .fileio import write_json
+    from .mistakes import plot_proof
+    from .runs import new_run_dir
+
+    step = get_step(args.step) if args.step else answer()
+    cfg = _recipe_for(step, args)
+    evidence = run_check(step.name, args.seeds, args.last, data_dir=args.data_dir, device=args.device,
                          out_root=args.runs, progress=False if args.no_progress else None, threads=args.threads,
-                         jobs=args.jobs, overrides=_overrides(args))
+                         jobs=args.jobs, recipe=cfg, budget=args.budget)
     if args.json:
         write_json(args.json, evidence)
         print(f"evidence written to {args.json}")
+    plot = Path(args.json).with_suffix(".png") if args.json else new_run_dir(f"check-{evidence['label']}", args.runs
+                                                                             ).with_suffix(".png")
+    plot_proof(evidence, plot)
+    print(f"proof plot written to {plot}")
     return 0 if evidence["passed"] else 1
 
 
@@ -398,7 +496,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import format_report, run_sweep
 
     summary = run_sweep(args.space, args.trials, jobs=args.jobs, storage=args.storage, study=args.study, out=args.out,
-                        data_dir=args.data_dir, device=args.device, threads=args.threads, heartbeat=args.heartbeat)
+                        data_dir=args.data_dir, device=args.device, threads=args.threads, heartbeat=args.heartbeat,
+                        models_file=args.models)
     print(format_report(summary, top=5))
     return 0
 
@@ -425,7 +524,7 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
 def cmd_errors(args: argparse.Namespace) -> int:
     from .mistakes import CONFUSION_FILE, ERRORS_FILE, GRID_FILE, run_errors
 
-    out, result = run_errors(args.checkpoint, args.out, args.data_dir, args.device)
+    out, result = run_errors(args.checkpoint, args.out, args.data_dir, args.device, models=args.models)
     print(f"{result['errors']} of {result['test_images']:,} test images misclassified "
           f"(test accuracy {result['test_acc']:.2f}%); wrote {out / ERRORS_FILE}, {out / GRID_FILE}, "
           f"{out / CONFUSION_FILE}")
@@ -435,7 +534,7 @@ def cmd_errors(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import serve
 
-    serve(args.checkpoint, args.host, args.port)
+    serve(args.checkpoint, args.host, args.port, models=args.models)
     return 0
 
 
@@ -445,10 +544,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
     from .device import pick_device
-    from .predict import ImageError, classify, load_image
-    from .runs import load_checkpoint
+    from .predict import ImageError, classify, load_classifier, load_image
 
-    model, _ = load_checkpoint(args.checkpoint, pick_device(args.device))
+    model = load_classifier(args.checkpoint, pick_device(args.device), models=args.models)
     images, names, failed = [], [], 0
     for path in args.images:
         try:
@@ -471,7 +569,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
     from .runs import load_checkpoint
 
-    model, cfg = load_checkpoint(args.checkpoint)
+    model, cfg = load_checkpoint(args.checkpoint, models=args.models)
     path = export_onnx(model, args.onnx)
     print(f"wrote {path} ({cfg.model}; input 'image' (N, 1, 28, 28) normalised, output 'logits' (N, 10))")
     return 0
@@ -527,6 +625,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
         with _sigterm_unwinds():
             return args.func(args)
+    except UsageError as e:
+        print(f"tinymnist: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except TinyMnistError as e:
         print(f"tinymnist: error: {e}", file=sys.stderr)
         return 1

@@ -74,12 +74,17 @@ class TrainConfig:
     eval_batch_size: int = 2000  # evaluation batch size (no gradients, so large is cheap)
     limit_batches: int = 0  # train/eval at most this many batches per epoch (0 = all); for smoke tests
     val: int = 0  # hold out this many training images (class-stratified, fixed split) as a validation set; 0 = none
+    models_file: str = ""  # a user's Python file of nn.Module classes (--models); `model` then names a class in it
 
     def validate(self) -> "TrainConfig":
         """Raise TinyMnistError on a value that cannot train; return self."""
         from .model import list_models  # avoid an import cycle at module load
 
-        if self.model not in list_models():
+        if self.user_model:
+            if self.dropout is not None or self.layout:
+                raise TinyMnistError(f"{self.model} is your own model: dropout and layout apply to tinymnist's "
+                                     "models only")
+        elif self.model not in list_models():
             raise TinyMnistError(f"unknown model {self.model!r} (choose from {', '.join(list_models())})")
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
@@ -112,12 +117,29 @@ class TrainConfig:
         self.aug.validate()
         if self.layout:
             self.build_model().check_shapes()
+        elif self.user_model:
+            from .usermodels import check_forward
+
+            check_forward(self.build_model(), self.model, self.models_file)
         return self
 
+    @property
+    def user_model(self) -> bool:
+        """The model is the user's own: a class of a models file, or one registered with register_model."""
+        from .model import list_builtin_models
+        from .usermodels import registered_class
+
+        return bool(self.models_file) or (self.model not in list_builtin_models()
+                                          and registered_class(self.model) is not None)
+
     def build_model(self):
-        """The untrained network this recipe trains: its model class, dropout and layout."""
+        """The untrained network this recipe trains: its model class, dropout and layout, or the user's class."""
         from .model import create_model
 
+        if self.models_file:
+            from .usermodels import load_models_file
+
+            return load_models_file(self.models_file).get(self.model)()
         return create_model(self.model, dropout=self.dropout, layout=self.layout)
 
     def recipe(self) -> dict[str, Any]:
@@ -151,6 +173,12 @@ def _build(cls, values: dict[str, Any]):
     if unknown:
         raise TinyMnistError(f"unknown {cls.__name__} key(s): {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
     return cls(**values)
+
+
+def for_user_model(cfg: TrainConfig, model: str, models_file: str = "") -> TrainConfig:
+    """`cfg`'s training recipe for a user's model: its class from `models_file` (or registered in this process);
+    dropout and layout, which only tinymnist's own models take, are cleared."""
+    return dataclasses.replace(cfg, model=model, models_file=str(models_file), dropout=None, layout="")
 
 
 def override(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:

@@ -59,10 +59,10 @@ def find_checkpoint(explicit: Optional[str] = None, runs: str | os.PathLike = "r
 class Classifier:
     """A loaded model and the one function the page needs: PNG bytes -> prediction and the 28x28 input."""
 
-    def __init__(self, checkpoint: Path):
+    def __init__(self, checkpoint: Path, models: Optional[str] = None):
         from .runs import load_checkpoint
 
-        self.model, self.config = load_checkpoint(checkpoint)
+        self.model, self.config = load_checkpoint(checkpoint, models=models)
         self.checkpoint = checkpoint
 
     def __call__(self, png: bytes) -> dict:
@@ -198,9 +198,11 @@ class DemoServer(ThreadingHTTPServer):
         print(f"tinymnist demo: {client_address[0]}:{client_address[1]}: {why}", file=sys.stderr, flush=True)
 
 
-def make_server(checkpoint: Path, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """A ready server (bound, not yet serving); a busy port or a bad checkpoint is one TinyMnistError."""
-    classify = Classifier(checkpoint)
+def make_server(checkpoint: Path, host: str = "127.0.0.1", port: int = 8000,
+                models: Optional[str] = None) -> ThreadingHTTPServer:
+    """A ready server (bound, not yet serving); a busy port or a bad checkpoint is one TinyMnistError. A
+    checkpoint of a user's model needs its models file, `models`."""
+    classify = Classifier(checkpoint, models)
     try:
         server = DemoServer((host, port), make_handler(classify))
     except OSError as e:
@@ -211,10 +213,11 @@ def make_server(checkpoint: Path, host: str = "127.0.0.1", port: int = 8000) -> 
     return server
 
 
-def serve(checkpoint: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(checkpoint: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000,
+          models: Optional[str] = None) -> None:
     """Serve the page until Ctrl-C."""
     path = find_checkpoint(checkpoint)
-    server = make_server(path, host, port)
+    server = make_server(path, host, port, models)
     shown = f"[{host}]" if ":" in host else host
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     try:

@@ -66,8 +66,27 @@ def resolve_for(cfg: TrainConfig, device: torch.device, facts: dict, warn: bool 
     warn = (lambda line: print(line, file=sys.stderr, flush=True)) if warn else None
     precision = resolve_precision(cfg.precision, device, facts, warn=warn)
     memory_format = resolve_memory_format(cfg.memory_format, device, facts)
+    if cfg.memory_format == "auto" and memory_format == "channels_last" and cfg.user_model:
+        memory_format = _channels_last_trains(cfg, device, warn)
     return dataclasses.replace(cfg, precision=precision, memory_format=memory_format,
                                kernels=resolve_kernels(cfg.kernels, device, precision, memory_format, note=warn))
+
+
+def _channels_last_trains(cfg: TrainConfig, device: torch.device, warn) -> str:
+    """A user's network may reshape with .view, which channels_last activations do not allow: one training step on
+    a small random batch says whether it trains in channels_last; if not, it trains contiguous (one line says so).
+    The probe draws from its own RNG state, so the run's history does not depend on it."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model = cfg.build_model().to(device, memory_format=torch.channels_last).train()
+            x = torch.randn(4, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
+            F.cross_entropy(model(x), torch.zeros(4, dtype=torch.long, device=device)).backward()
+            return "channels_last"
+        except RuntimeError as e:
+            if warn is not None:
+                warn(f"tinymnist: note: {cfg.model} does not train in channels_last memory ("
+                     f"{str(e).strip().splitlines()[0][:120]}); training it contiguous")
+            return "contiguous"
 
 
 def build_for(cfg: TrainConfig, device: torch.device) -> Net:

@@ -7,3 +7,7 @@ class TinyMnistError(Exception):
 
 class DataError(TinyMnistError):
     """MNIST files are missing, corrupt or could not be downloaded."""
+
+
+class UsageError(TinyMnistError):
+    """A bad command-line value found after parsing (a model name that a --models file does not define): exit 2."""

@@ -379,3 +379,14 @@ def use_kernels(model: nn.Module) -> int:
     """Train `model` on the C kernels: swap its plain convolutions and 2x2 max pools and fuse its batch norm +
     ReLU pairs, in place and before its optimizer is built; returns how many modules changed."""
     return swap_convs(model) + fuse_bn_relu(model) + swap_max_pools(model)
+
+
+def coverage(model: nn.Module) -> dict:
+    """What of a model trains on the C kernels, after use_kernels: for convolutions, batch norm (+ ReLU) and 2x2 max
+    pools, how many were swapped of how many there are. A network's other modules, and those the kernels do not
+    support (padded, strided or grouped convolutions, batch norm not followed by a ReLU module), stay PyTorch's."""
+    mods = list(model.modules())
+    kinds = {"convolutions": (Conv2d, nn.Conv2d), "batch norm + ReLU": (BatchNormReLU, nn.BatchNorm2d),
+             "2x2 max pools": (MaxPool2x2, nn.MaxPool2d)}
+    return {name: {"fused": sum(isinstance(m, ours) for m in mods), "of": sum(isinstance(m, theirs) for m in mods)}
+            for name, (ours, theirs) in kinds.items()}

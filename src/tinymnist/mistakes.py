@@ -94,7 +94,7 @@ def plot_confusion(result: dict, path: str | os.PathLike, title: str = "") -> No
 
 
 def run_errors(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] = None, data_dir: Optional[str] = None,
-               device: str = "cpu", progress: bool = True) -> tuple[Path, dict]:
+               device: str = "cpu", progress: bool = True, models: Optional[str] = None) -> tuple[Path, dict]:
     """Evaluate a checkpoint on the test set and write errors.json, misclassified.png and confusion.png into `out`
     (default: the checkpoint's directory). The model runs in the memory format it was trained in."""
     from .data import load_mnist
@@ -102,7 +102,7 @@ def run_errors(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] =
     from .runs import load_checkpoint
 
     dev = pick_device(device)
-    model, cfg = load_checkpoint(checkpoint, dev)
+    model, cfg = load_checkpoint(checkpoint, dev, models=models)
     fmt = cfg.memory_format if cfg.memory_format != "auto" else "contiguous"
     model = model.to(memory_format=torch_memory_format(fmt))
     data = load_mnist(data_dir, device=dev, progress=progress)
@@ -136,7 +136,7 @@ def plot_proof(evidence: dict, path: str | os.PathLike) -> None:
     tail = [r[metric] for s in evidence["seeds"] for r in s["history"][-k - 3:]]
     ax.set(xlabel="epoch", ylabel=f"{metric.split('_')[0]} accuracy (%)",
            ylim=(min(min(tail), threshold) - 0.25, max(max(tail), threshold) + 0.15),
-           title=f"{evidence['step']} ({evidence['params']:,} params): {len(evidence['seeds'])} seeds, "
+           title=f"{evidence.get('label', evidence['step'])} ({evidence['params']:,} params): {len(evidence['seeds'])} seeds, "
                  f"{'PASS' if evidence['passed'] else 'FAIL'}")
     ax.set_xlim(0.5, epochs + 0.5)
     ax.grid(alpha=0.3)

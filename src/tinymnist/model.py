@@ -20,20 +20,35 @@ def register(cls: type["Net"]) -> type["Net"]:
     return cls
 
 
-def list_models() -> list[str]:
-    """Registered model names, in series order."""
+def list_builtin_models() -> list[str]:
+    """tinymnist's own models, Model_1 ... Model_N, in series order."""
     return sorted(_REGISTRY, key=lambda n: (len(n), n))
 
 
+def list_models() -> list[str]:
+    """Every model name this process knows: tinymnist's own, then those registered with register_model."""
+    from .usermodels import registered_models
+
+    return list_builtin_models() + registered_models()
+
+
 def model_class(name: str) -> type["Net"]:
+    """One of tinymnist's own model classes."""
     try:
         return _REGISTRY[name]
     except KeyError:
         raise TinyMnistError(f"unknown model {name!r} (choose from {', '.join(list_models())})") from None
 
 
-def create_model(name: str, dropout: Optional[float] = None, layout: Optional[str] = None) -> "Net":
-    """Build a registered model; `dropout` overrides its default, and a `layout` string replaces its layout."""
+def create_model(name: str, dropout: Optional[float] = None, layout: Optional[str] = None) -> nn.Module:
+    """Build a model by name: one of ours (`dropout` overrides its default, a `layout` string replaces its layout),
+    or a class registered with register_model (built with no arguments)."""
+    from .usermodels import registered_class
+
+    if name not in _REGISTRY and registered_class(name) is not None:
+        if dropout is not None or layout:
+            raise TinyMnistError(f"{name} is your own model: dropout and layout apply to tinymnist's models only")
+        return registered_class(name)()
     return model_class(name)(dropout=dropout, layout=layout or None)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -111,8 +111,47 @@ class Prediction:
 @torch.inference_mode()
 def classify(model: torch.nn.Module, images_u8: torch.Tensor, names: Sequence[str], top: int = 3) -> list[Prediction]:
     """Classify a stack of preprocessed uint8 (N, 28, 28) images."""
-    device = next(model.parameters()).device
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # softmax of logits and of log-probabilities (a forward ending in log_softmax) is the same distribution
     probs = torch.softmax(model(normalize(images_u8.to(device))), dim=1).cpu()
     p, d = probs.topk(min(top, 10), dim=1)
     return [Prediction(n, int(di[0]), float(pi[0]), [(int(a), float(b)) for a, b in zip(di, pi)])
             for n, di, pi in zip(names, d, p)]
+
+
+class OnnxModel(torch.nn.Module):
+    """An exported .onnx file run by onnxruntime, callable like the model it came from: normalised (N, 1, 28, 28)
+    in, (N, 10) scores out. Self-contained: a user's model needs no models file here."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise TinyMnistError("running an .onnx file needs onnxruntime: pip install 'tinymnist[onnx]'")
+        import onnxruntime as ort
+
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's errors for a missing, truncated or foreign file
+            text = str(e).strip().splitlines()
+            why = text[0] if text else e.__class__.__name__
+            raise TinyMnistError(f"{path}: not an ONNX model onnxruntime can run ({why})") from None
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input: x.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+def load_classifier(path: str | os.PathLike, device: torch.device | str = "cpu",
+                    models: Optional[str] = None) -> torch.nn.Module:
+    """What `predict` runs: an exported .onnx file (on the CPU), or a run's model.pt (a user's model needs its
+    models file, `models`)."""
+    from .runs import load_checkpoint
+
+    if str(path).lower().endswith(".onnx"):
+        if not Path(path).is_file():
+            raise TinyMnistError(f"{path}: ONNX file not found")
+        return OnnxModel(path)
+    return load_checkpoint(path, device, models=models)[0]

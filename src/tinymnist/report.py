@@ -588,11 +588,55 @@ def render_frontier(results: Path = RESULTS) -> str:
     return "\n".join(out)
 
 
+WRITEUPS_FILE = "writeups.json"  # published networks of this assignment, rebuilt and checked: the claim beside ours
+
+
+def render_writeups(results: Path = RESULTS) -> str:
+    """Published networks rebuilt from their write-ups and checked over seeds: what the write-up claimed (quoted in
+    results/writeups.json) beside our verdict and accuracy (the check evidence it names)."""
+    start, end = markers("writeups")
+    path = results / WRITEUPS_FILE
+    entries = read_json(path) if path.is_file() else []
+    if not entries:
+        return "\n".join([start, NOTE, "", "No published network has been checked yet.", "", end])
+    out = [start, NOTE, "", "| write-up | network | claimed | ours: parameters | ours: worst of the last epochs, "
+           "every seed | ours: final accuracy | verdict |", "| --- | --- | --- | ---: | ---: | ---: | --- |"]
+    for e in entries:
+        c = e["claimed"]
+        claim = (f"{c['params']:,} parameters, test {c['test_acc']:.2f}%, {c['consistency']} ({c['runs']} run)")
+        ev_path = results / e["evidence"]
+        who = f"`{Path(e['writeup']).name}`, {e['section']}"
+        net = f"`{e['class']}` in [`{e['models_file']}`]({e['models_file']})"
+        if not ev_path.is_file():
+            out.append(f"| {who} | {net} | {claim} | not checked yet | | | |")
+            continue
+        ev = read_json(ev_path)
+        k = ev["last"]
+        histories = [x["history"] for x in ev["seeds"]]
+        mean, std = final_accuracy_stats(histories)
+        worst = [min(r["test_acc"] for r in h[-k:]) for h in histories]
+        out.append(f"| {who} | {net} | {claim} | {ev['params']:,} | {', '.join(f'{w:.2f}%' for w in worst)} "
+                   f"(last {k} of {ev['epochs']}) | {mean:.2f} ± {std:.2f}% ({len(histories)} seeds) | "
+                   f"{'PASS' if ev['passed'] else 'FAIL'} |")
+    ev0 = next((read_json(results / e["evidence"]) for e in entries if (results / e["evidence"]).is_file()), None)
+    if ev0 is not None:
+        cfg = ev0["config"]
+        out += ["", f"Ours: `tinymnist check --models {ev0['models_file']['path']} --model {ev0['model']} --seeds "
+                    f"{len(ev0['seeds'])} --json results/{entries[0]['evidence']}`, which trains the class with the "
+                    f"answer's recipe ({cfg['epochs']} epochs, {cfg['optimizer'].upper()}, {cfg['scheduler']} to LR "
+                    f"{cfg['lr']:g}, weight EMA {cfg['ema']:g}, rotate ±{cfg['aug']['rotate']:g}°, shift "
+                    f"±{cfg['aug']['translate']:g}, zoom ±{cfg['aug']['scale']:g}) on "
+                    f"{hardware_text(ev0.get('env', {}))}. The write-up's own recipe differs (its text names a step "
+                    "LR schedule and random rotation), and its claim is one run judged by eye.",
+                ""]
+    return "\n".join(out + ["", end])
+
+
 SECTIONS = {"headline": render_headline, "answer": render_answer, "frontier": render_frontier, "experiments": render,
-            "searches": render_searches, "performance": render_performance}
+            "searches": render_searches, "performance": render_performance, "writeups": render_writeups}
 # Where each generated section lives, relative to the checkout: the README is the front page, docs/ the evidence.
 PAGES = {"README.md": ("headline", "answer", "frontier"), "docs/series.md": ("experiments",),
-         "docs/searches.md": ("searches",), "docs/performance.md": ("performance",)}
+         "docs/searches.md": ("searches",), "docs/performance.md": ("performance",), "docs/usage.md": ("writeups",)}
 
 
 def relink(text: str, page: str) -> str:

@@ -77,16 +77,44 @@ def environment(device: torch.device) -> dict:
 
 
 
-def save_checkpoint(path: Path, model: Net, cfg: TrainConfig) -> None:
-    """state_dict plus its config, loadable with torch.load(..., weights_only=True)."""
+def save_checkpoint(path: Path, model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """state_dict plus its config, loadable with torch.load(..., weights_only=True). A model of a user's models
+    file also records the file's path, SHA-256 and class: what to name again, never code to run."""
     payload = {"format": CHECKPOINT_FORMAT, "model": cfg.model, "config": cfg.to_dict(),
                "params": count_params(model), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    if cfg.models_file:
+        from .usermodels import file_sha256
+
+        payload["models_file"] = {"path": str(Path(cfg.models_file).resolve()), "sha256": file_sha256(cfg.models_file),
+                                  "class": cfg.model}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Net, TrainConfig]:
-    """Rebuild the model a run saved, in eval mode; a file that is not a tinymnist checkpoint is a clear error."""
+def _user_recipe(path: Path, payload: dict, cfg: TrainConfig, models: Optional[str]) -> TrainConfig:
+    """The recipe of a checkpoint of a user's model, with the models file the user names now (the path it saved is
+    only reported). A file whose hash differs loads after one warning line naming both hashes."""
+    saved = payload.get("models_file") if isinstance(payload.get("models_file"), dict) else {}
+    if not cfg.models_file:
+        if models:
+            raise TinyMnistError(f"{path} holds tinymnist's {cfg.model}, not a model of a models file: drop --models")
+        return cfg
+    if not models:
+        raise TinyMnistError(f"{path} holds {cfg.model} from your models file {saved.get('path', cfg.models_file)}: "
+                             "load it with --models FILE.py (tinymnist never imports a path read from a checkpoint)")
+    from .usermodels import load_models_file
+
+    found = load_models_file(models)
+    if saved.get("sha256") and saved["sha256"] != found.sha256:
+        print(f"tinymnist: warning: {models} has SHA-256 {found.sha256[:16]}…, but {path} was trained with "
+              f"{saved['sha256'][:16]}… ({saved.get('path', '?')}); loading anyway", file=sys.stderr, flush=True)
+    return replace(cfg, models_file=str(models))
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
+                    models: Optional[str] = None) -> tuple[torch.nn.Module, TrainConfig]:
+    """Rebuild the model a run saved, in eval mode; a file that is not a tinymnist checkpoint is a clear error.
+    A checkpoint of a user's model needs `models`, the models file, named again."""
     path = Path(path)
     if not path.is_file():
         raise TinyMnistError(f"{path}: checkpoint not found")
@@ -104,6 +132,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
         raise TinyMnistError(f"{path}: its recipe is not valid here: {e}") from None
     except (TypeError, ValueError) as e:
         raise TinyMnistError(f"{path}: damaged recipe ({e.__class__.__name__})") from None
+    cfg = _user_recipe(path, payload, cfg, models)
     model = cfg.build_model()
     try:
         model.load_state_dict(payload["state_dict"])
@@ -122,7 +151,7 @@ def train_run(cfg: TrainConfig, out: Optional[str | os.PathLike] = None, data_di
     may raise to stop the run (a sweep's pruner does): the epochs done stay on disk, with the state to resume
     them. `until` stops after that many epochs (resume_run continues)."""
     cfg.validate()
-    if cfg.dropout is None:  # record the dropout actually used, not "model default"
+    if cfg.dropout is None and not cfg.user_model:  # record the dropout actually used, not "model default"
         cfg = replace(cfg, dropout=model_class(cfg.model).default_dropout)
     dev = pick_device(device)
     configure_threads(threads)
@@ -134,7 +163,7 @@ def train_run(cfg: TrainConfig, out: Optional[str | os.PathLike] = None, data_di
     run_dir.mkdir(parents=True, exist_ok=True)
     params = count_params(cfg.build_model())
     meta = {"name": name or cfg.model, "model": cfg.model, "params": params, "seed": cfg.seed,
-            "config": cfg.to_dict(), "env": env,
+            "config": cfg.to_dict(), "env": env, "kernels_applied": _kernels_applied(cfg, dev),
             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:]}
     if cfg.val:
         _, held = validation_split(data.train_labels, cfg.val)
@@ -144,6 +173,17 @@ def train_run(cfg: TrainConfig, out: Optional[str | os.PathLike] = None, data_di
     if verbose:
         print(f"{meta['name']}: {cfg.model}, {params:,} parameters, {cfg.epochs} epochs on {dev}; writing {run_dir}")
     return run_dir, _advance(run_dir, meta, Trainer(cfg, data), until, progress, verbose, on_epoch)
+
+
+def _kernels_applied(cfg: TrainConfig, device: torch.device) -> dict:
+    """What of this run's network trains on the C kernels (kernels.coverage); nothing with kernels native."""
+    from .engine import build_for
+    from .kernels import coverage
+
+    if cfg.kernels != "fused":
+        return {}
+    with torch.random.fork_rng(devices=[]):  # building a model draws initial weights: keep the run's RNG as it is
+        return coverage(build_for(cfg, device))
 
 
 def resume_run(run_dir: str | os.PathLike, data_dir: Optional[str] = None, progress: Optional[bool] = None,

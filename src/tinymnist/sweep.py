@@ -75,10 +75,14 @@ class Space:
 
     def config(self, values: dict) -> TrainConfig:
         """The base step's recipe with the fixed fields and `values` (flat names, aug.x for augmentation)."""
+        from .config import for_user_model
         from .experiments import get_step
 
         merged = _nest({**self.fixed, **values})
-        return override(get_step(self.step).config, merged).validate()
+        base = get_step(self.step).config
+        if merged.get("models_file"):  # a user's class: the step's training recipe without our dropout and layout
+            base = for_user_model(base, merged.pop("model", base.model), merged.pop("models_file"))
+        return override(base, merged).validate()
 
 
 _SPACE_KEYS = {"step", "fixed", "search", "seeds", "max_params", "last", "pruner"}
@@ -267,6 +271,7 @@ class Objective:
         import optuna
 
         from .check import worst_of_last
+        from .model import count_params
         from .runs import train_run
         from .summary import summarize
 
@@ -277,7 +282,7 @@ class Objective:
             raise optuna.TrialPruned(f"same parameters as trial {dup}")
         cfg = self.space.config(values)
         model = cfg.build_model()
-        params, macs = model.num_params(), summarize(model).macs
+        params, macs = count_params(model), summarize(model).macs
         trial.set_user_attr("params", params)
         trial.set_user_attr("macs", macs)
         trial.set_user_attr("config", cfg.to_dict())
@@ -418,14 +423,18 @@ def _count(st, *states) -> int:
 
 def run_sweep(space_path: str, trials: int, jobs: int = 0, storage: Optional[str] = None, study: Optional[str] = None,
               out: str = "sweeps", data_dir: Optional[str] = None, device: str = "auto", threads: int = 0,
-              heartbeat: Optional[int] = HEARTBEAT, progress: Optional[bool] = None) -> dict:
-    """Run `jobs` workers on one study until it holds `trials` complete trials; return a summary."""
+              heartbeat: Optional[int] = HEARTBEAT, progress: Optional[bool] = None,
+              models_file: Optional[str] = None) -> dict:
+    """Run `jobs` workers on one study until it holds `trials` complete trials; return a summary. `models_file`:
+    the space's model (fixed or searched) names classes of the user's models file."""
     from .data import load_mnist
     from .device import pick_device
     from .parallel import Job, plan, run_jobs
 
     require_optuna()
     data = read_space(space_path)
+    if models_file:
+        data.setdefault("fixed", {})["models_file"] = str(models_file)
     space = parse_space(data, str(space_path))
     study = study or Path(space_path).stem
     url = storage_url(storage, out)

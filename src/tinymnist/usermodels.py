@@ -1,0 +1,156 @@
+"""A user's own models: a plain Python file of nn.Module classes (--models FILE.py), or classes registered in this
+process with @register_model.
+
+A models file is written the way students of this assignment write their model.py: classes Model_1, Model_2, ...
+whose forward maps (N, 1, 28, 28) to (N, 10), logits or log-probabilities (cross-entropy of log_softmax outputs
+equals cross-entropy of the logits, since log_softmax of log-probabilities changes nothing). No tinymnist import
+is needed. Code runs only from a file the user names: a checkpoint records the file's path, SHA-256 and class, and
+loading it takes the same --models FILE.py again; tinymnist never imports a path it read from a checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import TinyMnistError
+
+_FILES: dict[str, "ModelsFile"] = {}  # sha256 -> the file's classes, each file imported once per process
+_REGISTERED: dict[str, type] = {}  # name -> class, from @register_model (this process only)
+
+
+@dataclass(frozen=True)
+class ModelsFile:
+    """What a models file offers: its usable classes by name, and the classes it skipped with the reason."""
+
+    path: Path
+    sha256: str
+    classes: dict = field(default_factory=dict)  # name -> class, in the order the file defines them
+    skipped: dict = field(default_factory=dict)  # name -> why it cannot be built without arguments
+
+    def get(self, name: str) -> type:
+        if name not in self.classes:
+            skipped = f"; skipped: {', '.join(f'{k} ({v})' for k, v in self.skipped.items())}" if self.skipped else ""
+            raise TinyMnistError(f"{self.path} has no model {name!r} (choose from {', '.join(self.classes)}{skipped})")
+        return self.classes[name]
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_models_file(path: str | Path) -> ModelsFile:
+    """Import a models file (once per content) and collect its nn.Module classes; every problem is one
+    TinyMnistError naming the file (and the line, when the import fails)."""
+    path = Path(path)
+    try:
+        source = path.read_bytes()
+    except FileNotFoundError:
+        raise TinyMnistError(f"{path}: models file not found") from None
+    except OSError as e:
+        raise TinyMnistError(f"{path}: cannot read the models file ({e.strerror or e})") from None
+    digest = hashlib.sha256(source).hexdigest()
+    if digest in _FILES:
+        return _FILES[digest]
+    name = f"tinymnist_user_models_{digest[:16]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise TinyMnistError(f"{path}: not a Python file that can be imported")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # classes that pickle, dataclasses and typing look up by module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        del sys.modules[name]
+        raise TinyMnistError(f"{path}: does not import: line {e.lineno}: SyntaxError: {e.msg}") from None
+    except BaseException as e:  # noqa: BLE001 - a user's file may raise anything, SystemExit included
+        del sys.modules[name]
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == path]
+        where = f"line {frames[-1].lineno}: " if frames else ""
+        text = str(e).strip().splitlines()
+        raise TinyMnistError(f"{path}: does not import: {where}{e.__class__.__name__}"
+                             + (f": {text[0]}" if text else "")) from None
+    classes, skipped = {}, {}
+    for attr, obj in vars(module).items():
+        if not (inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == name):
+            continue
+        why = _needs_arguments(obj)
+        if why:
+            skipped[attr] = why
+        else:
+            classes[attr] = obj
+    if not classes:
+        detail = f" (skipped: {', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""
+        raise TinyMnistError(f"{path}: no usable model: no nn.Module class whose constructor needs no argument{detail}")
+    found = ModelsFile(path, digest, classes, skipped)
+    _FILES[digest] = found
+    return found
+
+
+def _needs_arguments(cls: type) -> str:
+    """Why `cls()` cannot work ('' if it can): the constructor's required parameters."""
+    try:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return ""
+    required = [p.name for p in params if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return f"its constructor needs {', '.join(required)}" if required else ""
+
+
+def register_model(cls: type) -> type:
+    """Class decorator, as in timm: make an nn.Module class (constructor without arguments) trainable, checkable and
+    summarisable by its name in this process. Names of tinymnist's own models are refused."""
+    from .model import list_builtin_models
+
+    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
+        raise TinyMnistError(f"register_model takes an nn.Module class, got {cls!r}")
+    why = _needs_arguments(cls)
+    if why:
+        raise TinyMnistError(f"cannot register {cls.__name__}: {why} (a model is built with no arguments)")
+    if cls.__name__ in list_builtin_models():
+        raise TinyMnistError(f"{cls.__name__} is one of tinymnist's models: give yours another name")
+    _REGISTERED[cls.__name__] = cls
+    return cls
+
+
+def registered_models() -> list[str]:
+    return list(_REGISTERED)
+
+
+def registered_class(name: str) -> Optional[type]:
+    return _REGISTERED.get(name)
+
+
+def check_forward(model: nn.Module, name: str, where: str = "") -> None:
+    """One small batch through the model in eval mode: an error, or an output that is not (N, 10), is one
+    TinyMnistError naming the model."""
+    label = f"{where}: {name}" if where else name
+    was = model.training
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        raise TinyMnistError(f"{label} has no parameters to train") from None
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, 1, 28, 28, device=device))
+    except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
+        text = str(e).strip().splitlines()
+        raise TinyMnistError(f"{label}: forward fails on a (2, 1, 28, 28) batch: {e.__class__.__name__}"
+                             + (f": {text[0]}" if text else "")) from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, 10):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TinyMnistError(f"{label}: forward gives {shape} for a (2, 1, 28, 28) batch, expected (2, 10): "
+                             "one score (logit or log-probability) per digit")
