@@ -187,6 +187,27 @@ STEPS: tuple[Step, ...] = (
                  "searches did not reach: wider depthwise-separable blocks after the pool, and a strided first "
                  "convolution instead of the max pool.",
     ),
+    Step(
+        name="budget-6000",
+        title="11. At most 6,000 parameters, chosen on validation over 2 seeds",
+        # trial 11 of results/sweep-frontier-6000 (LR 0.12818..., rounded here), refit on all 60,000 images
+        config=replace(_FINAL, model="Model_9", lr=0.128, weight_decay=0.0),
+        role="the frontier: at most 6,000 parameters",
+        chosen_by=("frontier-6000", 11),
+        budget=6000,
+        searches=("frontier-6000",),
+        target="The first point of the reliability frontier between the half step (4,736 parameters, fails) and the "
+               "final step (7,756, passes): pass the rule over 5 seeds with at most 6,000 parameters. The search "
+               "judged every trial on 2 seeds (the worse of the two counts), on 10,000 held-out training images, over "
+               "three ways to spend the budget: Model_7's shape narrowed and widening with depth, a narrow first layer "
+               "with a wider body, and fewer, wider layers after the pool; and over LR, EMA decay and augmentation "
+               "strength. The widening body won every place in the top five; the fewer, wider layers came last "
+               "(their receptive field at the last layer is smaller, and the depth went). Two trials tied on the "
+               "objective, with the same MACs; the one whose other seed scored higher (LR 0.128) is refit on all "
+               "60,000 images and checked once on test. Its validation score is just under the final recipe's own "
+               "validation bar, so a pass is not assured.",
+        analysis="",
+    ),
 )
 
 

@@ -260,3 +260,12 @@ class Model_8(Net):
 
     # (N,12,24,24) RF 5 | (N,8,12,12) RF 6 | (N,12,6,6) RF 18 | GAP + 1x1 (N,10,1,1) RF 28
     layout = "c8 c12 P c8/1 c12 c12 c12 G o"
+
+
+@register
+class Model_9(Net):
+    """At most 6,000 parameters (5,968): Model_8's front with a 10-channel transition and a body that widens with
+    depth (12, 14, 16). Chosen by validation over 2 seeds in spaces/frontier-6000.toml, never on the test set."""
+
+    # (N,12,24,24) RF 5 | (N,10,12,12) RF 6 | (N,12,10,10) (N,14,8,8) (N,16,6,6) RF 18 | GAP + 1x1 (N,10,1,1) RF 28
+    layout = "c8 c12 P c10/1 c12 c14 c16 G o"
