@@ -467,15 +467,19 @@ def _timed_checks(results: Path) -> list[str]:
     return out
 
 
+def _checked_steps(results: Path):
+    """(step, its check evidence) for every step of the series with a committed results/check-<step>.json."""
+    for s in STEPS:
+        path = results / CHECK_FILE.format(step=s.name)
+        if path.is_file():
+            yield s, read_json(path)
+
+
 def render_headline(results: Path = RESULTS) -> str:
     """The proven results, one row per step checked over seeds: the assignment's answer and the smallest."""
     start, end = markers("headline")
     rows = []
-    for s in STEPS:
-        path = results / CHECK_FILE.format(step=s.name)
-        if not path.is_file():
-            continue
-        ev = read_json(path)
+    for s, ev in _checked_steps(results):
         histories = [x["history"] for x in ev["seeds"]]
         mean, std = final_accuracy_stats(histories)
         worst = min(min(r["test_acc"] for r in h[-ev["last"]:]) for h in histories)
@@ -518,11 +522,7 @@ def _frontier_rows(results: Path) -> list[dict]:
     import statistics
 
     rows = []
-    for s in STEPS:
-        path = results / CHECK_FILE.format(step=s.name)
-        if not path.is_file():
-            continue
-        ev = read_json(path)
+    for s, ev in _checked_steps(results):
         if ev.get("metric", "test_acc") != "test_acc":
             continue
         k = ev["last"]
