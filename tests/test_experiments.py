@@ -113,7 +113,7 @@ def test_a_searched_step_trains_the_recipe_its_trial_chose(step):
 
 def test_readme_parameter_counts_match_the_models():
     section = generated_section(ROOT / "docs" / "series.md", "experiments")
-    rows = re.findall(r"^\| \[(\w+)\]\([^)]*\) \| (Model_\d+) \| ([\d,]+) \|", section, re.M)
+    rows = re.findall(r"^\| \[([\w-]+)\]\([^)]*\) \| (Model_\d+) \| ([\d,]+) \|", section, re.M)
     assert [r[0] for r in rows] == [s.name for s in STEPS]
     for step, model, params in rows:
         assert int(params.replace(",", "")) == create_model(model, dropout=get_step(step).config.dropout).num_params()

@@ -13,6 +13,7 @@ from .errors import TinyMnistError
 MAX_PARAMS = 8000  # strictly fewer than this
 MAX_EPOCHS = 15
 THRESHOLD = 99.40  # percent, in every one of the last K epochs
+LAST = 5  # K: the rule's window, the last epochs that must all pass (evidence records the one it used)
 from .config import MACHINE_FIELDS as RESOLVED  # recipe fields that "auto" resolves per machine
 
 
@@ -22,7 +23,7 @@ class Rule:
     passed: bool
 
 
-def verdict(params: int, epochs: int, histories: Sequence[Sequence[dict]], last: int = 5,
+def verdict(params: int, epochs: int, histories: Sequence[Sequence[dict]], last: int = LAST,
             threshold: float = THRESHOLD, metric: str = "test_acc", max_params: int = MAX_PARAMS) -> list[Rule]:
     """Judge the three rules on per-seed histories (history.json lists), on `metric` (test_acc or val_acc);
     the parameter rule is "fewer than `max_params`"."""
@@ -40,7 +41,7 @@ def verdict(params: int, epochs: int, histories: Sequence[Sequence[dict]], last:
     ]
 
 
-def worst_of_last(history: Sequence[dict], last: int = 5, metric: str = "test_acc") -> float:
+def worst_of_last(history: Sequence[dict], last: int = LAST, metric: str = "test_acc") -> float:
     """The assignment's rule as one number: the lowest `metric` of the last `last` epochs (nan if fewer ran)."""
     return min(r[metric] for r in history[-last:]) if len(history) >= last else float("nan")
 
@@ -70,7 +71,7 @@ def earlier_test_looks(step_name: str, budget: int, results: str | Path = "resul
     return looks
 
 
-def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = 5, data_dir: Optional[str] = None,
+def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST, data_dir: Optional[str] = None,
               device: str = "auto", out_root: str = "runs", progress: Optional[bool] = None, threads: int = 0,
               jobs: int = 0, overrides: Optional[dict] = None, results_dir: str | Path = "results",
               model: Optional[str] = None, models_file: Optional[str] = None, recipe=None,

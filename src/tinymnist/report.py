@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .check import final_accuracy_stats
+from .check import LAST, final_accuracy_stats, worst_of_last
 from .errors import TinyMnistError
 from .experiments import STEPS, Step
 from .fileio import atomic_path, read_json
@@ -64,10 +64,10 @@ def step_result(step: Step, results: Path = RESULTS) -> Optional[dict]:
         return None
     history = read_json(d / "history.json")
     meta = read_json(d / "config.json")
-    tail = [r["test_acc"] for r in history[-5:]]
+    tail = [r["test_acc"] for r in history[-LAST:]]
     return {"history": history, "meta": meta, "params": meta["params"], "model": meta["model"],
             "epochs": len(history), "best_train": max(r["train_acc"] for r in history),
-            "best_test": max(r["test_acc"] for r in history), "last5": tail, "min_last5": min(tail),
+            "best_test": max(r["test_acc"] for r in history), "last": tail, "min_last": worst_of_last(history),
             "seconds": sum(r["seconds"] for r in history)}
 
 
@@ -122,12 +122,12 @@ def _selection_lines(step: Step, ev: dict, results: Path) -> list[str]:
         raise TinyMnistError(f"{path} has no complete trial {number}, which chose step {step.name!r}")
     held = _space_fixed(results, study).get("val", 0)
     k = ev["last"]
-    worst_test = min(min(r["test_acc"] for r in s["history"][-k:]) for s in ev["seeds"])
+    worst_test = min(worst_of_last(s["history"], k) for s in ev["seeds"])
     every = [r["objective"] for p in results.glob("sweep-*/trials.json") for r in read_json(p)["trials"]]
     rank = 1 + sum(v > row["objective"] for v in every)
     seeds = len(row["val_worst"])
     return ["", "Chosen on validation, confirmed on test once:", "",
-            "| evidence | trained on | judged on | seeds | worst of the last 5 epochs |",
+            f"| evidence | trained on | judged on | seeds | worst of the last {k} epochs |",
             "| --- | --- | --- | ---: | ---: |",
             f"| validation: trial {number} of `{study}` (rank {rank} of the {len(every)} complete trials of every "
             f"search) | "
@@ -186,17 +186,18 @@ def _search_sections(results: Path) -> list[str]:
     for t, path in sorted(found, key=lambda tp: (tp[0].get("started") or "", tp[1].name)):  # in the order they ran
         c = t["counts"]
         tried = studies[t["study"]] = sum(c.values())
+        k = _space(results, t["study"]).get("last", LAST)
         d = Path("results") / path.parent.name  # as the README links it, wherever results/ was read from
         out += [f"### Search: `{t['study']}`", "",
                 f"`tinymnist sweep spaces/{t['study']}.toml` tried **{tried} recipes**: {c.get('complete', 0)} "
                 f"complete, {c.get('pruned', 0)} pruned by the median rule or rejected over the parameter budget "
                 f"({t['rejected_over_budget']} rejected), {c.get('fail', 0)} failed (stopped mid-trial). Each was judged on the "
-                "held-out validation images only: the objective is the worst validation accuracy of its last 5 "
+                f"held-out validation images only: the objective is the worst validation accuracy of its last {k} "
                 f"epochs. The study is committed as `{d.as_posix()}/study.db` with every trial in "
                 f"`{d.as_posix()}/trials.json`; the test accuracies it recorded were not read to choose. Every trial "
                 f"trains the `{_space(results, t['study']).get('step')}` step's recipe with " + ", ".join(f"{k}={_short(v)}" for k, v in _space_fixed(results, t["study"]).items())
                 + " fixed, and the fields in the table searched.", "",
-                "| trial | layout and recipe | parameters | MACs | validation: worst of last 5 |",
+                f"| trial | layout and recipe | parameters | MACs | validation: worst of last {k} |",
                 "| ---: | --- | ---: | ---: | ---: |"]
         for row in t["trials"][:8]:
             values = ", ".join(f"{k}={_short(v)}" for k, v in row["values"].items())
@@ -217,11 +218,10 @@ def _validation_bars(results: Path) -> list[str]:
     out = []
     for d in sorted(results.glob("val-reference-*/")):
         meta, history = read_json(d / "config.json"), read_json(d / "history.json")
-        tail = history[-5:]
-        val, test = min(r["val_acc"] for r in tail), min(r["test_acc"] for r in tail)
+        val, test = worst_of_last(history, LAST, "val_acc"), worst_of_last(history, LAST)
         out += [f"**Validation bar.** The `{meta['name']}` recipe ({meta['params']:,} parameters), which passes on "
                 f"test, trained once with the same {meta['config']['val']:,} images held out (seed {meta['seed']}, "
-                f"`results/{d.name}/`): worst of its last 5 epochs **{val:.2f}%** on validation and {test:.2f}% on "
+                f"`results/{d.name}/`): worst of its last {LAST} epochs **{val:.2f}%** on validation and {test:.2f}% on "
                 "test in the same run. A smaller recipe needs about that on validation to have a chance on test.", ""]
     return out
 
@@ -238,7 +238,7 @@ def render(results: Path = RESULTS) -> str:
            "run it wrote under `results/<step>/`. `tinymnist reproduce` reruns every step and regenerates this "
            "section; `tinymnist report` regenerates it from `results/` alone.", "",
            "| step | model | parameters | MACs per image | s per epoch | best train acc | best test acc | "
-           "min of last 5 test accs |",
+           f"min of last {LAST} test accs |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in STEPS:
         r = res[s.name]
@@ -250,7 +250,7 @@ def render(results: Path = RESULTS) -> str:
         else:
             per_epoch = r["seconds"] / r["epochs"]
             out.append(f"| [{s.name}](#{_anchor(s.title)}) | {r['model']} | {r['params']:,} | {macs:,} | "
-                       f"{per_epoch:.0f} | {r['best_train']:.2f}% | {r['best_test']:.2f}% | {r['min_last5']:.2f}% |")
+                       f"{per_epoch:.0f} | {r['best_train']:.2f}% | {r['best_test']:.2f}% | {r['min_last']:.2f}% |")
     out += ["", "Seconds per epoch (training plus the test pass) are as recorded by each run, on the machine and "
                 "thread count its `config.json` names; runs that shared a machine with others are slower. MACs "
                 "count one forward pass. The searches that chose the later recipes are on "
@@ -280,8 +280,8 @@ def render(results: Path = RESULTS) -> str:
         else:
             out += [f"**Result.** {r['params']:,} parameters (receptive field {summ.rf}×{summ.rf}); "
                     f"best train accuracy {r['best_train']:.2f}%, best test accuracy {r['best_test']:.2f}%; "
-                    f"last 5 test accuracies {', '.join(f'{a:.2f}' for a in r['last5'])} "
-                    f"(min {r['min_last5']:.2f}%); {r['seconds']:.0f} s of training and evaluation on "
+                    f"last {LAST} test accuracies {', '.join(f'{a:.2f}' for a in r['last'])} "
+                    f"(min {r['min_last']:.2f}%); {r['seconds']:.0f} s of training and evaluation on "
                     f"{r['meta']['env']['device']}"
                     + (f" (this is the `{r['meta']['name']}` run of the multi-seed check)"
                        if r["meta"].get("name") != s.name else "") + ".", "",
@@ -482,14 +482,14 @@ def render_headline(results: Path = RESULTS) -> str:
     for s, ev in _checked_steps(results):
         histories = [x["history"] for x in ev["seeds"]]
         mean, std = final_accuracy_stats(histories)
-        worst = min(min(r["test_acc"] for r in h[-ev["last"]:]) for h in histories)
+        worst = min(worst_of_last(h, ev["last"]) for h in histories)
         rows.append(f"| [{s.name}](docs/series.md#{_anchor(s.title)}) | {s.role} | `{ev['model']}` | **{ev['params']:,}** | {ev['epochs']} | "
                     f"{len(histories)} | {worst:.2f}% | {mean:.2f} ± {std:.2f}% | {'PASS' if ev['passed'] else 'FAIL'} |")
     if not rows:
         return "\n".join([start, NOTE, "", "No step has been checked over seeds yet.", "", end])
     return "\n".join([start, NOTE, "",
-                      "| step | what it is | model | parameters | epochs | seeds | worst of the last 5 test accuracies, "
-                      "all seeds | final test accuracy | verdict |",
+                      f"| step | what it is | model | parameters | epochs | seeds | worst of the last {LAST} test "
+                      "accuracies, all seeds | final test accuracy | verdict |",
                       "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
                       *rows, "", end])
 
@@ -629,6 +629,9 @@ def render_writeups(results: Path = RESULTS) -> str:
                     f"{hardware_text(ev0.get('env', {}))}. The write-up's own recipe differs (its text names a step "
                     "LR schedule and random rotation), and its claim is one run judged by eye.",
                 ""]
+        png = (results / entries[0]["evidence"]).with_suffix(".png")
+        if png.is_file():
+            out += [f"![proof over seeds: {ev0['model']} of the write-up](results/{png.name})", ""]
     return "\n".join(out + ["", end])
 
 

@@ -8,6 +8,7 @@ the trial of a killed one failed (and queue it again), so a dead worker loses on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -194,8 +195,7 @@ def open_storage(url: str, heartbeat: Optional[int] = HEARTBEAT):
     if heartbeat:
         hb = dict(heartbeat_interval=heartbeat, grace_period=2 * heartbeat)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with _experimental_quiet():
             if heartbeat:
                 hb["heartbeat_stale_trial_callback"] = retry(max_retry=1)
             return RDBStorage(url, engine_kwargs=kwargs, **hb)
@@ -235,6 +235,16 @@ def _safe(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
         return url.split("://", 1)[0] + "://…" if "://" in url else "(not a storage URL)"
+
+
+@contextlib.contextmanager
+def _experimental_quiet():
+    """Heartbeats and their retry callback are experimental in Optuna; tinymnist depends on them knowingly."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def _first_line(e: BaseException) -> str:
@@ -330,8 +340,7 @@ def create_study(space: Space, storage: str, study: str, heartbeat: Optional[int
     import optuna
 
     store = open_storage(storage, heartbeat)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with _experimental_quiet():  # the study uses these sampler and pruner objects, loaded or new
         st = optuna.create_study(study_name=study, storage=store, direction="maximize", load_if_exists=True,
                                  sampler=_sampler(), pruner=_pruner(space))
     key = repr(dataclasses.asdict(space))
@@ -396,14 +405,13 @@ def sweep_worker(space_data: dict, space_name: str, storage: str, study: str, tr
     dev = pick_device(device)
     data = load_mnist(data_dir, device=dev, progress=False)
     st = create_study(space, storage, study, heartbeat)
-    st.sampler, st.pruner = _sampler(), _pruner(space)
     objective = Objective(space, Path(out), data, device, threads)
 
     def enough(study) -> bool:
         """The study holds (or is training) the trials asked for. A killed worker's trial, silent past the
-        grace period, is failed (and queued again) first, so that it is not counted as running."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        grace period, is failed (and queued again) first, so that it is not counted as running: the reason this is
+        not optuna.study.MaxTrialsCallback, which counts such a trial as running until someone fails it."""
+        with _experimental_quiet():
             optuna.storages.fail_stale_trials(study)
         return _count(study, TrialState.COMPLETE, TrialState.RUNNING) >= trials
 
