@@ -269,3 +269,29 @@ def test_load_models_file_from_python():
     found = tinymnist.load_models_file(MODELS)
     assert list(found.classes) == ["Model_1", "Model_2"] and "Net" in found.skipped
     assert tinymnist.load_models_file(MODELS) is found  # imported once per content
+
+
+def test_a_sweep_searches_a_user_models_classes(data_dir, tmp_path):
+    optuna = pytest.importorskip("optuna")
+    space = tmp_path / "mine.toml"
+    space.write_text("""
+seeds = 1
+last = 1
+[fixed]
+epochs = 1
+limit_batches = 2
+val = 64
+[search]
+model = ["Model_1", "Model_2"]
+lr = { low = 0.01, high = 0.2, log = true }
+""")
+    out = tmp_path / "out"
+    assert main(["sweep", str(space), "--trials", "2", "--jobs", "1", "--threads", "1", "--models", str(MODELS),
+                 "--out", str(out), "--data-dir", str(data_dir)]) == 0
+    trials = optuna.load_study(study_name="mine", storage=f"sqlite:///{out / 'study.db'}").get_trials()
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(done) >= 2
+    for t in done:
+        cfg = t.user_attrs["config"]
+        assert cfg["models_file"] == str(MODELS) and cfg["model"] == t.params["model"] and cfg["dropout"] is None
+        assert t.user_attrs["params"] == {"Model_1": 4720, "Model_2": 4626}[t.params["model"]]
