@@ -142,3 +142,23 @@ def test_resume_finishes_a_stopped_run_as_if_it_never_stopped(tmp_path, capsys):
     code, _, err = run(capsys, "resume", str(tmp_path / "b"))
     assert code == 1 and "saved by a different recipe" in err
     assert json.loads((tmp_path / "b" / "history.json").read_text())[0]["epoch"] == 1  # untouched
+
+
+@pytest.mark.parametrize("verb", ["train", "check"])
+def test_recipe_options_are_generated_from_the_config(capsys, verb):
+    """Every TrainConfig field marked for the CLI is an option with its help and choices, written once; the help of
+    --kernels names every operation the C kernels run."""
+    import dataclasses
+
+    from tinymnist.config import TrainConfig
+    from tinymnist.kernels import OPS
+
+    code, out, _ = run(capsys, verb, "--help")
+    flat = " ".join(out.split())
+    marked = [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli")]
+    assert {f.name for f in marked} >= {"epochs", "lr", "optimizer", "kernels", "val", "layout"}
+    for f in marked:
+        assert "--" + f.name.replace("_", "-") in out
+        for choice in f.metadata.get("choices") or ():
+            assert choice in out
+    assert all(op in flat for op in OPS)

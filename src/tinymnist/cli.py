@@ -48,11 +48,8 @@ def _checked(convert, ok, expected: str):
 
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _nonneg_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
-_positive_float = _checked(float, lambda v: v > 0, "a positive number")
-_fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 _top_k = _checked(int, lambda v: 1 <= v <= 10, "an integer from 1 to 10")
 _port = _checked(int, lambda v: 0 <= v <= 65535, "a port number from 0 to 65535")
-_val_size = _checked(int, lambda v: 0 <= v < 60000, "a number of images from 0 to 59999")
 
 
 def _add_data_device(p: argparse.ArgumentParser) -> None:
@@ -119,40 +116,36 @@ def _add_jobs(p: argparse.ArgumentParser) -> None:
                    help="runs trained at once, each in its own process (0 = one per core on a CPU, 1 on a GPU)")
 
 
+def recipe_options() -> list:
+    """The TrainConfig fields the training verbs take as --options (their metadata says cli)."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli")]
+
+
 def _add_recipe_overrides(p: argparse.ArgumentParser) -> None:
-    """Options that override single fields of a step's recipe; unset ones keep the recipe's value."""
-    from .config import OPTIMIZERS, SCHEDULERS
+    """Options that override single fields of a step's recipe, generated from TrainConfig's field metadata (help,
+    choices, accepted values); unset ones keep the recipe's value."""
+    from .kernels import OPS
 
     g = p.add_argument_group("recipe overrides (default: the step's own value)")
-    g.add_argument("--epochs", type=_positive_int, default=None, help="number of epochs")
-    g.add_argument("--batch-size", type=_positive_int, default=None, help="training batch size")
-    g.add_argument("--lr", type=_positive_float, default=None, help="learning rate (the peak LR under onecycle)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="optimizer")
-    g.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="LR schedule")
-    g.add_argument("--weight-decay", type=float, default=None, help="weight decay")
-    g.add_argument("--dropout", type=_fraction, default=None, help="dropout after each conv block")
-    g.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
-                   help="bf16 autocasts forward passes to bfloat16; auto picks it only where the hardware has it "
-                        "natively (AMX or AVX-512 BF16 on a CPU, compute capability 8.0+ on CUDA)")
-    g.add_argument("--limit-batches", type=_nonneg_int, default=None,
-                   help="at most this many train and test batches per epoch (smoke tests)")
-    g.add_argument("--memory-format", choices=("auto", "contiguous", "channels_last"), default=None,
-                   help="activation layout; auto: channels_last on x86 CPUs with AVX2, else contiguous")
-    g.add_argument("--kernels", choices=("auto", "fused", "native"), default=None,
-                   help="batch norm + ReLU and 2x2 max pool: C kernels (built once with the system's C compiler) "
-                        "or PyTorch's ops; auto: the C kernels on a CPU in fp32 and channels_last when they build")
-    g.add_argument("--val", type=_val_size, default=None,
-                   help="hold out N training images (class-stratified, a fixed split) and record val_acc per epoch; "
-                        "check then judges the rule on validation accuracy")
-    g.add_argument("--layout", default=None, metavar="TEXT",
-                   help='train this network instead of the model\'s own, in the layout grammar of model.py, '
-                        'e.g. "c8 c16 P c10/1 c16 c16 c16 G o"')
+    for f in recipe_options():
+        meta = f.metadata
+        kwargs: dict = {"default": None, "help": meta["help"].replace("{ops}", ", ".join(OPS))}
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        elif meta.get("convert"):
+            ok = meta.get("ok") or (lambda v: True)
+            kwargs["type"] = _checked(meta["convert"], ok, meta.get("expected") or meta["convert"].__name__)
+        if meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
+        g.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
 def _overrides(args: argparse.Namespace, **extra) -> dict:
-    keys = ("epochs", "batch_size", "lr", "optimizer", "scheduler", "weight_decay", "dropout", "precision",
-            "limit_batches", "val", "layout", "memory_format", "kernels")
-    values = {k: getattr(args, k) for k in keys}
+    values = {f.name: getattr(args, f.name) for f in recipe_options()}
     values.update(extra)
     return values
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .errors import TinyMnistError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+PRECISIONS = ("fp32", "bf16", "auto")
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+KERNELS = ("auto", "fused", "native")
 MACHINE_FIELDS = ("precision", "memory_format", "kernels")  # "auto" resolves per machine; a run records the result
 SCHEDULERS = ("none", "step", "onecycle")
 
@@ -41,40 +44,73 @@ class AugConfig:
             raise TinyMnistError(f"aug.erase_area must satisfy 0 < min <= max < 1, got {self.erase_area}")
 
 
+def _field(default: Any, help: str, *, ok: Optional[Callable[[Any], bool]] = None, expected: str = "",
+           choices: Optional[tuple] = None, cli: bool = False, convert: Optional[Callable] = None, metavar: str = ""):
+    """A recipe field with what the CLI and validate() need, written once: its help, the values it takes (`choices`,
+    or `ok` with the words for what it `expected`), and whether the training verbs take it as --an-option."""
+    meta = {"help": help, "ok": ok, "expected": expected, "choices": choices, "cli": cli, "convert": convert,
+            "metavar": metavar}
+    return field(default=default, metadata=meta)
+
+
+_POSITIVE, _NON_NEGATIVE = (lambda v: v >= 1, "a positive integer"), (lambda v: v >= 0, "a non-negative integer")
+_FRACTION = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training recipe: model, optimisation, schedule and augmentation."""
+    """One training recipe: model, optimisation, schedule and augmentation. Each field's help, accepted values and
+    command-line option are its metadata: the CLI's recipe options and validate() are generated from them."""
 
-    model: str = "Model_1"  # registry name of the model class
-    layout: str = ""  # a network in the layout grammar of model.py, replacing the model's own; "" keeps it
-    epochs: int = 15  # full passes over the 60,000 training images
-    batch_size: int = 128  # training batch size
-    optimizer: str = "sgd"  # one of OPTIMIZERS
-    lr: float = 0.01  # base LR; the peak LR under onecycle
-    momentum: float = 0.9  # SGD momentum (ignored by Adam/AdamW)
-    nesterov: bool = True  # Nesterov momentum for SGD
-    weight_decay: float = 0.0  # L2 (SGD, Adam) or decoupled (AdamW) weight decay
-    scheduler: str = "none"  # one of SCHEDULERS; onecycle steps every batch, step every epoch
-    step_size: int = 5  # StepLR: epochs between LR drops
-    gamma: float = 0.1  # StepLR: factor of each drop
-    pct_start: float = 0.25  # OneCycleLR: fraction of the steps spent warming up
-    div_factor: float = 10.0  # OneCycleLR: initial LR = lr / div_factor
-    final_div_factor: float = 100.0  # OneCycleLR: final LR = initial LR / final_div_factor
-    dropout: Optional[float] = None  # dropout after each conv block; None keeps the model's own default
-    label_smoothing: float = 0.0  # cross-entropy label smoothing
-    ema: float = 0.0  # decay of a moving average of the weights (and BN statistics) that is evaluated and saved
-    # instead of the raw weights; it smooths out the epoch-to-epoch noise of SGD. 0 = off.
-    aug: AugConfig = field(default_factory=AugConfig)  # training-time augmentation
-    precision: str = "fp32"  # "bf16" autocasts forward passes to bfloat16; "auto" picks it only where the hardware
-    # has it natively (AMX or AVX-512 BF16, CUDA 8.0+); a run records what it resolved to. See device.py
-    memory_format: str = "auto"  # "channels_last", "contiguous", or "auto": the rule in device.py; recorded resolved
-    kernels: str = "auto"  # "fused": batch norm + ReLU and max pool on the C kernels of kernels.py; "native": PyTorch's;
-    # "auto": fused where they apply (CPU, fp32, channels_last) and build. Recorded resolved
-    seed: int = 0  # seeds every RNG: init, batch order, augmentation
-    eval_batch_size: int = 2000  # evaluation batch size (no gradients, so large is cheap)
-    limit_batches: int = 0  # train/eval at most this many batches per epoch (0 = all); for smoke tests
-    val: int = 0  # hold out this many training images (class-stratified, fixed split) as a validation set; 0 = none
-    models_file: str = ""  # a user's Python file of nn.Module classes (--models); `model` then names a class in it
+    model: str = _field("Model_1", "registry name of the model class, or a class of models_file")
+    layout: str = _field("", "train this network instead of the model's own, in the layout grammar of model.py, e.g. "
+                         '"c8 c16 P c10/1 c16 c16 c16 G o"; "" keeps the model\'s own', cli=True, metavar="TEXT")
+    epochs: int = _field(15, "full passes over the training images", ok=_POSITIVE[0], expected=_POSITIVE[1],
+                         cli=True, convert=int)
+    batch_size: int = _field(128, "training batch size", ok=_POSITIVE[0], expected=_POSITIVE[1], cli=True, convert=int)
+    optimizer: str = _field("sgd", "optimizer", choices=OPTIMIZERS, cli=True)
+    lr: float = _field(0.01, "learning rate (the peak LR under onecycle)", ok=lambda v: v > 0,
+                       expected="a positive number", cli=True, convert=float)
+    momentum: float = _field(0.9, "SGD momentum (ignored by Adam/AdamW)", ok=_FRACTION[0], expected=_FRACTION[1])
+    nesterov: bool = _field(True, "Nesterov momentum for SGD")
+    weight_decay: float = _field(0.0, "weight decay: L2 (SGD, Adam) or decoupled (AdamW)", ok=lambda v: v >= 0,
+                                 expected="a non-negative number", cli=True, convert=float)
+    scheduler: str = _field("none", "LR schedule: onecycle steps every batch, step every epoch", choices=SCHEDULERS,
+                            cli=True)
+    step_size: int = _field(5, "StepLR: epochs between LR drops", ok=_POSITIVE[0], expected=_POSITIVE[1])
+    gamma: float = _field(0.1, "StepLR: factor of each drop", ok=lambda v: 0 < v <= 1, expected="a number in (0, 1]")
+    pct_start: float = _field(0.25, "OneCycleLR: fraction of the steps spent warming up", ok=lambda v: 0 < v < 1,
+                              expected="a number in (0, 1)")
+    div_factor: float = _field(10.0, "OneCycleLR: initial LR = lr / div_factor")
+    final_div_factor: float = _field(100.0, "OneCycleLR: final LR = initial LR / final_div_factor")
+    dropout: Optional[float] = _field(None, "dropout after each conv block (None keeps the model's own default)",
+                                      ok=lambda v: v is None or 0 <= v < 1, expected=_FRACTION[1], cli=True,
+                                      convert=float)
+    label_smoothing: float = _field(0.0, "cross-entropy label smoothing", ok=_FRACTION[0], expected=_FRACTION[1])
+    ema: float = _field(0.0, "decay of a moving average of the weights (and BN statistics) that is evaluated and "
+                        "saved instead of the raw weights; it smooths out the epoch-to-epoch noise of SGD; 0 = off",
+                        ok=_FRACTION[0], expected=_FRACTION[1])
+    aug: AugConfig = field(default_factory=AugConfig, metadata={"help": "training-time augmentation"})
+    precision: str = _field("fp32", "bf16 autocasts forward passes to bfloat16; auto picks it only where the hardware "
+                            "has it natively (AMX or AVX-512 BF16 on a CPU, compute capability 8.0+ on CUDA); a run "
+                            "records what it resolved to", choices=PRECISIONS, cli=True)
+    memory_format: str = _field("auto", "activation layout; auto: channels_last on x86 CPUs with AVX2 (the rule in "
+                                "device.py), else contiguous; a run records what it resolved to",
+                                choices=MEMORY_FORMATS, cli=True)
+    kernels: str = _field("auto", "fused: {ops} on the C kernels of kernels.py (built once with the system's C "
+                          "compiler); native: PyTorch's; auto: fused where they apply (a CPU, fp32, channels_last) "
+                          "and build; a run records what it resolved to", choices=KERNELS, cli=True)
+    seed: int = _field(0, "seeds every RNG: init, batch order, augmentation", ok=lambda v: v >= 0,
+                       expected=_NON_NEGATIVE[1])
+    eval_batch_size: int = _field(2000, "evaluation batch size (no gradients, so large is cheap)", ok=_POSITIVE[0],
+                                  expected=_POSITIVE[1])
+    limit_batches: int = _field(0, "train and evaluate at most this many batches per epoch (0 = all; smoke tests)",
+                                ok=_NON_NEGATIVE[0], expected=_NON_NEGATIVE[1], cli=True, convert=int)
+    val: int = _field(0, "hold out this many training images (class-stratified, a fixed split) and record val_acc "
+                      "per epoch; check then judges the rule on validation accuracy", ok=lambda v: 0 <= v < 60000,
+                      expected="a number of images from 0 to 59999", cli=True, convert=int)
+    models_file: str = _field("", "a user's Python file of nn.Module classes (--models); model then names a class in "
+                              "it")
 
     def validate(self) -> "TrainConfig":
         """Raise TinyMnistError on a value that cannot train; return self."""
@@ -86,34 +122,12 @@ class TrainConfig:
                                      "models only")
         elif self.model not in list_models():
             raise TinyMnistError(f"unknown model {self.model!r} (choose from {', '.join(list_models())})")
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
-            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})"),
-            (self.scheduler in SCHEDULERS, f"unknown scheduler {self.scheduler!r} (choose from {', '.join(SCHEDULERS)})"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.step_size >= 1, f"step_size must be >= 1, got {self.step_size}"),
-            (0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}"),
-            (0 < self.pct_start < 1, f"pct_start must be in (0, 1), got {self.pct_start}"),
-            (self.dropout is None or 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
-            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
-            (self.precision in ("fp32", "bf16", "auto"),
-             f"unknown precision {self.precision!r} (choose from fp32, bf16, auto)"),
-            (self.memory_format in ("auto", "contiguous", "channels_last"),
-             f"unknown memory_format {self.memory_format!r} (choose from auto, contiguous, channels_last)"),
-            (self.kernels in ("auto", "fused", "native"),
-             f"unknown kernels {self.kernels!r} (choose from auto, fused, native)"),
-            (0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}"),
-            (self.limit_batches >= 0, f"limit_batches must be >= 0, got {self.limit_batches}"),
-            (0 <= self.val < 60000, f"val must be in [0, 60000), got {self.val}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise TinyMnistError(msg)
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                raise TinyMnistError(f"unknown {f.name} {value!r} (choose from {', '.join(meta['choices'])})")
+            if meta.get("ok") and not meta["ok"](value):
+                raise TinyMnistError(f"{f.name} must be {meta['expected']}, got {value}")
         self.aug.validate()
         if self.layout:
             self.build_model().check_shapes()

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import runtime
+from .config import PRECISIONS, MEMORY_FORMATS
 from .errors import TinyMnistError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -112,7 +113,6 @@ def native_bf16(device: torch.device, facts: dict) -> bool:
     return False
 
 
-PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def resolve_precision(requested: str, device: torch.device, facts: dict, warn=None) -> str:
@@ -130,7 +130,6 @@ def resolve_precision(requested: str, device: torch.device, facts: dict, warn=No
     return requested
 
 
-MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
 
 def resolve_memory_format(requested: str, device: torch.device, facts: dict) -> str:

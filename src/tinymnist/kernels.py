@@ -57,10 +57,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import runtime
+from .config import KERNELS
 from .errors import TinyMnistError
 from .fileio import atomic_path
 
-KERNELS = ("auto", "fused", "native")
 OPS = ("convolutions", "batch norm + ReLU", "2x2 max pool")  # what "fused" trains in C
 SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
 FLAGS = ("-O3", "-march=native", "-pthread", "-std=gnu11", "-shared", "-fPIC")
