@@ -1,6 +1,7 @@
 """The command line: usage errors are one line with exit code 2; user errors one line with exit code 1."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -162,3 +163,25 @@ def test_recipe_options_are_generated_from_the_config(capsys, verb):
         for choice in f.metadata.get("choices") or ():
             assert choice in out
     assert all(op in flat for op in OPS)
+
+
+def test_reproduce_trains_steps_in_parallel_and_regenerates_the_pages(tmp_path, capsys):
+    import shutil
+
+    from conftest import synthetic_mnist
+
+    root = Path(__file__).resolve().parents[1]
+    synthetic_mnist(tmp_path / "d", n_train=64, n_test=32)
+    shutil.copytree(root / "docs", tmp_path / "site" / "docs")
+    shutil.copy(root / "README.md", tmp_path / "site" / "README.md")
+    shutil.copytree(root / "spaces", tmp_path / "spaces")
+    results = tmp_path / "results"
+    code, out, err = run(capsys, "reproduce", "--only", "setup", "skeleton", "--jobs", "2", "--threads", "1",
+                         "--results", str(results), "--root", str(tmp_path / "site"), "--runs", str(tmp_path / "runs"),
+                         "--data-dir", str(tmp_path / "d"), "--no-progress")
+    assert code == 0, err
+    assert "reproduce: 2 steps, 2 at a time with 1 thread(s) each" in out
+    for step in ("setup", "skeleton"):
+        assert f"{step}: best test" in out and (results / step / "history.json").is_file()
+    series = (tmp_path / "site" / "docs" / "series.md").read_text()
+    assert "](../results/setup/curves.png)" in series and "docs/series.md: experiments" in out

@@ -89,8 +89,8 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
     from .experiments import answer, get_step
     from .fileio import read_json
     from .model import count_params, list_builtin_models
-    from .parallel import Job, plan, run_jobs
-    from .runs import new_run_dir, train_job
+    from .parallel import plan
+    from .runs import new_run_dir, train_many
 
     step = get_step(step_name) if step_name else answer()
     if recipe is None:
@@ -117,20 +117,16 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
     for seed in range(seeds):
         run_dir = new_run_dir(f"check-{label}-seed{seed}", out_root)
         run_dir.mkdir(parents=True)  # claim the name now: every seed starts within the same second
-        runs.append(Job(f"seed {seed}", train_job, dict(
-            config=replace(base, seed=seed).to_dict(), run_dir=str(run_dir), name=f"{label}-seed{seed}",
-            data_dir=data_dir, device=device, threads=per_run), parts=base.epochs if workers > 1 else 1))
+        runs.append((f"seed {seed}", replace(base, seed=seed), run_dir, f"{label}-seed{seed}"))
 
     def report(o) -> None:
-        if not o.ok:
-            print(f"{o.label}: FAILED: {o.error}", flush=True)
-            return
         tail = [r[metric] for r in o.result["history"][-last:]]
         print(f"{o.label}: last {last} {metric.split('_')[0]} accuracies {', '.join(f'{a:.2f}' for a in tail)}; "
               f"min {min(tail):.2f}%  ({o.result['run_dir']})", flush=True)
 
     t0 = time.perf_counter()
-    outcomes = run_jobs(runs, workers, per_run, on_done=report, progress=progress, desc=f"check {step.name}")
+    outcomes = train_many(runs, workers, per_run, data_dir, device, on_done=report, progress=progress,
+                          desc=f"check {label}")
     wall = time.perf_counter() - t0
     failed = [o for o in outcomes if not o.ok]
     if failed:

@@ -405,31 +405,26 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     from .device import pick_device
     from .experiments import STEPS
-    from .parallel import Job, plan, run_jobs
+    from .parallel import plan
     from .report import collect_run
-    from .runs import new_run_dir, train_job
+    from .runs import new_run_dir, train_many
 
     steps = [s for s in STEPS if s.name in (args.only or [s.name for s in STEPS])]
     workers, threads = plan(len(steps), args.jobs, args.threads, pick_device(args.device).type)
-    jobs = []
+    runs = []
     for s in steps:
         run_dir = new_run_dir(s.name, args.runs)
         run_dir.mkdir(parents=True)
-        jobs.append(Job(s.name, train_job, dict(config=s.config.to_dict(), run_dir=str(run_dir), name=s.name,
-                                                data_dir=args.data_dir, device=args.device, threads=threads),
-                        parts=s.config.epochs if workers > 1 else 1))
+        runs.append((s.name, s.config, run_dir, s.name))
 
     def done(o) -> None:
-        if not o.ok:
-            print(f"{o.label}: FAILED: {o.error}", flush=True)
-            return
         dest = collect_run(Path(o.result["run_dir"]), o.label, Path(args.results))
         print(f"{o.label}: best test {max(r['test_acc'] for r in o.result['history']):.2f}%, results in {dest}",
               flush=True)
 
     print(f"reproduce: {len(steps)} steps, {workers} at a time with {threads} thread(s) each", flush=True)
-    outcomes = run_jobs(jobs, workers, threads, on_done=done, progress=False if args.no_progress else None,
-                        desc="reproduce")
+    outcomes = train_many(runs, workers, threads, args.data_dir, args.device, on_done=done,
+                          progress=False if args.no_progress else None, desc="reproduce")
     _report_pages(args.root, args.results)
     failed = [o.label for o in outcomes if not o.ok]
     if failed:

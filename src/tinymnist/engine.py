@@ -240,6 +240,17 @@ class Trainer:
         self.history.append(record)
         return record
 
+    def run(self, until: Optional[int] = None, on_epoch: Optional[Callable[[dict], None]] = None,
+            progress: Optional[bool] = None, verbose: bool = True) -> list[dict]:
+        """The one epoch loop: train up to epoch `until` (None: the last), calling on_epoch(record) after each
+        epoch (it may raise to stop the run, as a sweep's pruner does); return the history so far."""
+        stop = self.cfg.epochs if until is None else min(until, self.cfg.epochs)
+        while len(self.history) < stop:
+            record = self.run_epoch(progress=progress, verbose=verbose)
+            if on_epoch is not None:
+                on_epoch(record)
+        return list(self.history)
+
     def state_dict(self) -> dict:
         """Everything the next epoch depends on, as tensors and plain values (torch.save, weights_only loads it)."""
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -287,8 +298,6 @@ def fit(cfg: TrainConfig, data: MNIST, on_epoch: Optional[Callable[[dict, Net], 
 
     With cfg.ema, the averaged model is the one evaluated and returned; train metrics are the raw model's."""
     trainer = Trainer(cfg, data)
-    while not trainer.done:
-        record = trainer.run_epoch(progress=progress, verbose=verbose)
-        if on_epoch is not None:
-            on_epoch(record, trainer.final)
+    trainer.run(on_epoch=None if on_epoch is None else lambda record: on_epoch(record, trainer.final),
+                progress=progress, verbose=verbose)
     return trainer.final, trainer.history

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -244,15 +244,16 @@ def _advance(run_dir: Path, meta: dict, trainer: Trainer, until: Optional[int], 
     """Train up to epoch `until` (None: to the end), writing the state and history.json after every epoch, and
     the model and curves after the last one; return the history so far."""
     cfg = trainer.cfg
-    stop = cfg.epochs if until is None else min(until, cfg.epochs)
-    while len(trainer.history) < stop:
-        record = trainer.run_epoch(progress=progress, verbose=verbose)
-        if not trainer.done:  # a crash after this line resumes from here; after the last epoch, model.pt is next
+
+    def saved(record: dict) -> None:
+        if not trainer.done:  # a crash after this resumes from here; after the last epoch, model.pt is next
             with atomic_path(run_dir / STATE_FILE) as tmp:
                 torch.save({"format": STATE_FORMAT, "config": meta["config"], **trainer.state_dict()}, tmp)
         write_json(run_dir / "history.json", trainer.history)  # a crash keeps the epochs done
         if on_epoch is not None:
             on_epoch(record)
+
+    trainer.run(until, saved, progress, verbose)
     if trainer.done:
         save_checkpoint(run_dir / "model.pt", trainer.final, cfg)
         plot_curves(trainer.history, run_dir / "curves.png",
@@ -294,3 +295,25 @@ def train_job(config: dict, run_dir: str, name: str, data_dir: Optional[str], de
             _, history = resume_run(run_dir, progress=False, verbose=False, threads=threads, data=data,
                                     until=part + 1, expect_epoch=part)
     return {"seed": cfg.seed, "history": history, "run_dir": run_dir}
+
+
+def train_many(runs: Sequence[tuple[str, TrainConfig, Path, str]], workers: int, threads: int,
+               data_dir: Optional[str], device: str, on_done: Optional[Callable] = None,
+               progress: Optional[bool] = None, desc: str = "runs") -> list:
+    """Train several recipes into their run directories, `workers` processes at a time with `threads` each (epoch
+    by epoch when there is more than one worker, so the last runs share the cores); `runs` holds (label, recipe,
+    run directory, name). A failed run is one line, "label: FAILED: why", and ends only itself; on_done sees each
+    run that finished. Returns parallel.Outcome objects in the order given. What check and reproduce train."""
+    from .parallel import Job, run_jobs
+
+    jobs = [Job(label, train_job, dict(config=cfg.to_dict(), run_dir=str(run_dir), name=name, data_dir=data_dir,
+                                       device=device, threads=threads), parts=cfg.epochs if workers > 1 else 1)
+            for label, cfg, run_dir, name in runs]
+
+    def done(outcome) -> None:
+        if not outcome.ok:
+            print(f"{outcome.label}: FAILED: {outcome.error}", flush=True)
+        elif on_done is not None:
+            on_done(outcome)
+
+    return run_jobs(jobs, workers, threads, on_done=done, progress=progress, desc=desc)
