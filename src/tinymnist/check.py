@@ -71,6 +71,21 @@ def earlier_test_looks(step_name: str, budget: int, results: str | Path = "resul
     return looks
 
 
+def check_recipe(step, model: Optional[str] = None, models_file: Optional[str] = None,
+                 overrides: Optional[dict] = None):
+    """The recipe a check trains: `step`'s, for `model` when given (one of tinymnist's, a class registered with
+    register_model, or with `models_file` a class of the user's models file), with `overrides`."""
+    from .config import for_user_model, override
+    from .model import list_builtin_models
+
+    base = step.config
+    if models_file or (model is not None and model not in list_builtin_models()):
+        base = for_user_model(base, model, models_file or "")
+    elif model is not None:
+        base = replace(base, model=model)
+    return override(base, overrides or {})
+
+
 def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST, data_dir: Optional[str] = None,
               device: str = "auto", out_root: str = "runs", progress: Optional[bool] = None, threads: int = 0,
               jobs: int = 0, overrides: Optional[dict] = None, results_dir: str | Path = "results",
@@ -79,32 +94,19 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
     """Train a step's recipe (default: the series' answer) with seeds 0..seeds-1, `jobs` at a time; return the
     evidence object that --json writes.
 
-    `model` trains another model with the step's recipe: one of tinymnist's, a class registered with
-    register_model, or (with `models_file`) a class of the user's models file. `overrides` replaces recipe
-    fields; with a `val` among them, every seed holds out that many training images and the rule is judged on
-    validation accuracy. `recipe` (a validated TrainConfig) replaces all of that. `budget`: the parameter rule is
-    "fewer than budget"."""
-    from .config import for_user_model, override
+    `model`, `models_file` and `overrides` make the recipe as check_recipe says; with a `val` among the overrides,
+    every seed holds out that many training images and the rule is judged on validation accuracy. `recipe` (a
+    TrainConfig) replaces all of that. `budget`: the parameter rule is "fewer than budget"."""
     from .device import pick_device
     from .experiments import answer, get_step
-    from .fileio import read_json
-    from .model import count_params, list_builtin_models
     from .parallel import plan
     from .runs import new_run_dir, train_many
 
     step = get_step(step_name) if step_name else answer()
-    if recipe is None:
-        base = step.config
-        if models_file or (model is not None and model not in list_builtin_models()):
-            base = for_user_model(base, model, models_file or "")
-        elif model is not None:
-            base = replace(base, model=model)
-        recipe = override(base, overrides or {})
-    base = recipe.validate()
+    base = (recipe or check_recipe(step, model, models_file, overrides)).validate()
     metric = "val_acc" if base.val else "test_acc"
     if last > base.epochs:
         raise TinyMnistError(f"--last {last} is more than the step's {base.epochs} epochs")
-    params = count_params(base.build_model())
     workers, per_run = plan(seeds, jobs, threads, pick_device(device).type)
     if base.user_model and not base.models_file and workers > 1:
         # a class registered in this process does not exist in a fresh worker process: train here, one at a time
@@ -132,9 +134,18 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
     if failed:
         raise TinyMnistError(f"{len(failed)} of {seeds} runs failed ({', '.join(o.label for o in failed)}); "
                              "the finished runs are complete in their run directories")
-    results = [o.result for o in outcomes]
+    run = {"jobs": workers, "threads_per_run": per_run, "handed_out": "epochs" if workers > 1 else "runs",
+           "wall_s": round(wall, 1)}
+    return _evidence(step, label, base, [o.result for o in outcomes], last, metric, budget, results_dir, run)
+
+
+def _evidence(step, label: str, base, results: list, last: int, metric: str, budget: int, results_dir, run: dict):
+    """Judge the finished runs, print the verdict, and assemble the evidence object."""
+    from .fileio import read_json
+    from .model import count_params
+
+    params = count_params(base.build_model())
     saved = [read_json(Path(r["run_dir"]) / "config.json") for r in results]
-    env = saved[0]["env"]
     # what 'auto' became on this machine (every seed resolves it the same way)
     trained = {k: saved[0]["config"][k] for k in RESOLVED if k in saved[0]["config"]}
     histories = [r["history"] for r in results]
@@ -142,7 +153,7 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
     mean, std = final_accuracy_stats(histories, metric)
     for rule in rules:
         print(f"{'PASS' if rule.passed else 'FAIL'}  {rule.text}")
-    print(f"final-epoch {metric.split('_')[0]} accuracy over {seeds} seeds: {mean:.2f} +- {std:.2f}%")
+    print(f"final-epoch {metric.split('_')[0]} accuracy over {len(results)} seeds: {mean:.2f} +- {std:.2f}%")
     earlier = (earlier_test_looks(step.name, step.budget, results_dir)
                if metric == "test_acc" and label == step.name else [])
     if earlier:
@@ -158,7 +169,5 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
             "test_look": len(earlier) + 1 if metric == "test_acc" else 0, "earlier_looks": earlier,
             "last": last, "threshold": THRESHOLD, "metric": metric, "passed": all(r.passed for r in rules),
             "rules": [{"rule": r.text, "passed": r.passed} for r in rules],
-            "final_acc_mean": round(mean, 4), "final_acc_std": round(std, 4),
-            "jobs": workers, "threads_per_run": per_run, "handed_out": "epochs" if workers > 1 else "runs",
-            "wall_s": round(wall, 1),
-            "config": base.to_dict(), "trained": trained, "env": env, "seeds": results}
+            "final_acc_mean": round(mean, 4), "final_acc_std": round(std, 4), **run,
+            "config": base.to_dict(), "trained": trained, "env": saved[0]["env"], "seeds": results}

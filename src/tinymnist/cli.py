@@ -95,20 +95,10 @@ def _user_model(args: argparse.Namespace, name: Optional[str], flag: str = "--mo
 
 def _recipe_for(step, args: argparse.Namespace, **extra):
     """A step's recipe with the command's overrides, for --model/--models when given; validated."""
-    from .config import for_user_model, override
+    from .check import check_recipe
 
     model = _user_model(args, getattr(args, "model", None))
-    base = step.config
-    if args.models or (model is not None and model not in _builtin()):
-        base = for_user_model(base, model, args.models or "")
-        model = None
-    return override(base, _overrides(args, model=model, **extra)).validate()
-
-
-def _builtin() -> list[str]:
-    from .model import list_builtin_models
-
-    return list_builtin_models()
+    return check_recipe(step, model, args.models, _overrides(args, **extra)).validate()
 
 
 def _add_jobs(p: argparse.ArgumentParser) -> None:
@@ -151,15 +141,21 @@ def _overrides(args: argparse.Namespace, **extra) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .device import DEVICES
-    from .experiments import ANSWER_WHY, answer, step_names
-    from .model import list_models
-
     fmt = _Help
     parser = _Parser(prog="tinymnist", formatter_class=fmt,
                      description="Tiny CNNs for MNIST: train, summarise, check and use them.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    _add_model_verbs(sub, fmt)
+    _add_series_verbs(sub, fmt)
+    _add_use_verbs(sub, fmt)
+    return parser
+
+
+def _add_model_verbs(sub, fmt) -> None:
+    """The verbs about models and training one: models, summary, train, resume, experiments."""
+    from .experiments import ANSWER_WHY, answer, step_names
+    from .model import list_models
 
     p = sub.add_parser("models", help="list the models and their parameter counts", formatter_class=fmt)
     _add_models(p, "list its models instead of tinymnist's")
@@ -197,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiments", help="the experiment series, one line per step", formatter_class=fmt)
     p.set_defaults(func=cmd_experiments)
+
+
+def _add_series_verbs(sub, fmt) -> None:
+    """The verbs about the series and its evidence: reproduce, report, check, sweep, sweep-report."""
+    from .experiments import ANSWER_WHY, answer, step_names
 
     p = sub.add_parser("reproduce", help="train the steps, write results/ and regenerate the README and docs/",
                        formatter_class=fmt)
@@ -266,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="write every complete trial as JSON (an audit trail)")
     p.set_defaults(func=cmd_sweep_report)
 
+
+def _add_use_verbs(sub, fmt) -> None:
+    """The verbs that use a trained model, and the benchmark: errors, demo, predict, export, bench."""
+    from .device import DEVICES
+    from .experiments import answer
+    from .model import list_models
+
     p = sub.add_parser("errors", help="the test images a checkpoint gets wrong: a picture grid, the confusion "
                                       "matrix and errors.json", formatter_class=fmt)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's model.pt")
@@ -317,7 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures and ratios here")
     _add_data_device(p)
     p.set_defaults(func=cmd_bench)
-    return parser
 
 
 # ---------------------------------------------------------------- commands

@@ -22,7 +22,7 @@ from .engine import Trainer, resolve_for
 from .errors import TinyMnistError
 from .fileio import atomic_path, read_json, write_json
 from .kernels import OPS as KERNEL_OPS
-from .model import Net, count_params, model_class
+from .model import count_params, model_class
 from .plots import plot_curves
 
 CHECKPOINT_FORMAT = "tinymnist-checkpoint-v1"
