@@ -366,6 +366,14 @@ def render_performance(results: Path = RESULTS) -> str:
                 f"**lean/plain = {r['lean/plain']:.2f}×**"
                 + (f", fused/native = {r['fused/native']:.2f}× (what the C kernels add)." if "fused/native" in r
                    else ".")]
+    out += _peak_lines(b) + _concurrency_lines(b)
+    out += _timed_checks(results)
+    return "\n".join(out + ["", end])
+
+
+def _peak_lines(b: dict) -> list[str]:
+    """The model step against the machine's own matrix-multiply peak, from a bench."""
+    r = b["ratios"]
     step = b["model_step"]
     runs, pairs = b.get("gemm_peak_runs"), step.get("fraction_of_peak_runs")
     if pairs:  # the peak measured in the model-only process, right after each of its timings
@@ -377,12 +385,18 @@ def render_performance(results: Path = RESULTS) -> str:
     else:
         peak_text = f"The machine's own fp32 matrix multiply ran at {b['gemm_peak_gflops']:,.0f} GFLOP/s in the same process"
         ratio_text = f"**model-step/peak = {r['model-step/peak']:.2f}**"
-    out += ["", f"{peak_text}. At {step['macs_per_image']:,} multiply-accumulates per image forward, a training "
+    return ["", f"{peak_text}. At {step['macs_per_image']:,} multiply-accumulates per image forward, a training "
                 f"image costs {step['flops_per_image']:,} FLOPs (forward and two backward passes), so the model step "
                 f"ran at {step['gflops']:.1f} GFLOP/s (the median timing); {ratio_text}. A tiny network's small "
                 "convolutions, batch norm and pooling are bound by memory and per-operation overhead, not by "
                 "arithmetic; hosts with AVX-512 have about twice the peak of AVX2-only hosts, so this ratio compares "
                 "only hosts of one class."]
+
+
+def _concurrency_lines(b: dict) -> list[str]:
+    """One full epoch, and separate training processes side by side, from a bench."""
+    r = b["ratios"]
+    out: list[str] = []
     if "epoch_plus_test_s" in b["ours"]:
         out += ["", f"One full epoch of ours took {b['ours']['epoch_s']:.1f} s and the test pass "
                     f"{b['ours']['test_pass_s']:.1f} s."]
@@ -413,8 +427,7 @@ def render_performance(results: Path = RESULTS) -> str:
                             "the default: PyTorch's OpenMP threads then spin without yielding and take the cores from "
                             "the C kernels' own helper threads, which wait by spinning and yielding (see kernels.py). "
                             "Leave the policy unset."]
-    out += _timed_checks(results)
-    return "\n".join(out + ["", end])
+    return out
 
 
 def _kernels_text(kernels: Optional[str], ops: Optional[list] = None) -> str:
