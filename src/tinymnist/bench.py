@@ -280,27 +280,44 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
     device = data.train_images.device
     facts = hardware(device)
     cfg = resolve_for(cfg, device, facts)
-    fmt = torch_memory_format(cfg.memory_format)
     model, step = _train_step(model_name, cfg, device)
-
-    def endless(make_iter):
-        while True:
-            yield from make_iter()
-
-    bs = cfg.batch_size
-    ours_loader = Loader(data.train_images, data.train_labels, bs, shuffle=True, seed=0, aug=cfg.aug)
-    fixed = next(iter(ours_loader))
+    ours_loader = Loader(data.train_images, data.train_labels, cfg.batch_size, shuffle=True, seed=0, aug=cfg.aug)
     results: dict = {}
 
     def record(name: str, rates: list[float]) -> None:
         results[name] = {"images_per_s": round(statistics.median(rates), 1), "runs": [round(r, 1) for r in rates],
-                         "steps": steps, "batch_size": bs}
+                         "steps": steps, "batch_size": cfg.batch_size}
         if log:
             log(f"{name:<11} {statistics.median(rates):>9,.0f} images/s  (median of {len(rates)} x {steps} steps)")
 
-    # the step as configured against the step as the code first ran it: contiguous NCHW, fp32, and the C library's
-    # own heap policy; each in its own process, alternating repeat by repeat
-    # (and, when the recipe trains on the fused kernels, the same step on PyTorch's ops: what the kernels add)
+    peaks = _lean_rows(cfg, model_name, device, next(iter(ours_loader)), steps, repeats, results, record)
+    _pipeline_rows(data, cfg, ours_loader, step, device, steps, repeats, workers, record)
+    if epoch:
+        _epoch_row(data, cfg, model, step, device, results["ours"], log)
+    _ratios(results, summarize(model).macs, peaks, log)
+    if concurrency and device.type == "cpu":
+        results.update(concurrent_runs(data_dir, model_name, cfg, seconds=concurrency, log=log))
+        single, multi = results["single_run"]["images_per_s"], results["multi_run"]["images_per_s"]
+        results["ratios"]["multi-run/single"] = round(multi / single, 3)
+        results["ratios"]["two-runs/one"] = round(results["two_runs"]["images_per_s"] / single, 3)
+    results["env"] = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+                      "precision": cfg.precision, "memory_format": cfg.memory_format, "kernels": cfg.kernels,
+                      "kernel_ops": list(KERNEL_OPS), "hardware": facts,
+                      "classic_workers": workers, "model": model_name, "batch_size": cfg.batch_size,
+                      "aug": {"rotate": cfg.aug.rotate, "translate": cfg.aug.translate, "scale": cfg.aug.scale},
+                      "python": platform.python_version(), "platform": platform.platform(),
+                      "processor": platform.processor() or platform.machine(), "cpu_count": available_cores()}
+    if log:
+        log("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in results["ratios"].items()))
+    return results
+
+
+def _lean_rows(cfg: TrainConfig, model_name: str, device: torch.device, fixed, steps: int, repeats: int,
+               results: dict, record: Callable) -> list[float]:
+    """The step as configured against the step as the code first ran it (contiguous NCHW, fp32, and the C library's
+    own heap policy), each in its own process, alternating repeat by repeat; and, when the recipe trains on the
+    fused kernels, the same step on PyTorch's ops: what the kernels add. Returns the machine's peak, measured in
+    the model-only process right after each of its step timings."""
     configs = {"model_only": cfg, "plain": replace(cfg, precision="fp32", memory_format="contiguous",
                                                    kernels="native")}
     if cfg.kernels == "fused":
@@ -308,21 +325,30 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
     heaps = {name: runtime.state()["heap"] for name in configs} | {"plain": "system"}
     lean = steps_interleaved(configs, model_name, device, tuple(t.cpu() for t in fixed), steps, max(repeats, 5),
                              heaps=heaps, gemm_in="model_only")
-    # the machine's peak, measured in the model-only process right after each of its step timings
     peaks = lean.pop("gemm")
     for name, r in lean.items():
         record(name, r)
         results[name].update(heap=heaps[name], memory_format=configs[name].memory_format,
                              kernels=configs[name].kernels)
+    return peaks
+
+
+def _pipeline_rows(data: MNIST, cfg: TrainConfig, ours_loader, step, device: torch.device, steps: int,
+                   repeats: int, workers: int, record: Callable) -> None:
+    """Ours against the classic per-image Dataset + DataLoader pipeline, on the same step. They take turns repeat by
+    repeat, so a host whose speed drifts biases neither (a one-sided slow spell once put ours at 2,492 images/s
+    while the same bench's full epoch ran at 3,390). The classic workers prefetch a few batches while ours runs,
+    which if anything favours classic."""
+    def endless(make_iter):
+        while True:
+            yield from make_iter()
+
     classic = torch.utils.data.DataLoader(
-        ClassicDataset(data.train_images, data.train_labels, cfg.aug), batch_size=bs, shuffle=True,
+        ClassicDataset(data.train_images, data.train_labels, cfg.aug), batch_size=cfg.batch_size, shuffle=True,
         num_workers=workers, worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(0))
     pipelines = {"ours": endless(lambda: iter(ours_loader)), "classic": endless(lambda: iter(classic))}
     for batches in pipelines.values():
         _timed_steps(batches, step, 5, device)  # warm-up: allocator, kernels, worker start-up
-    # ours and classic take turns repeat by repeat, so a host whose speed drifts biases neither (a one-sided slow
-    # spell once put ours at 2,492 images/s while the same bench's full epoch ran at 3,390). The classic workers
-    # prefetch a few batches while ours runs, which if anything favours classic.
     rates: dict = {name: [] for name in pipelines}
     for _ in range(repeats):
         for name, batches in pipelines.items():
@@ -331,32 +357,36 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
         record(name, rates[name])
     pipelines["classic"].close()  # drops the DataLoader iterator, which stops its workers before the epoch timing
 
-    if epoch:
-        full = Loader(data.train_images, data.train_labels, bs, shuffle=True, seed=0, aug=cfg.aug)
-        test = Loader(data.test_images, data.test_labels, cfg.eval_batch_size)
-        sync(device)
-        t0 = time.perf_counter()
-        train_epoch(model, full, step.optimizer, progress=False, precision=cfg.precision, memory_format=fmt)
-        t1 = time.perf_counter()
-        evaluate(model, test, verbose=False, precision=cfg.precision, memory_format=fmt)
-        sync(device)
-        t2 = time.perf_counter()
-        results["ours"].update(epoch_s=round(t1 - t0, 2), test_pass_s=round(t2 - t1, 2),
-                               epoch_plus_test_s=round(t2 - t0, 2))
-        if log:
-            log(f"ours: one full epoch {t1 - t0:.1f} s + test pass {t2 - t1:.1f} s = {t2 - t0:.1f} s")
 
+def _epoch_row(data: MNIST, cfg: TrainConfig, model, step, device: torch.device, ours: dict,
+               log: Optional[Callable[[str], None]]) -> None:
+    """One full epoch of ours and a test pass, timed; added to the `ours` row."""
+    fmt = torch_memory_format(cfg.memory_format)
+    full = Loader(data.train_images, data.train_labels, cfg.batch_size, shuffle=True, seed=0, aug=cfg.aug)
+    test = Loader(data.test_images, data.test_labels, cfg.eval_batch_size)
+    sync(device)
+    t0 = time.perf_counter()
+    train_epoch(model, full, step.optimizer, progress=False, precision=cfg.precision, memory_format=fmt)
+    t1 = time.perf_counter()
+    evaluate(model, test, verbose=False, precision=cfg.precision, memory_format=fmt)
+    sync(device)
+    t2 = time.perf_counter()
+    ours.update(epoch_s=round(t1 - t0, 2), test_pass_s=round(t2 - t1, 2), epoch_plus_test_s=round(t2 - t0, 2))
+    if log:
+        log(f"ours: one full epoch {t1 - t0:.1f} s + test pass {t2 - t1:.1f} s = {t2 - t0:.1f} s")
+
+
+def _ratios(results: dict, macs: int, peaks: list[float], log: Optional[Callable[[str], None]]) -> None:
+    """The model step against the machine's peak (each timing against the peak measured seconds after it, in the
+    same process; the median of those), and the pipelines' ratios; added to `results`."""
     ours, classic_r, ceiling = (results[k]["images_per_s"] for k in ("ours", "classic", "model_only"))
-    macs = summarize(model).macs
     step_gflops = ceiling * FLOPS_PER_MAC * macs / 1e9
-    # each step timing against the peak measured seconds after it, in the same process; the median of those
     fractions = [r * FLOPS_PER_MAC * macs / 1e9 / p for r, p in zip(results["model_only"]["runs"], peaks)]
-    peak = max(peaks)
     if log:
         log(f"fp32 matrix multiply: {', '.join(f'{p:,.0f}' for p in peaks)} GFLOP/s, each after a model-only "
             f"timing ({torch.get_num_threads()} threads); model step / peak per pair: "
             + ", ".join(f"{f:.2f}" for f in fractions))
-    results["gemm_peak_gflops"] = round(peak, 1)
+    results["gemm_peak_gflops"] = round(max(peaks), 1)
     results["gemm_peak_runs"] = [round(p, 1) for p in peaks]  # paired with model_only's runs, in order
     results["model_step"] = {"macs_per_image": macs, "flops_per_image": FLOPS_PER_MAC * macs,
                              "gflops": round(step_gflops, 2),
@@ -366,21 +396,6 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
                          **({"fused/native": round(ceiling / results["native_kernels"]["images_per_s"], 3)}
                             if "native_kernels" in results else {}),
                          "model-step/peak": round(statistics.median(fractions), 3)}
-    if concurrency and device.type == "cpu":
-        results.update(concurrent_runs(data_dir, model_name, cfg, seconds=concurrency, log=log))
-        single, multi = results["single_run"]["images_per_s"], results["multi_run"]["images_per_s"]
-        results["ratios"]["multi-run/single"] = round(multi / single, 3)
-        results["ratios"]["two-runs/one"] = round(results["two_runs"]["images_per_s"] / single, 3)
-    results["env"] = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-                      "precision": cfg.precision, "memory_format": cfg.memory_format, "kernels": cfg.kernels,
-                      "kernel_ops": list(KERNEL_OPS), "hardware": facts,
-                      "classic_workers": workers, "model": model_name, "batch_size": bs,
-                      "aug": {"rotate": cfg.aug.rotate, "translate": cfg.aug.translate, "scale": cfg.aug.scale},
-                      "python": platform.python_version(), "platform": platform.platform(),
-                      "processor": platform.processor() or platform.machine(), "cpu_count": available_cores()}
-    if log:
-        log("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in results["ratios"].items()))
-    return results
 
 
 def time_training(runs: int, data_dir: Optional[str], device: str, precision: str = "fp32",
