@@ -186,18 +186,18 @@ def _simulate(parts, workers):
     from tinymnist.parallel import Schedule
 
     schedule, t, finished = Schedule(parts, workers), 0, {}
-    holding = {}
     while not schedule.finished:
-        for w in range(workers):
-            if w not in holding and (piece := schedule.next_piece(w)) is not None:
+        for w in schedule.idle(range(workers)):
+            if (piece := schedule.next_piece(w)) is not None:
                 assert piece[1] == parts[piece[0]] - schedule.left[piece[0]]  # each run's pieces in order
-                holding[w] = piece[0]
-        assert holding, "a worker must always have something while runs are open"
+                assert schedule.holding[w] == piece[0]
+        assert schedule.holding, "a worker must always have something while runs are open"
+        assert len(set(schedule.holding.values())) == len(schedule.holding)  # no run on two workers at once
         t += 1
-        for w, i in sorted(holding.items()):
-            if schedule.piece_done(i):
-                finished[i] = t
-        holding.clear()
+        for w in sorted(schedule.holding):
+            run, last = schedule.piece_done(w)
+            if last:
+                finished[run] = t
     return t, finished
 
 

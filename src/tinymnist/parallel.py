@@ -50,7 +50,7 @@ class Outcome:
 
 
 class Schedule:
-    """Which piece of which run a free worker trains next.
+    """Which piece of which run each worker trains: it hands pieces out and owns the map of what every worker holds.
 
     While there are at least twice as many unfinished runs as workers, a worker keeps the run it has, so runs
     finish (and are reported) early, as whole runs one after another would. After that, a free worker takes
@@ -62,45 +62,47 @@ class Schedule:
         self.total = list(parts)
         self.left = list(parts)  # pieces not yet done, per run
         self.workers = workers
-        self.busy: set[int] = set()  # runs with a piece in a worker now
+        self.holding: dict[int, int] = {}  # worker -> the run whose piece it trains now
         self.closed: set[int] = set()  # runs finished or failed
         self.last: dict[int, int] = {}  # worker -> the run it trained last
 
     def next_piece(self, worker: int) -> Optional[tuple[int, int]]:
-        """(run, part) for `worker`, or None when no piece is free now."""
+        """(run, part) for `worker`, now held by it, or None when no piece is free now."""
         open_runs = [i for i in range(len(self.left)) if i not in self.closed]
-        free = [i for i in open_runs if i not in self.busy]
+        busy = set(self.holding.values())
+        free = [i for i in open_runs if i not in busy]
         if not free:
             return None
         mine = self.last.get(worker)
         if mine in free and len(open_runs) >= 2 * self.workers:
             pick = mine
         elif len(open_runs) >= 2 * self.workers:
-            pick = min(free, key=lambda i: (self._started(i), i))  # the next run in order, not yet started
+            pick = min(free, key=lambda i: (self.done_parts(i) > 0 or i in busy, i))  # the next run not yet started
         else:
             pick = max(free, key=lambda i: (self.left[i], -i))
-        self.busy.add(pick)
-        self.last[worker] = pick
+        self.holding[worker] = self.last[worker] = pick
         return pick, self.done_parts(pick)
 
-    def _started(self, i: int) -> bool:
-        return self.done_parts(i) > 0 or i in self.busy
+    def idle(self, workers) -> list[int]:
+        """Those of `workers` that hold no piece, in order."""
+        return sorted(w for w in workers if w not in self.holding)
 
     def done_parts(self, i: int) -> int:
         return self.total[i] - self.left[i]
 
-    def piece_done(self, run: int) -> bool:
-        """Record a finished piece; return True when it was the run's last."""
-        self.busy.discard(run)
+    def piece_done(self, worker: int) -> tuple[int, bool]:
+        """Record that `worker` finished its piece; return its run and whether that was the run's last piece."""
+        run = self.holding.pop(worker)
         self.left[run] -= 1
         if self.left[run] == 0:
             self.closed.add(run)
-            return True
-        return False
+        return run, run in self.closed
 
-    def fail(self, run: int) -> None:
-        self.busy.discard(run)
+    def fail(self, run: int) -> int:
+        """Close a run that failed (or whose worker died); return the pieces it will never train."""
+        self.holding = {w: r for w, r in self.holding.items() if r != run}
         self.closed.add(run)
+        return self.left[run]
 
     @property
     def finished(self) -> bool:
@@ -185,13 +187,18 @@ def run_jobs(jobs: Sequence[Job], workers: int, threads: int, on_done: Optional[
     try:
         if workers <= 1:
             configure_threads(threads)
-            for i, job in enumerate(jobs):
-                for part in range(job.parts):
-                    outcome = _call(job, part if job.parts > 1 else None)
-                    bar.update(1 if outcome.ok else job.parts - part)
-                    if not outcome.ok or part == job.parts - 1:
-                        finish(i, outcome)
-                        break
+            schedule = Schedule([j.parts for j in jobs], 1)
+            while not schedule.finished:
+                i, part = schedule.next_piece(0)
+                outcome = _call(jobs[i], part if jobs[i].parts > 1 else None)
+                if not outcome.ok:
+                    bar.update(schedule.fail(i))
+                    finish(i, outcome)
+                elif schedule.piece_done(0)[1]:
+                    bar.update(1)
+                    finish(i, outcome)
+                else:
+                    bar.update(1)
         else:
             _pool(jobs, workers, threads, finish, bar.update)
     finally:
@@ -199,69 +206,89 @@ def run_jobs(jobs: Sequence[Job], workers: int, threads: int, on_done: Optional[
     return outcomes  # type: ignore[return-value]
 
 
-def _pool(jobs: Sequence[Job], workers: int, threads: int, finish: Callable[[int, Outcome], None],
-          advance: Callable[[int], Any]) -> None:
-    ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
-    results = ctx.Queue()
-    inboxes = [ctx.Queue() for _ in range(workers)]  # each worker is handed one piece at a time
-    procs = [ctx.Process(target=_worker, args=(w, inboxes[w], results, threads), daemon=True) for w in range(workers)]
-    for p in procs:
-        p.start()
-    schedule = Schedule([j.parts for j in jobs], workers)
-    holding: dict[int, int] = {}  # worker -> the run whose piece it trains now
-    alive = set(range(workers))
+class _Workers:
+    """Worker processes, each with an inbox that holds one piece at a time, and one queue for their results."""
 
-    def hand_out() -> None:
-        for w in sorted(alive - set(holding)):
+    def __init__(self, workers: int, threads: int):
+        ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
+        self.results = ctx.Queue()
+        self.inboxes = [ctx.Queue() for _ in range(workers)]
+        self.procs = [ctx.Process(target=_worker, args=(w, self.inboxes[w], self.results, threads), daemon=True)
+                      for w in range(workers)]
+        for p in self.procs:
+            p.start()
+        self.alive = set(range(workers))
+
+    def hand_out(self, schedule: Schedule, jobs: Sequence[Job]) -> None:
+        for w in schedule.idle(self.alive):
             piece = schedule.next_piece(w)
             if piece is None:
                 break
-            holding[w] = piece[0]
-            inboxes[w].put((piece[0], piece[1], jobs[piece[0]]))
+            self.inboxes[w].put((piece[0], piece[1], jobs[piece[0]]))
 
-    def fail(i: int, outcome: Outcome) -> None:
-        advance(schedule.left[i])
-        schedule.fail(i)
-        finish(i, outcome)
+    def dead(self) -> list[tuple[int, int]]:
+        """Workers that died since the last look, with their exit codes; they are no longer alive."""
+        gone = [(w, self.procs[w].exitcode) for w in sorted(self.alive) if self.procs[w].exitcode is not None]
+        self.alive -= {w for w, _ in gone}
+        return gone
 
-    try:
-        hand_out()
-        while not schedule.finished:
-            try:
-                _, w, i, outcome = results.get(timeout=POLL)
-            except queue.Empty:
-                for w, p in enumerate(procs):
-                    if w in alive and p.exitcode is not None:  # killed mid-run: only its run is lost
-                        alive.discard(w)
-                        if w in holding:
-                            i = holding.pop(w)
-                            fail(i, Outcome(jobs[i].label, error=f"worker process died (exit code {p.exitcode})"))
-                if not alive and results.empty():
-                    for i in range(len(jobs)):
-                        if i not in schedule.closed:
-                            fail(i, Outcome(jobs[i].label, error="not run: every worker process died"))
-                hand_out()
-                continue
-            holding.pop(w, None)
-            if not outcome.ok:
-                fail(i, outcome)
-            else:
-                advance(1)
-                if schedule.piece_done(i):
-                    finish(i, outcome)
-            hand_out()
-        for inbox in inboxes:
+    def close(self) -> None:
+        for inbox in self.inboxes:
             inbox.put(None)
-    except BaseException:
-        for p in procs:
+        for p in self.procs:
+            p.join()
+
+    def stop(self) -> None:
+        """Stop every worker: one grace period for all of them to unwind their runs, then kill."""
+        for p in self.procs:
             if p.is_alive():
                 p.terminate()
         deadline = time.monotonic() + STOP_GRACE
-        for p in procs:
+        for p in self.procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def _pool(jobs: Sequence[Job], workers: int, threads: int, finish: Callable[[int, Outcome], None],
+          advance: Callable[[int], Any]) -> None:
+    pool = _Workers(workers, threads)
+    schedule = Schedule([j.parts for j in jobs], workers)
+
+    def fail(i: int, outcome: Outcome) -> None:
+        advance(schedule.fail(i))
+        finish(i, outcome)
+
+    try:
+        pool.hand_out(schedule, jobs)
+        while not schedule.finished:
+            try:
+                _, w, i, outcome = pool.results.get(timeout=POLL)
+            except queue.Empty:
+                _reap(pool, schedule, jobs, fail)
+                pool.hand_out(schedule, jobs)
+                continue
+            if not outcome.ok:
+                fail(i, outcome)
+            else:
+                advance(1)
+                if schedule.piece_done(w)[1]:
+                    finish(i, outcome)
+            pool.hand_out(schedule, jobs)
+    except BaseException:
+        pool.stop()
         raise
-    for p in procs:
-        p.join()
+    pool.close()
+
+
+def _reap(pool: _Workers, schedule: Schedule, jobs: Sequence[Job], fail: Callable[[int, Outcome], None]) -> None:
+    """A worker killed mid-run loses only its run; when every worker is gone, the runs left are not run."""
+    for w, code in pool.dead():
+        if w in schedule.holding:
+            i = schedule.holding[w]
+            fail(i, Outcome(jobs[i].label, error=f"worker process died (exit code {code})"))
+    if not pool.alive and pool.results.empty():
+        for i in range(len(jobs)):
+            if i not in schedule.closed:
+                fail(i, Outcome(jobs[i].label, error="not run: every worker process died"))
