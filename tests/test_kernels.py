@@ -374,3 +374,31 @@ def test_two_python_threads_may_train_on_the_kernels_at_once(built):
         torch.set_num_threads(before)
     assert not any(t.is_alive() for t in threads), "the kernels deadlocked"
     assert all(torch.equal(a, b) for a, b in zip(alone, together))
+
+
+def test_the_declared_argtypes_are_the_c_prototypes():
+    """kernels.PROTOTYPES (what ctypes passes) against every exported function of csrc/kernels.c, parameter by
+    parameter: a pointer is a void pointer, long a c_long, int a c_int, double a c_double."""
+    import ctypes
+    import re
+
+    from tinymnist.kernels import PROTOTYPES, SOURCE
+
+    text = re.sub(r"/\*.*?\*/", "", SOURCE.read_text(), flags=re.S)
+    found = {}
+    for m in re.finditer(r"^(?:int|void) (tm_\w+)\(([^)]*)\)\s*\{", text, re.M):
+        params = [p.strip() for p in m.group(2).split(",") if p.strip() and p.strip() != "void"]
+        found[m.group(1)] = tuple(
+            ctypes.c_void_p if "*" in p else
+            {"long": ctypes.c_long, "int": ctypes.c_int, "double": ctypes.c_double}[p.rsplit(" ", 1)[0].split()[-1]]
+            for p in params)
+    assert found == PROTOTYPES
+
+
+def test_the_support_rule_is_the_c_librarys():
+    from tinymnist.kernels import library, supports
+
+    if library()[0] is None:
+        pytest.skip("no C compiler here")
+    assert supports(8) and supports(16) and supports(128) and not supports(0)
+    assert not supports(1021)  # a prime: its unit (lcm with 8, rounded up to 32) is far over MAXU

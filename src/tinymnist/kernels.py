@@ -64,19 +64,26 @@ from .fileio import atomic_path
 OPS = ("convolutions", "batch norm + ReLU", "2x2 max pool")  # what "fused" trains in C
 SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
 FLAGS = ("-O3", "-march=native", "-pthread", "-std=gnu11", "-shared", "-fPIC")
-MAX_UNIT = 1024  # csrc/kernels.c's MAXU: the kernels take C channels when lcm(C, 8), rounded up to 32, fits
 CACHE_ENV = "TINYMNIST_CACHE"
-
-
-def _unit(channels: int) -> int:
-    import math
-
-    period = channels // math.gcd(channels, 8) * 8
-    return period * -(-32 // period)
+_P, _I, _L, _D = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_double
+# the C library's exported functions and their parameters, as ctypes sees them (every pointer a void pointer);
+# tests/test_kernels.py holds this to the prototypes in csrc/kernels.c
+PROTOTYPES = {
+    "tm_bn_relu_forward": (_P, _L, _I, _P, _P, _D, _P, _P, _P, _P, _I),
+    "tm_bn_relu_backward": (_P, _P, _P, _L, _I, _P, _P, _P, _P, _P, _I),
+    "tm_maxpool2_forward": (_P, _L, _L, _L, _I, _P, _P, _I),
+    "tm_maxpool2_backward": (_P, _P, _L, _L, _L, _I, _P, _I),
+    "tm_conv_forward": (_P, _L, _L, _L, _I, _P, _I, _I, _P, _I),
+    "tm_conv_backward": (_P, _L, _L, _L, _I, _P, _I, _I, _P, _P, _P, _I),
+    "tm_set_spin": (_L,),
+    "tm_bn_supports": (_I,),
+}
 
 
 def supports(channels: int) -> bool:
-    return 0 < channels and _unit(channels) <= MAX_UNIT
+    """Whether the batch norm kernels take this many channels: the C library's own rule (tm_bn_supports)."""
+    lib = library()[0]
+    return lib is not None and bool(lib.tm_bn_supports(channels))
 
 
 def cache_dir() -> Path:
@@ -132,14 +139,8 @@ def library() -> tuple[Optional[ctypes.CDLL], str]:
         return None, str(e)
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"building the C kernels failed: {e}"
-    p, i, l, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_double
-    lib.tm_bn_relu_forward.argtypes = [p, l, i, p, p, d, p, p, p, p, i]
-    lib.tm_bn_relu_backward.argtypes = [p, p, p, l, i, p, p, p, p, p, i]
-    lib.tm_maxpool2_forward.argtypes = [p, l, l, l, i, p, p, i]
-    lib.tm_maxpool2_backward.argtypes = [p, p, l, l, l, i, p, i]
-    lib.tm_conv_forward.argtypes = [p, l, l, l, i, p, i, i, p, i]
-    lib.tm_conv_backward.argtypes = [p, l, l, l, i, p, i, i, p, p, p, i]
-    lib.tm_set_spin.argtypes = [l]
+    for name, params in PROTOTYPES.items():
+        getattr(lib, name).argtypes = list(params)
     set_spin(runtime.pool_spin_us(), lib)
     return lib, ""
 

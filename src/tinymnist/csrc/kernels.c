@@ -185,6 +185,9 @@ INLINE long lo(long n, int tid, int nt) { return n * tid / nt; }  /* thread tid'
 static long gcdl(long a, long b) { while (b) { long t = a % b; a = b; b = t; } return a; }
 static int unit(int C) { int P = (int)(C / gcdl(C, 8) * 8); return P * ((32 + P - 1) / P); }
 
+/* the support rule, for the caller to ask instead of copying it: 1 if the batch norm kernels take C channels */
+int tm_bn_supports(int C) { return C > 0 && unit(C) <= MAXU; }
+
 /* ---- one chunk of blocks [b0, b1) of U floats each; U is a constant after inlining */
 INLINE void sum_blocks(const float *restrict x, long b0, long b1, const int U, float *restrict out) {
     float a[MAXU];
