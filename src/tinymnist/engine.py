@@ -183,11 +183,12 @@ class Trainer:
     in this process or another, gives the same history as a run that never stopped (the same seed, device and
     threads). That is what lets parallel runs move between worker processes at epoch boundaries."""
 
-    def __init__(self, cfg: TrainConfig, data: MNIST):
+    def __init__(self, cfg: TrainConfig, data: MNIST, warn: bool = False):
         device = data.train_images.device
         seed_everything(cfg.seed)
-        if "auto" in (cfg.precision, cfg.memory_format, cfg.kernels):  # train_run resolves (and warns) before
-            cfg = resolve_for(cfg, device, hardware(device), warn=False)
+        # the one place a recipe is resolved for this machine ("auto" precision, memory format, kernels); a resolved
+        # recipe (a resumed run's) stays as it is. `warn`: say in one line what the machine could not give
+        cfg = resolve_for(cfg, device, hardware(device), warn=warn)
         self.cfg, self.device = cfg, device
         self.fmt = torch_memory_format(cfg.memory_format)
         self.model = build_for(cfg, device)

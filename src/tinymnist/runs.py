@@ -18,10 +18,11 @@ from . import __version__
 from .config import TrainConfig
 from .data import MNIST, VAL_SEED, load_mnist, resolve_data_dir, split_fingerprint, validation_split
 from .device import configure_threads, hardware, pick_device
-from .engine import Trainer, resolve_for
+from .engine import Trainer
 from .errors import TinyMnistError
 from .fileio import atomic_path, read_json, write_json
 from .kernels import OPS as KERNEL_OPS
+from .kernels import coverage
 from .model import count_params, model_class
 from .plots import plot_curves
 
@@ -156,14 +157,16 @@ def train_run(cfg: TrainConfig, out: Optional[str | os.PathLike] = None, data_di
     dev = pick_device(device)
     configure_threads(threads)
     env = environment(dev)
-    cfg = resolve_for(cfg, dev, env["hardware"])
     if data is None:
         data = load_mnist(data_dir, device=dev, progress=progress is not False)
+    trainer = Trainer(cfg, data, warn=True)
+    cfg = trainer.cfg  # resolved for this machine, as the run records it
     run_dir = Path(out) if out else new_run_dir(name or cfg.model)
     run_dir.mkdir(parents=True, exist_ok=True)
-    params = count_params(cfg.build_model())
+    params = count_params(trainer.model)
     meta = {"name": name or cfg.model, "model": cfg.model, "params": params, "seed": cfg.seed,
-            "config": cfg.to_dict(), "env": env, "kernels_applied": _kernels_applied(cfg, dev),
+            "config": cfg.to_dict(), "env": env,
+            "kernels_applied": coverage(trainer.model) if cfg.kernels == "fused" else {},  # what trains in C
             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:]}
     if cfg.val:
         _, held = validation_split(data.train_labels, cfg.val)
@@ -172,18 +175,7 @@ def train_run(cfg: TrainConfig, out: Optional[str | os.PathLike] = None, data_di
     write_json(run_dir / "config.json", meta)
     if verbose:
         print(f"{meta['name']}: {cfg.model}, {params:,} parameters, {cfg.epochs} epochs on {dev}; writing {run_dir}")
-    return run_dir, _advance(run_dir, meta, Trainer(cfg, data), until, progress, verbose, on_epoch)
-
-
-def _kernels_applied(cfg: TrainConfig, device: torch.device) -> dict:
-    """What of this run's network trains on the C kernels (kernels.coverage); nothing with kernels native."""
-    from .engine import build_for
-    from .kernels import coverage
-
-    if cfg.kernels != "fused":
-        return {}
-    with torch.random.fork_rng(devices=[]):  # building a model draws initial weights: keep the run's RNG as it is
-        return coverage(build_for(cfg, device))
+    return run_dir, _advance(run_dir, meta, trainer, until, progress, verbose, on_epoch)
 
 
 def resume_run(run_dir: str | os.PathLike, data_dir: Optional[str] = None, progress: Optional[bool] = None,
