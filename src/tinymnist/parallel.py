@@ -109,6 +109,13 @@ class Schedule:
         return len(self.closed) == len(self.left)
 
 
+def print_failed(outcome: Outcome) -> bool:
+    """The one line a failed run (or worker) gets, "label: FAILED: why"; returns whether it failed."""
+    if not outcome.ok:
+        print(f"{outcome.label}: FAILED: {outcome.error}", flush=True)
+    return not outcome.ok
+
+
 def plan(runs: int, jobs: int = 0, threads: int = 0, device_type: str = "cpu") -> tuple[int, int]:
     """(workers, threads per worker). jobs=0: one per core on a CPU when there is more than one run, else 1 (a GPU
     is one device); threads=0: the cores divided among the workers."""

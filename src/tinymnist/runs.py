@@ -296,16 +296,14 @@ def train_many(runs: Sequence[tuple[str, TrainConfig, Path, str]], workers: int,
     by epoch when there is more than one worker, so the last runs share the cores); `runs` holds (label, recipe,
     run directory, name). A failed run is one line, "label: FAILED: why", and ends only itself; on_done sees each
     run that finished. Returns parallel.Outcome objects in the order given. What check and reproduce train."""
-    from .parallel import Job, run_jobs
+    from .parallel import Job, print_failed, run_jobs
 
     jobs = [Job(label, train_job, dict(config=cfg.to_dict(), run_dir=str(run_dir), name=name, data_dir=data_dir,
                                        device=device, threads=threads), parts=cfg.epochs if workers > 1 else 1)
             for label, cfg, run_dir, name in runs]
 
     def done(outcome) -> None:
-        if not outcome.ok:
-            print(f"{outcome.label}: FAILED: {outcome.error}", flush=True)
-        elif on_done is not None:
+        if not print_failed(outcome) and on_done is not None:
             on_done(outcome)
 
     return run_jobs(jobs, workers, threads, on_done=done, progress=progress, desc=desc)

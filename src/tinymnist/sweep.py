@@ -437,7 +437,7 @@ def run_sweep(space_path: str, trials: int, jobs: int = 0, storage: Optional[str
     the space's model (fixed or searched) names classes of the user's models file."""
     from .data import load_mnist
     from .device import pick_device
-    from .parallel import Job, plan, run_jobs
+    from .parallel import Job, plan, print_failed, run_jobs
 
     require_optuna()
     data = read_space(space_path)
@@ -454,7 +454,7 @@ def run_sweep(space_path: str, trials: int, jobs: int = 0, storage: Optional[str
     kwargs = dict(space_data=data, space_name=str(space_path), storage=url, study=study, trials=trials, out=out,
                   data_dir=data_dir, device=device, threads=per, heartbeat=heartbeat)
     outcomes = run_jobs([Job(f"worker {i}", sweep_worker, kwargs) for i in range(workers)], workers, per,
-                        on_done=lambda o: None if o.ok else print(f"{o.label}: FAILED: {o.error}", flush=True),
+                        on_done=print_failed,
                         progress=False, desc="workers")
     st = load_study(url, study)
     summary = summarize_study(st)
