@@ -272,6 +272,27 @@ def test_pruner_warmup_holds_for_every_seed():
     assert pruned_at == [2, 3, 6, 7]
 
 
+def test_a_trial_with_one_strong_seed_sets_no_higher_bar_than_its_objective():
+    """The objective is the minimum over seeds: a complete trial whose seed 0 was strong and whose seed 1 ended low
+    bars the others at its objective, not at its strong seed's values."""
+    from tinymnist.sweep import _pruner
+
+    epochs = 4
+    space = parse_space({"seeds": 2, "fixed": {"epochs": epochs}, "last": 1,
+                         "pruner": {"startup_trials": 1, "warmup_epochs": 2}})
+    study = optuna.create_study(direction="maximize", pruner=_pruner(space))
+    lopsided = study.ask()
+    for step in range(2 * epochs):
+        lopsided.report(99.5 if step < epochs else 99.0, step)
+    study.tell(lopsided, 99.0)  # its seed 1 ended at 99.0
+    steady = study.ask()
+    steady.report(99.2, 2)  # seed 0, epoch 3: below the lopsided trial's 99.5 there, above its objective
+    assert not steady.should_prune()
+    weak = study.ask()
+    weak.report(98.5, 2)
+    assert weak.should_prune()
+
+
 def test_two_seed_sweep_prunes_no_trial_before_the_warmup_of_its_second_seed(tmp_path):
     from optuna.trial import TrialState
 
@@ -308,6 +329,7 @@ warmup_epochs = {warmup}
     trials = trials_of(f"sqlite:///{out / 'study.db'}", "two")
     by_median = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
     assert [t.params["lr"] for t in by_median][:1] == [1e-6]
+    assert by_median[0].user_attrs["pruned_at"] == {"seed": 0, "epoch": warmup, "rule": "median of min(value, objective)"}
     for t in trials:
         if t.state == TrialState.PRUNED and t.intermediate_values:
             last = max(t.intermediate_values)

@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import os
 import platform
+import statistics
 import sys
 import warnings
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .errors import TinyMnistError
 
 STUDY_FILE = "study.db"
 DEFAULT_VAL = 10000  # held-out training images when the space does not say
+PRUNE_RULE = "median of min(value, objective)"  # recorded with each pruned trial: studies span rule changes
 HEARTBEAT = 60  # seconds between a running trial's heartbeats; a trial silent for 2 of them is failed and retried
 
 
@@ -309,6 +311,7 @@ class Objective:
             def report(record: dict, i: int = i) -> None:
                 trial.report(record["val_acc"], i * cfg.epochs + record["epoch"] - 1)
                 if trial.should_prune():
+                    trial.set_user_attr("pruned_at", {"seed": seed, "epoch": record["epoch"], "rule": PRUNE_RULE})
                     raise optuna.TrialPruned(f"epoch {record['epoch']} of seed {seed}")
 
             _, history = train_run(dataclasses.replace(cfg, seed=seed), out=run_dir, device=self.device,
@@ -361,33 +364,41 @@ def _sampler():
 
 
 def _pruner(space: Space):
-    return _seed_warmup_pruner_class()(space.epochs, space.warmup_epochs, space.startup_trials)
+    return _seed_median_pruner_class()(space.epochs, space.warmup_epochs, space.startup_trials)
 
 
 @functools.lru_cache(maxsize=None)
-def _seed_warmup_pruner_class():
+def _seed_median_pruner_class():
     """The pruner of every sweep, defined on first use since Optuna is an optional extra."""
     import optuna
+    from optuna.trial import TrialState
 
-    class _SeedWarmupPruner(optuna.pruners.BasePruner):
-        """Optuna's median rule, with its warm-up applied to every seed of a trial, not only the first.
+    class _SeedMedianPruner(optuna.pruners.BasePruner):
+        """The median rule, for an objective that is the minimum over seeds.
 
-        A trial reports seed i's epoch e (from 1) as step i * epochs + e - 1, so that every seed's epochs are
-        compared with the same seed's epochs of other trials. MedianPruner's own n_warmup_steps counts steps from
-        the trial's start and would let the second seed be pruned after its first epoch; Optuna has no
-        per-segment warm-up, hence this wrapper."""
+        A trial reports seed i's epoch e (from 1) as step i * epochs + e - 1, so every seed's epochs meet the same
+        seed's epochs of other trials. Once `startup_trials` trials are complete, a trial is stopped when its value
+        at a step is below the median, over the complete trials, of min(their value at that step, their
+        objective): a complete trial whose other seed ended low sets no higher bar than its objective. (Optuna's
+        MedianPruner compares raw per-step values, so a layout with one strong seed and one weak one pruned trials
+        that could have beaten it; and its warm-up counts steps from the trial's start, so a second seed could be
+        pruned after its first epoch.) Never within the first warmup_epochs - 1 epochs of any seed."""
 
         def __init__(self, epochs: int, warmup_epochs: int, startup_trials: int):
-            self.epochs, self.warmup_epochs = epochs, warmup_epochs
-            self._median = optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0)
+            self.epochs, self.warmup_epochs, self.startup_trials = epochs, warmup_epochs, startup_trials
 
         def prune(self, study, trial) -> bool:
             step = trial.last_step
             if step is None or step % self.epochs < self.warmup_epochs - 1:
                 return False
-            return self._median.prune(study, trial)
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            bars = [min(t.intermediate_values[step], t.value) for t in done
+                    if step in t.intermediate_values and t.value is not None]
+            if len(done) < self.startup_trials or not bars:
+                return False
+            return trial.intermediate_values[step] < statistics.median(bars)
 
-    return _SeedWarmupPruner
+    return _SeedMedianPruner
 
 
 def sweep_worker(space_data: dict, space_name: str, storage: str, study: str, trials: int, out: str,
