@@ -83,10 +83,7 @@ def _user_model(args: argparse.Namespace, name: Optional[str], flag: str = "--mo
             raise UsageError(f"{args.models} defines {len(found.classes)} models: name one with {flag} "
                              f"(choose from {', '.join(found.classes)})")
         if name not in found.classes:
-            skipped = (f"; skipped: {', '.join(f'{k} ({v})' for k, v in found.skipped.items())}"
-                       if found.skipped else "")
-            raise UsageError(f"argument {flag}: invalid choice: {name!r} (choose from {', '.join(found.classes)}"
-                             f"{skipped})")
+            raise UsageError(f"argument {flag}: invalid choice: {name!r} ({found.choices()})")
         return name
     if name is not None and name not in list_models():
         raise UsageError(f"argument {flag}: invalid choice: {name!r} (choose from {', '.join(list_models())})")

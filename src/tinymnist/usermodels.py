@@ -36,10 +36,14 @@ class ModelsFile:
     classes: dict = field(default_factory=dict)  # name -> class, in the order the file defines them
     skipped: dict = field(default_factory=dict)  # name -> why it cannot be built without arguments
 
+    def choices(self) -> str:
+        """The valid names, and those skipped with why: what an error about a name lists."""
+        skipped = f"; skipped: {', '.join(f'{k} ({v})' for k, v in self.skipped.items())}" if self.skipped else ""
+        return f"choose from {', '.join(self.classes)}{skipped}"
+
     def get(self, name: str) -> type:
         if name not in self.classes:
-            skipped = f"; skipped: {', '.join(f'{k} ({v})' for k, v in self.skipped.items())}" if self.skipped else ""
-            raise TinyMnistError(f"{self.path} has no model {name!r} (choose from {', '.join(self.classes)}{skipped})")
+            raise TinyMnistError(f"{self.path} has no model {name!r} ({self.choices()})")
         return self.classes[name]
 
 
