@@ -269,3 +269,12 @@ class Model_9(Net):
 
     # (N,12,24,24) RF 5 | (N,10,12,12) RF 6 | (N,12,10,10) (N,14,8,8) (N,16,6,6) RF 18 | GAP + 1x1 (N,10,1,1) RF 28
     layout = "c8 c12 P c10/1 c12 c14 c16 G o"
+
+
+@register
+class Model_10(Net):
+    """At most 7,000 parameters (6,948): Model_7 with a 12-channel second layer and a 14-channel first block after the
+    transition. Chosen by validation over 2 seeds in spaces/frontier-7000.toml, never on the test set."""
+
+    # (N,12,24,24) RF 5 | (N,10,12,12) RF 6 | (N,14,10,10) (N,16,8,8) (N,16,6,6) RF 18 | GAP + 1x1 (N,10,1,1) RF 28
+    layout = "c8 c12 P c10/1 c14 c16 c16 G o"
