@@ -636,7 +636,7 @@ def render_writeups(results: Path = RESULTS) -> str:
         cfg = ev0["config"]
         out += ["", f"Ours: `tinymnist check --models {ev0['models_file']['path']} --model {ev0['model']} --seeds "
                     f"{len(ev0['seeds'])} --json results/{entries[0]['evidence']}`, which trains the class with the "
-                    f"answer's recipe ({cfg['epochs']} epochs, {cfg['optimizer'].upper()}, {cfg['scheduler']} to LR "
+                    f"recipe of the step `{ev0['step']}`, the answer then ({cfg['epochs']} epochs, {cfg['optimizer'].upper()}, {cfg['scheduler']} to LR "
                     f"{cfg['lr']:g}, weight EMA {cfg['ema']:g}, rotate ±{cfg['aug']['rotate']:g}°, shift "
                     f"±{cfg['aug']['translate']:g}, zoom ±{cfg['aug']['scale']:g}) on "
                     f"{hardware_text(ev0.get('env', {}))}. The write-up's own recipe differs (its text names a step "
