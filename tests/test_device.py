@@ -148,7 +148,7 @@ from tinymnist.model import create_model
 torch.set_num_threads(1)
 m = create_model("Model_7").train()
 opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+x, y = torch.randn(512, 1, 28, 28), torch.randint(0, 10, (512,))
 def step():
     loss = F.cross_entropy(m(x), y); opt.zero_grad(); loss.backward(); opt.step()
 for _ in range(20):  # the heap grows to its working size
@@ -171,5 +171,6 @@ def test_the_retained_heap_stops_page_faults_and_the_users_setting_wins():
 
     retained, system, user = faults({}), faults({"TINYMNIST_HEAP": "system"}), faults({"MALLOC_TOP_PAD_": "0"})
     assert retained[0] == "retain" and system[0] == "system" and user[0] == "system"
-    # the kernel zero-fills a fresh page per 4 KiB touched: thousands per step unless freed memory is kept
-    assert system[1] > 500 and retained[1] < system[1] / 5, (retained, system)
+    # the kernel zero-fills a fresh page per 4 KiB touched: hundreds to thousands per step unless freed memory is
+    # kept (how many depends on the host's kernels: 344 per step at batch 128 on one CI host, 1,179 on another)
+    assert system[1] > 200 and retained[1] < system[1] / 5, (retained, system)
