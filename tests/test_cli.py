@@ -185,3 +185,17 @@ def test_reproduce_trains_steps_in_parallel_and_regenerates_the_pages(tmp_path, 
         assert f"{step}: best test" in out and (results / step / "history.json").is_file()
     series = (tmp_path / "site" / "docs" / "series.md").read_text()
     assert "](../results/setup/curves.png)" in series and "docs/series.md: experiments" in out
+
+
+def test_a_validation_run_reports_validation_and_plots_it_and_never_reads_the_test_set(tmp_path, capsys):
+    from conftest import synthetic_mnist
+
+    synthetic_mnist(tmp_path / "d", n_train=192, n_test=32)
+    assert main(["train", "--epochs", "2", "--batch-size", "32", "--val", "32", "--data-dir", str(tmp_path / "d"),
+                 "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("best validation accuracy") and "the test set is not read" in last
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [sorted(r) for r in history] == [sorted(["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
+                                                     "seconds"])] * 2
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0

@@ -182,14 +182,22 @@ def test_validation_split_rejects_impossible_sizes():
         validation_split(torch.zeros(10, dtype=torch.long), 10)
 
 
-def test_fit_with_val_records_val_metrics_and_trains_on_the_rest(synth_dir):
+def test_fit_with_val_records_val_metrics_trains_on_the_rest_and_never_reads_the_test_set(synth_dir):
+    from dataclasses import replace
+
     from tinymnist.config import TrainConfig
     from tinymnist.engine import fit
 
     data = load_mnist(synth_dir, download=False)
     cfg = TrainConfig(model="Model_7", epochs=2, batch_size=16, val=16)
     _, history = fit(cfg, data, progress=False, verbose=False)
-    assert all({"val_loss", "val_acc", "test_acc"} <= set(r) for r in history)
+    assert all({"val_loss", "val_acc"} <= set(r) and not {"test_loss", "test_acc"} & set(r) for r in history)
+    # whatever the test set holds, a validation run is the same: it chooses a recipe, and the test set is read once,
+    # by the chosen recipe's run on all training images
+    scrambled = replace(data, test_images=255 - data.test_images, test_labels=(data.test_labels + 1) % 10)
+    _, again = fit(cfg, scrambled, progress=False, verbose=False)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in again] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in history]
     # the train pass saw 64 - 16 images: 3 batches of 16, so its accuracy is a multiple of 1/48
     assert all(abs(r["train_acc"] * 48 / 100 - round(r["train_acc"] * 48 / 100)) < 1e-3 for r in history)
 

@@ -127,8 +127,12 @@ def test_sqlite_sweep_with_two_workers_then_report_and_resume(tmp_path, capsys):
     assert (out / "tiny-history.png").stat().st_size > 0 and (out / "tiny-importances.png").stat().st_size > 0
     exported = json.loads((tmp_path / "trials.json").read_text())
     assert len(exported["trials"]) == len(done)
+    assert all(exported_trial["test_worst"] is None for exported_trial in exported["trials"])
+    for t in done:  # a trial's runs hold images out, so they never read the test set
+        history = json.loads(Path(t.user_attrs["run_dirs"][0], "history.json").read_text())
+        assert all("val_acc" in r and "test_acc" not in r and "test_loss" not in r for r in history)
     assert main(["sweep-report", str(out), "--show-test", "--plots", str(tmp_path)]) == 0
-    assert "test worst" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("test not read") == len(done)
 
     before = len(trials_of(url, "tiny"))
     assert main(args[:3] + ["5"] + args[4:]) == 0  # the same command with more trials resumes the study

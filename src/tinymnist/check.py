@@ -46,6 +46,12 @@ def worst_of_last(history: Sequence[dict], last: int = LAST, metric: str = "test
     return min(r[metric] for r in history[-last:]) if len(history) >= last else float("nan")
 
 
+def held_out(history: Sequence[dict]) -> str:
+    """The held-out metric a history carries: "test_acc" for a run on all training images, "val_acc" for a
+    validation run, which never reads the test set (the test set is read once per chosen recipe)."""
+    return "test_acc" if history and "test_acc" in history[-1] else "val_acc"
+
+
 def final_accuracy_stats(histories: Sequence[Sequence[dict]], metric: str = "test_acc") -> tuple[float, float]:
     """Mean and sample standard deviation of the last epoch's accuracy over seeds."""
     finals = [h[-1][metric] for h in histories]

@@ -257,7 +257,8 @@ def _add_series_verbs(sub, fmt) -> None:
     p.add_argument("--study", default=None, metavar="NAME", help="study name (default: the only study there)")
     p.add_argument("--top", type=_positive_int, default=10, help="how many trials to list")
     p.add_argument("--show-test", action="store_true",
-                   help="also show each trial's test accuracy (for the record: choose on validation)")
+                   help="also show the test accuracy that trials recorded before validation runs stopped reading "
+                        "the test set (newer trials have none)")
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="write the optimisation history and parameter importances here (default: the sweep's "
                         "directory, or the current one for a URL)")
@@ -379,10 +380,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"training {cfg.model}{source} ({size}) with the recipe of step {step.name}", flush=True)
     run_dir, history = train_run(cfg, out=args.out, data_dir=args.data_dir, device=args.device, name=name,
                                  progress=False if args.no_progress else None, threads=args.threads)
-    best = max(history, key=lambda r: r["test_acc"])
-    print(f"best test accuracy {best['test_acc']:.2f}% (epoch {best['epoch']}); "
-          f"final {history[-1]['test_acc']:.2f}%; run directory: {run_dir}")
+    print(f"{_held_out_line(history)}; run directory: {run_dir}")
     return 0
+
+
+def _held_out_line(history: list[dict]) -> str:
+    """The best and last held-out accuracy of a run: test, or validation for a run that holds images out (it never
+    reads the test set)."""
+    from .check import held_out
+
+    metric = held_out(history)
+    what, note = (("test", "") if metric == "test_acc"
+                  else ("validation", " (a validation run: the test set is not read)"))
+    best = max(history, key=lambda r: r[metric])
+    return (f"best {what} accuracy {best[metric]:.2f}% (epoch {best['epoch']}); final {history[-1][metric]:.2f}%"
+            f"{note}")
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -390,8 +402,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     run_dir, history = resume_run(args.run_dir, data_dir=args.data_dir, threads=args.threads,
                                   progress=False if args.no_progress else None)
-    print(f"final test accuracy {history[-1]['test_acc']:.2f}% after epoch {history[-1]['epoch']}; "
-          f"run directory: {run_dir}")
+    print(f"{_held_out_line(history)} after epoch {history[-1]['epoch']}; run directory: {run_dir}")
     return 0
 
 
@@ -423,8 +434,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     def done(o) -> None:
         dest = collect_run(Path(o.result["run_dir"]), o.label, Path(args.results))
-        print(f"{o.label}: best test {max(r['test_acc'] for r in o.result['history']):.2f}%, results in {dest}",
-              flush=True)
+        print(f"{o.label}: {_held_out_line(o.result['history'])}, results in {dest}", flush=True)
 
     print(f"reproduce: {len(steps)} steps, {workers} at a time with {threads} thread(s) each", flush=True)
     outcomes = train_many(runs, workers, threads, args.data_dir, args.device, on_done=done,

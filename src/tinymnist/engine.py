@@ -201,7 +201,10 @@ class Trainer:
             train_images, train_labels = train_images[keep], train_labels[keep]
         self.train = Loader(train_images, train_labels, cfg.batch_size, shuffle=True, seed=cfg.seed,
                             aug=cfg.aug, limit_batches=cfg.limit_batches)
-        self.test = Loader(data.test_images, data.test_labels, cfg.eval_batch_size, limit_batches=cfg.limit_batches)
+        # a validation run chooses a recipe, so it never reads the test set: that is read once, by the chosen
+        # recipe's run on all training images
+        self.test = None if self.val is not None else Loader(data.test_images, data.test_labels, cfg.eval_batch_size,
+                                                              limit_batches=cfg.limit_batches)
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler, self.per_batch = make_scheduler(self.optimizer, cfg, len(self.train))
         self.ema = EMA(self.model, cfg.ema) if cfg.ema else None
@@ -232,12 +235,13 @@ class Trainer:
             record.update(val_loss=round(va.loss, 6), val_acc=round(va.acc, 4))
             if verbose:
                 print(f"Validation set: Average loss: {va.loss:.4f}, Accuracy: {va.correct}/{va.total} ({va.acc:.2f}%)")
-        te = evaluate(self.final, self.test, verbose=verbose, precision=cfg.precision, memory_format=self.fmt)
+        if self.test is not None:
+            te = evaluate(self.final, self.test, verbose=verbose, precision=cfg.precision, memory_format=self.fmt)
+            record.update(test_loss=round(te.loss, 6), test_acc=round(te.acc, 4))
         if self.scheduler is not None and not self.per_batch:
             self.scheduler.step()
         sync(self.device)
-        record.update(test_loss=round(te.loss, 6), test_acc=round(te.acc, 4), lr=lr,
-                      seconds=round(time.perf_counter() - t0, 3))
+        record.update(lr=lr, seconds=round(time.perf_counter() - t0, 3))
         self.history.append(record)
         return record
 
