@@ -19,6 +19,7 @@ from .config import TrainConfig
 from .data import MNIST, Loader, validation_split
 from .device import (autocast, hardware, resolve_memory_format, resolve_precision, seed_everything, sync,
                      torch_memory_format)
+from .errors import TinyMnistError
 from .kernels import resolve_kernels, use_kernels
 from .model import Net
 
@@ -111,9 +112,14 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     """Return (scheduler, per_batch): OneCycleLR steps every batch, StepLR every epoch, 'none' never."""
     if cfg.scheduler == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, pct_start=cfg.pct_start,
-            div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor, cycle_momentum=False)
+        try:
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, pct_start=cfg.pct_start,
+                div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor, cycle_momentum=False)
+        except ZeroDivisionError:  # PyTorch's warm-up phase ends at step pct_start * steps - 1: here step 0
+            raise TinyMnistError(
+                f"the one-cycle schedule cannot warm up over {cfg.pct_start:g} x {cfg.epochs * steps_per_epoch} "
+                "batches = 1 step: train more batches (--limit-batches, --epochs) or choose another --scheduler") from None
         return sched, True
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma), False
