@@ -552,10 +552,16 @@ def _frontier_rows(results: Path) -> list[dict]:
         tried = sum(sum(read_json(results / f"sweep-{q}" / "trials.json")["counts"].values()) for q in s.searches)
         rows.append({"name": s.name, "title": s.title, "budget": s.budget, "params": ev["params"],
                      "macs": summarize(s.config.build_model()).macs, "seconds": seconds,
-                     "threads": ev.get("threads_per_run"), "objective": objective, "worst": worst,
+                     "threads": ev.get("threads_per_run"), "host": _host(ev), "objective": objective, "worst": worst,
                      "passed": ev["passed"], "tried": tried, "look": ev.get("test_look", 1),
                      "threshold": ev["threshold"], "last": k})
     return sorted(rows, key=lambda r: (r["params"], r["name"]))
+
+
+def _host(ev: dict) -> str:
+    """The machine a check's evidence records, as the frontier names it: CPU, the ISA PyTorch used, cores."""
+    hw = ev["env"]["hardware"]
+    return f"{hw['cpu_model']} ({hw.get('torch_cpu_capability') or '?'}, {hw['cores']} cores)"
 
 
 def replot_frontier(results: Path = RESULTS) -> Optional[Path]:
@@ -589,18 +595,21 @@ def render_frontier(results: Path = RESULTS) -> str:
            + smallest, "", f"![the reliability frontier](results/{FRONTIER_PNG})", "",
            "| budget | step | parameters | MACs per image | s per epoch | validation objective | test: worst seed | "
            "verdict | recipes tried |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    hosts = list(dict.fromkeys(r["host"] for r in rows))  # each measured host a letter, in order of size
     for r in rows:
         budget = "< 8,000" if r["budget"] == 7999 else f"≤ {r['budget']:,}"
         look = f" (look {r['look']} at test for this budget)" if r["look"] > 1 else ""
         objective = "—" if r["objective"] is None else f"{r['objective']:.2f}%"
         out.append(f"| {budget} | [{r['name']}](docs/series.md#{_anchor(r['title'])}) | {r['params']:,} | "
-                   f"{r['macs']:,} | {r['seconds']:.1f} | {objective} | {min(r['worst']):.2f}% | "
+                   f"{r['macs']:,} | {r['seconds']:.1f} ({chr(65 + hosts.index(r['host']))}) | {objective} | {min(r['worst']):.2f}% | "
                    f"{'PASS' if r['passed'] else 'FAIL'}{look} | {r['tried'] or '—'} |")
     out += ["", "The validation objective is the search's: the worst validation accuracy of the last epochs, the "
                 "minimum over the trial's seeds, on 10,000 held-out training images; the test column is the check's, "
                 "after a refit on all 60,000. Seconds per epoch are the median over the check's epochs (training and "
-                "the test pass), each run with the threads, code and host its evidence records (compare within one check only). Recipes tried counts every trial of "
-                "the searches behind the step, pruned and failed ones included.", "", end]
+                "the test pass), each run with the threads and code its evidence records, on the host the letter names "
+                "(compare within one check only): " + "; ".join(f"{chr(65 + i)}: {h}" for i, h in enumerate(hosts))
+                + ". Recipes tried counts every trial of the searches behind the step, pruned and failed ones "
+                "included.", "", end]
     return "\n".join(out)
 
 
