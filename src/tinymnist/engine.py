@@ -119,7 +119,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
         except ZeroDivisionError:  # PyTorch's warm-up phase ends at step pct_start * steps - 1: here step 0
             raise TinyMnistError(
                 f"the one-cycle schedule cannot warm up over {cfg.pct_start:g} x {cfg.epochs * steps_per_epoch} "
-                "batches = 1 step: train more batches (--limit-batches, --epochs) or choose another --scheduler") from None
+                "batches = 1 step: train more batches (--limit-batches, --epochs) or choose another --scheduler"
+            ) from None
         return sched, True
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma), False

@@ -601,7 +601,8 @@ def render_frontier(results: Path = RESULTS) -> str:
         look = f" (look {r['look']} at test for this budget)" if r["look"] > 1 else ""
         objective = "—" if r["objective"] is None else f"{r['objective']:.2f}%"
         out.append(f"| {budget} | [{r['name']}](docs/series.md#{_anchor(r['title'])}) | {r['params']:,} | "
-                   f"{r['macs']:,} | {r['seconds']:.1f} ({chr(65 + hosts.index(r['host']))}) | {objective} | {min(r['worst']):.2f}% | "
+                   f"{r['macs']:,} | {r['seconds']:.1f} ({chr(65 + hosts.index(r['host']))}) | {objective} | "
+                   f"{min(r['worst']):.2f}% | "
                    f"{'PASS' if r['passed'] else 'FAIL'}{look} | {r['tried'] or '—'} |")
     out += ["", "The validation objective is the search's: the worst validation accuracy of the last epochs, the "
                 "minimum over the trial's seeds, on 10,000 held-out training images; the test column is the check's, "

@@ -2,9 +2,9 @@
 
 The objective is the assignment's rule read on the validation split: the worst validation accuracy of the last
 epochs, the minimum over the trial's seeds. The test set chooses nothing: a trial's runs hold images out, so they
-never read it (older trials recorded it; `sweep-report --show-test` shows those). Storage is a SQLite file in --out by default, or any
-RDB URL Optuna accepts: with PostgreSQL, workers on several machines share one study. Heartbeats let a worker mark
-the trial of a killed one failed (and queue it again), so a dead worker loses only its own run."""
+never read it (older trials recorded it; `sweep-report --show-test` shows those). Storage is a SQLite file in --out
+by default, or any RDB URL Optuna accepts: with PostgreSQL, workers on several machines share one study. Heartbeats
+let a worker mark the trial of a killed one failed (and queue it again), so a dead worker loses only its own run."""
 
 from __future__ import annotations
 
