@@ -47,13 +47,22 @@ def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathL
     fig, ax = plt.subplots(figsize=(8, 4.2))
     curve = sorted((p["params"], min(p["worst"])) for p in points)
     ax.plot([c[0] for c in curve], [c[1] for c in curve], ":", color="#555", lw=1, zorder=2)
-    for p in points:
+    points = sorted(points, key=lambda p: p["params"])
+    near = max(1, (points[-1]["params"] - points[0]["params"]) * 0.04)  # labels closer than this would overlap
+    for i, p in enumerate(points):
         color = "#2a7f3f" if p["passed"] else "#b22"
         xs = [p["params"]] * len(p["worst"])
         ax.scatter(xs, p["worst"], s=18, color=color, alpha=0.6, zorder=3)
         ax.scatter([p["params"]], [min(p["worst"])], s=120, marker="_", color=color, linewidths=2.5, zorder=4)
+        # a step close to its left neighbour is labelled to the right, one close to its right neighbour to the left
+        if i and p["params"] - points[i - 1]["params"] < near:
+            ha, dx = "left", 6
+        elif i + 1 < len(points) and points[i + 1]["params"] - p["params"] < near:
+            ha, dx = "right", -6
+        else:
+            ha, dx = "center", 0
         ax.annotate(f"{p['name']}\n{'PASS' if p['passed'] else 'FAIL'}", (p["params"], max(p["worst"])),
-                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8, color=color)
+                    textcoords="offset points", xytext=(dx, 6), ha=ha, fontsize=8, color=color)
     ax.axhline(threshold, color="grey", ls="--", lw=1, label=f"{threshold:.2f}%: every seed's last epochs must reach it")
     ax.scatter([], [], s=18, color="grey", label="one seed's worst of its last epochs")
     ax.scatter([], [], s=120, marker="_", color="grey", linewidths=2.5, label="the step's worst seed")
