@@ -184,32 +184,47 @@ def _search_sections(results: Path) -> list[str]:
     out, studies = [], {}
     found = [(read_json(path), path) for path in results.glob("sweep-*/trials.json")]
     for t, path in sorted(found, key=lambda tp: (tp[0].get("started") or "", tp[1].name)):  # in the order they ran
-        c = t["counts"]
-        tried = studies[t["study"]] = sum(c.values())
-        k = _space(results, t["study"]).get("last", LAST)
-        d = Path("results") / path.parent.name  # as the README links it, wherever results/ was read from
-        out += [f"### Search: `{t['study']}`", "",
-                f"`tinymnist sweep spaces/{t['study']}.toml` tried **{tried} recipes**: {c.get('complete', 0)} "
-                f"complete, {c.get('pruned', 0)} pruned by the median rule or rejected over the parameter budget "
-                f"({t['rejected_over_budget']} rejected), {c.get('fail', 0)} failed (stopped mid-trial). Each was judged on the "
-                f"held-out validation images only: the objective is the worst validation accuracy of its last {k} "
-                f"epochs. The study is committed as `{d.as_posix()}/study.db` with every trial in "
-                f"`{d.as_posix()}/trials.json`; the test accuracies it recorded were not read to choose. Every trial "
-                f"trains the `{_space(results, t['study']).get('step')}` step's recipe with " + ", ".join(f"{k}={_short(v)}" for k, v in _space_fixed(results, t["study"]).items())
-                + " fixed, and the fields in the table searched.", "",
-                f"| trial | layout and recipe | parameters | MACs | validation: worst of last {k} |",
-                "| ---: | --- | ---: | ---: | ---: |"]
-        for row in t["trials"][:8]:
-            values = ", ".join(f"{k}={_short(v)}" for k, v in row["values"].items())
-            out.append(f"| {row['trial']} | {values} | {row['params']:,} | {row['macs']:,} | {row['objective']:.2f}% |")
-        for name in ("history", "importances"):
-            png = d / f"{t['study']}-{name}.png"
-            if (path.parent / png.name).is_file():
-                out += ["", f"![{t['study']} {name}]({png.as_posix()})"]
-        out.append("")
+        studies[t["study"]] = sum(t["counts"].values())
+        out += _search_section(t, path, results)
     if len(studies) > 1:
         out += [f"In all, {len(studies)} searches tried **{sum(studies.values())} recipes** on validation.", ""]
     return out + (_validation_bars(results) if out else [])
+
+
+def _search_section(t: dict, path: Path, results: Path) -> list[str]:
+    """One sweep: its counts, its objective as the trials record it, its best trials, the one a step refits."""
+    c, space = t["counts"], _space(results, t["study"])
+    k = space.get("last", LAST)
+    seeds = max((len(r.get("val_worst") or []) for r in t["trials"]), default=0)
+    over = f", the minimum over its {seeds} seeds" if seeds > 1 else ""
+    test = ("trials made before validation runs stopped reading the test set also recorded test accuracy, which "
+            "was not read to choose" if any(r.get("test_worst") for r in t["trials"])
+            else "its runs never read the test set")
+    chosen = {s.chosen_by[1]: s.name for s in STEPS if s.chosen_by and s.chosen_by[0] == t["study"]}
+    d = Path("results") / path.parent.name  # as the README links it, wherever results/ was read from
+    fixed = ", ".join(f"{name}={_short(v)}" for name, v in _space_fixed(results, t["study"]).items())
+    out = [f"### Search: `{t['study']}`", "",
+           f"`tinymnist sweep spaces/{t['study']}.toml` tried **{sum(c.values())} recipes**: {c.get('complete', 0)} "
+           f"complete, {c.get('pruned', 0)} pruned by the median rule or rejected over the parameter budget "
+           f"({t['rejected_over_budget']} rejected), {c.get('fail', 0)} failed (stopped mid-trial). Each was judged "
+           f"on the held-out validation images only: the objective is the worst validation accuracy of its last {k} "
+           f"epochs{over}. The study is committed as `{d.as_posix()}/study.db` with every trial in "
+           f"`{d.as_posix()}/trials.json`; {test}. Every trial trains the `{space.get('step')}` step's recipe with "
+           f"{fixed} fixed, and the fields in the table searched."
+           + (" A trial marked with a step is the one that step refits on all 60,000 images." if chosen else ""), "",
+           f"| trial | layout and recipe | parameters | MACs | validation: worst of last {k} | per seed |",
+           "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    for row in t["trials"][:8]:
+        values = ", ".join(f"{name}={_short(v)}" for name, v in row["values"].items())
+        mark = f" → `{chosen[row['trial']]}`" if row["trial"] in chosen else ""
+        per_seed = ", ".join(f"{v:.2f}" for v in row.get("val_worst") or [])
+        out.append(f"| {row['trial']}{mark} | {values} | {row['params']:,} | {row['macs']:,} | "
+                   f"{row['objective']:.2f}% | {per_seed} |")
+    for name in ("history", "importances"):
+        png = d / f"{t['study']}-{name}.png"
+        if (path.parent / png.name).is_file():
+            out += ["", f"![{t['study']} {name}]({png.as_posix()})"]
+    return out + [""]
 
 
 def _validation_bars(results: Path) -> list[str]:
