@@ -248,3 +248,28 @@ def test_a_second_check_at_a_budget_is_recorded_as_the_second_look_at_test(tmp_p
     (tmp_path / "check-half-val.json").write_text(json.dumps({"step": "half", "metric": "val_acc"}))
     assert earlier_test_looks("half-again", 5000, tmp_path) == ["half"]  # final has another budget
     assert earlier_test_looks("half", 5000, tmp_path) == []  # a re-run of one step is not a new look
+
+
+def test_the_committed_budget_5000_check_is_the_second_look_and_the_frontier_says_so():
+    import json
+
+    ev = json.loads(Path("results/check-budget-5000.json").read_text())
+    assert (ev["budget"], ev["test_look"], ev["earlier_looks"]) == (5000, 2, ["half"])
+    row = next(line for line in Path("README.md").read_text().splitlines()
+               if line.startswith("| ≤ 5,000 | [budget-5000]"))  # the frontier table's row
+    assert "look 2 at test for this budget" in row
+
+
+def test_the_searches_page_marks_the_trial_each_step_refits_with_its_per_seed_scores():
+    import json
+
+    page = Path("docs/searches.md").read_text()
+    for s in STEPS:
+        if not s.chosen_by:
+            continue
+        study, number = s.chosen_by
+        trial = next(t for t in json.loads(Path(f"results/sweep-{study}/trials.json").read_text())["trials"]
+                     if t["trial"] == number)
+        per_seed = ", ".join(f"{v:.2f}" for v in trial["val_worst"])
+        row = rf"^\| {number} → `{s.name}` \|.*\| {trial['objective']:.2f}% \| {per_seed} \|$"
+        assert re.search(row, page, re.M), s.name
