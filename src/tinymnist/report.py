@@ -123,14 +123,16 @@ def _selection_lines(step: Step, ev: dict, results: Path) -> list[str]:
     held = _space_fixed(results, study).get("val", 0)
     k = ev["last"]
     worst_test = min(worst_of_last(s["history"], k) for s in ev["seeds"])
-    every = [r["objective"] for p in results.glob("sweep-*/trials.json") for r in read_json(p)["trials"]]
+    searches = step.searches or (study,)  # the searches behind this step, all judged on the same budget
+    every = [r["objective"] for q in searches for r in read_json(results / f"sweep-{q}" / "trials.json")["trials"]]
     rank = 1 + sum(v > row["objective"] for v in every)
+    among = (f"the {len(every)} complete trials of `{study}`" if searches == (study,) else
+             f"the {len(every)} complete trials of its searches: " + ", ".join(f"`{q}`" for q in searches))
     seeds = len(row["val_worst"])
     return ["", "Chosen on validation, confirmed on test once:", "",
             f"| evidence | trained on | judged on | seeds | worst of the last {k} epochs |",
             "| --- | --- | --- | ---: | ---: |",
-            f"| validation: trial {number} of `{study}` (rank {rank} of the {len(every)} complete trials of every "
-            f"search) | "
+            f"| validation: trial {number} of `{study}` (rank {rank} of {among}) | "
             f"{60000 - held:,} ({held:,} held out) | the {held:,} held-out training images | {seeds} | "
             f"{row['objective']:.2f}% |",
             f"| test: this check | all 60,000 | the 10,000 test images | {len(ev['seeds'])} | {worst_test:.2f}% |"]
