@@ -12,6 +12,8 @@ def test_notebook_is_committed_without_outputs():
     nb = json.loads(NOTEBOOK.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert code and all(not c["outputs"] and c["execution_count"] is None for c in code)
+    ids = [c.get("id") for c in nb["cells"]]  # nbformat 4.5 wants a unique id per cell (else a warning, later an error)
+    assert None not in ids and len(set(ids)) == len(ids)
 
 
 def test_public_api_names_exist_in_their_modules():
