@@ -146,6 +146,15 @@ def test_sweep_report_on_nothing_is_one_line(tmp_path, capsys):
     assert "no study.db" in capsys.readouterr().err
 
 
+def test_sweep_report_on_a_study_with_no_trial_says_so_and_draws_nothing(tmp_path, capsys):
+    optuna.create_study(study_name="empty", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    capsys.readouterr()
+    assert main(["sweep-report", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[:2] == ["study empty: no trial yet", "no complete trial yet"] and err == ""
+    assert not list(tmp_path.glob("*.png"))
+
+
 # ---------------------------------------------------------------- PostgreSQL: a real server on loopback
 
 

@@ -517,7 +517,7 @@ def summarize_study(st) -> dict:
 def format_report(summary: dict, top: int = 10, show_test: bool = False) -> str:
     """The best trials as text: objective (validation), parameters, MACs, searched values, run directory."""
     c = summary["counts"]
-    lines = [f"study {summary['study']}: " + ", ".join(f"{v} {k}" for k, v in c.items())
+    lines = [f"study {summary['study']}: " + (", ".join(f"{v} {k}" for k, v in c.items()) or "no trial yet")
              + (f" ({summary['rejected_over_budget']} of the pruned were over the parameter budget)"
                 if summary["rejected_over_budget"] else "")]
     if not summary["trials"]:
@@ -556,6 +556,8 @@ def plot_study(st, out_dir: str | Path) -> list[Path]:
 
     written = []
     complete = [t for t in st.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:  # nothing to draw (Optuna would log a warning and draw empty axes)
+        return written
     plots = [("history.png", optuna.visualization.matplotlib.plot_optimization_history)]
     if len(complete) >= 2 and len({k for t in complete for k in t.params}) >= 1:
         plots.append(("importances.png", optuna.visualization.matplotlib.plot_param_importances))
