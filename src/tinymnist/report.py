@@ -208,7 +208,9 @@ def _search_section(t: dict, path: Path, results: Path) -> list[str]:
     out = [f"### Search: `{t['study']}`", "",
            f"`tinymnist sweep spaces/{t['study']}.toml` tried **{sum(c.values())} recipes**: {c.get('complete', 0)} "
            f"complete, {c.get('pruned', 0)} pruned by the median rule or rejected over the parameter budget "
-           f"({t['rejected_over_budget']} rejected), {c.get('fail', 0)} failed (stopped mid-trial). Each was judged "
+           f"({t['rejected_over_budget']} rejected), {c.get('fail', 0)} failed (stopped mid-trial)"
+           + (f", {c['running']} running when the study was last exported" if c.get("running") else "")
+           + ". Each was judged "
            f"on the held-out validation images only: the objective is the worst validation accuracy of its last {k} "
            f"epochs{over}. The study is committed as `{d.as_posix()}/study.db` with every trial in "
            f"`{d.as_posix()}/trials.json`; {test}. Every trial trains the `{space.get('step')}` step's recipe with "
