@@ -308,12 +308,16 @@ def test_twenty_real_test_digits_painted_on_the_canvas(page, test_digits, tmp_pa
 
 
 def test_clear_removes_the_prediction(page):
+    from playwright.sync_api import expect
+
     box = page.locator("#pad").bounding_box()
     stroke(page, DRAWINGS["1"][0], box)
     shown_digit(page)
     page.click("#clear")
-    page.wait_for_timeout(700)
-    assert page.inner_text("#digit") == "–" and page.locator("#top li").count() == 0
+    # the page has answered its blank canvas (an answer still in flight is dropped), and shows nothing
+    page.wait_for_function("document.body.dataset.answered === document.body.dataset.drawn")
+    expect(page.locator("#digit")).to_have_text("–")
+    expect(page.locator("#top li")).to_have_count(0)
 
 
 def test_the_shipped_model_scores_what_its_history_recorded(real_data_dir):

@@ -135,42 +135,39 @@ def test_configs_saved_before_memory_format_existed_mean_contiguous():
 
     from tinymnist.config import TrainConfig
 
-    saved = json.loads((Path(__file__).resolve().parents[1] / "results" / "onecycle" / "config.json").read_text())
+    saved = json.loads((Path(__file__).resolve().parent / "data" / "legacy" / "config-before-memory-format.json").read_text())
     assert "memory_format" not in saved["config"]
     assert TrainConfig.from_dict(saved["config"]).memory_format == "contiguous"
 
 
-_FAULTS = """
-import resource, sys, tinymnist, torch
-import torch.nn.functional as F
+# The mechanism, not a host's page-fault count (bench measures those, per step, with its host): under the retained
+# heap a 24 MiB block comes from the heap, not from a fresh mmap, and once freed it stays in the process; under the C
+# library's own policy the same block is mapped and handed back. glibc's mallinfo2 counts both.
+_HEAP = """
+import ctypes, tinymnist
 from tinymnist import runtime
-from tinymnist.model import create_model
-torch.set_num_threads(1)
-m = create_model("Model_7").train()
-opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-x, y = torch.randn(512, 1, 28, 28), torch.randint(0, 10, (512,))
-def step():
-    loss = F.cross_entropy(m(x), y); opt.zero_grad(); loss.backward(); opt.step()
-for _ in range(20):  # the heap grows to its working size
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    step()
-print(runtime.state()["heap"], (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = Info, ctypes.c_void_p, [ctypes.c_void_p]
+size, before = 24 << 20, libc.mallinfo2()
+block = libc.malloc(size)
+mapped = libc.mallinfo2().hblks - before.hblks
+libc.free(block)
+kept = libc.mallinfo2().arena - before.arena >= size
+print(runtime.state()["heap"], mapped, kept)
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="the policy is glibc's")
-def test_the_retained_heap_stops_page_faults_and_the_users_setting_wins():
+def test_the_retained_heap_keeps_freed_memory_and_the_users_setting_wins():
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "TINYMNIST_HEAP"}
 
-    def faults(extra: dict) -> tuple[str, float]:
-        out = subprocess.run([sys.executable, "-c", _FAULTS], env={**clean, **extra}, capture_output=True, text=True,
-                             check=True).stdout.split()
-        return out[0], float(out[1])
+    def heap(extra: dict) -> list[str]:
+        return subprocess.run([sys.executable, "-c", _HEAP], env={**clean, **extra}, capture_output=True, text=True,
+                              check=True).stdout.split()
 
-    retained, system, user = faults({}), faults({"TINYMNIST_HEAP": "system"}), faults({"MALLOC_TOP_PAD_": "0"})
-    assert retained[0] == "retain" and system[0] == "system" and user[0] == "system"
-    # the kernel zero-fills a fresh page per 4 KiB touched: hundreds to thousands per step unless freed memory is
-    # kept (how many depends on the host's kernels: 344 per step at batch 128 on one CI host, 1,179 on another)
-    assert system[1] > 200 and retained[1] < system[1] / 5, (retained, system)
+    assert heap({}) == ["retain", "0", "True"]  # served from the heap, and kept there once freed
+    assert heap({"TINYMNIST_HEAP": "system"}) == ["system", "1", "False"]  # glibc's own: mapped, then returned
+    assert heap({"MALLOC_TOP_PAD_": "0"}) == ["system", "1", "False"]  # the user's own setting: left alone

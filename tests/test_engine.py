@@ -140,3 +140,21 @@ def test_a_run_stopped_after_every_epoch_and_resumed_matches_one_that_never_stop
     assert _strip_time(trainer.history) == _strip_time(straight.history)
     for a, b in zip(trainer.final.state_dict().values(), straight.final.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_run_records_whether_its_checkout_differs_from_the_commit(tmp_path):
+    import subprocess
+
+    from tinymnist.runs import _git_commit, _git_dirty
+
+    assert _git_dirty(tmp_path) is None and _git_commit(tmp_path) is None  # not a checkout: an installed wheel
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (tmp_path / "model.py").write_text("a = 1\n")
+    subprocess.run(git + ["add", "model.py"], check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], check=True)
+    assert _git_dirty(tmp_path) is False and len(_git_commit(tmp_path)) == 40
+    (tmp_path / "notes.txt").write_text("untracked files change no code that ran\n")
+    assert _git_dirty(tmp_path) is False
+    (tmp_path / "model.py").write_text("a = 2\n")
+    assert _git_dirty(tmp_path) is True

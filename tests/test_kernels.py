@@ -166,7 +166,7 @@ def test_configs_saved_before_kernels_existed_mean_native():
 
     from tinymnist.config import TrainConfig
 
-    saved = json.loads((Path(__file__).resolve().parents[1] / "results" / "half" / "config.json").read_text())
+    saved = json.loads((Path(__file__).resolve().parent / "data" / "legacy" / "config-before-kernels.json").read_text())
     assert "kernels" not in saved["config"] and saved["config"]["memory_format"] == "channels_last"
     assert TrainConfig.from_dict(saved["config"]).kernels == "native"
     assert TrainConfig().kernels == "auto"

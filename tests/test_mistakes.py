@@ -35,7 +35,7 @@ def test_every_check_file_becomes_a_proof_picture(tmp_path):
 
     from tinymnist.report import replot_checks
 
-    results = Path(__file__).resolve().parents[1] / "results"
-    shutil.copy(results / "check-final.json", tmp_path / "check-final.json")
+    # a frozen copy of a real check's evidence (results/check-final.json, which a new check would overwrite)
+    shutil.copy(Path(__file__).resolve().parent / "data" / "check-final.json", tmp_path / "check-final.json")
     drawn = replot_checks(tmp_path)
     assert drawn == [tmp_path / "check-final.png"] and drawn[0].read_bytes()[:4] == b"\x89PNG"

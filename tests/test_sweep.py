@@ -234,12 +234,17 @@ def test_two_worker_processes_share_a_postgres_study_and_survive_a_kill(postgres
     first.wait()
     out, err = second.communicate(timeout=300)
     assert second.returncode == 0, err
-    # the same command again resumes: the killed trial is failed (and retried) once its heartbeat is stale
-    time.sleep(2.5)
-    again = subprocess.run(cmd + ["--out", str(tmp_path / "b")], env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
-    trials = trials_of(postgres, "shared")
-    killed = next(t for t in trials if t.number == victim)
+    # the same command again resumes: the killed trial is failed (and retried) once its heartbeat is stale, which
+    # it is after twice the heartbeat; until then the command leaves it running
+    deadline = time.time() + 60
+    while True:
+        again = subprocess.run(cmd + ["--out", str(tmp_path / "b")], env=env, capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0, again.stderr
+        trials = trials_of(postgres, "shared")
+        killed = next(t for t in trials if t.number == victim)
+        if killed.state != TrialState.RUNNING or time.time() > deadline:
+            break
     assert killed.state == TrialState.FAIL
     assert_consistent(trials, 4, epochs=epochs)
     assert main(["sweep-report", postgres, "--study", "shared", "--plots", str(tmp_path)]) == 0

@@ -130,16 +130,32 @@ def _child_env(values: dict):
                 os.environ[k] = v
 
 
+def _faults_per_step(step: Callable, batch, steps: int) -> Optional[float]:
+    """Minor page faults per training step (the kernel mapping and zero-filling a page): what the heap policy
+    changes. Linux and macOS count them; elsewhere None."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        step(*batch)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+
+
 def _step_server(model_name: str, config: dict, device: str, threads: int, batch, conn) -> None:
     """In a fresh process (with its own heap and thread settings): build a training step, then answer each request
-    of `steps` (an int) with the images/s of that many steps on one fixed batch, and each ("gemm", seconds) with
-    the fp32 matrix-multiply GFLOP/s at the same thread count; None ends it."""
+    of `steps` (an int) with the images/s of that many steps on one fixed batch, each ("gemm", seconds) with
+    the fp32 matrix-multiply GFLOP/s at the same thread count, and each ("faults", steps) with the minor page faults
+    per step; None ends it."""
     configure_threads(threads)
     dev = torch.device(device)
     _, step = _train_step(model_name, TrainConfig.from_dict(config), dev)
     batches = iter(lambda: batch, None)  # the same batch forever
     while (request := conn.recv()) is not None:
-        if isinstance(request, tuple):
+        if isinstance(request, tuple) and request[0] == "faults":
+            conn.send(_faults_per_step(step, batch, request[1]))
+        elif isinstance(request, tuple):
             conn.send(gemm_peak_gflops(dev, seconds=request[1]))
         else:
             conn.send(_timed_steps(batches, step, request, dev))
@@ -150,7 +166,9 @@ def steps_interleaved(configs: dict, model_name: str, device: torch.device, batc
     """Images/s of each named recipe's step, each in its own process, taking turns repeat by repeat so that a host
     whose speed drifts biases none. `heaps` names the heap policy (runtime.HEAP_ENV) a process starts with. With
     `gemm_in`, that recipe's process also measures the matrix-multiply rate right after each of its timings,
-    returned under "gemm": a peak and a step measured seconds apart, in one process, on a host whose speed drifts."""
+    returned under "gemm": a peak and a step measured seconds apart, in one process, on a host whose speed drifts.
+    After the timings, each process counts its minor page faults per step over `steps` more steps, returned under
+    "faults" by name."""
     import multiprocessing as mp
 
     from .runtime import HEAP_ENV
@@ -176,6 +194,10 @@ def steps_interleaved(configs: dict, model_name: str, device: torch.device, batc
                 if name == gemm_in:
                     conn.send(("gemm", 1.0))
                     rates["gemm"].append(conn.recv())
+        rates["faults"] = {}
+        for name, (_, conn) in servers.items():
+            conn.send(("faults", steps))
+            rates["faults"][name] = conn.recv()
     except EOFError:
         raise RuntimeError("a bench process died (see its output above)") from None
     finally:
@@ -315,21 +337,22 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
 def _lean_rows(cfg: TrainConfig, model_name: str, device: torch.device, fixed, steps: int, repeats: int,
                results: dict, record: Callable) -> list[float]:
     """The step as configured against the step as the code first ran it (contiguous NCHW, fp32, and the C library's
-    own heap policy), each in its own process, alternating repeat by repeat; and, when the recipe trains on the
-    fused kernels, the same step on PyTorch's ops: what the kernels add. Returns the machine's peak, measured in
-    the model-only process right after each of its step timings."""
+    own heap policy), each in its own process, alternating repeat by repeat; the same step under the C library's
+    heap policy alone (system_heap: what the retained heap adds, in speed and in page faults per step); and, when
+    the recipe trains on the fused kernels, the same step on PyTorch's ops: what the kernels add. Returns the
+    machine's peak, measured in the model-only process right after each of its step timings."""
     configs = {"model_only": cfg, "plain": replace(cfg, precision="fp32", memory_format="contiguous",
-                                                   kernels="native")}
+                                                   kernels="native"), "system_heap": cfg}
     if cfg.kernels == "fused":
         configs["native_kernels"] = replace(cfg, kernels="native")
-    heaps = {name: runtime.state()["heap"] for name in configs} | {"plain": "system"}
+    heaps = {name: runtime.state()["heap"] for name in configs} | {"plain": "system", "system_heap": "system"}
     lean = steps_interleaved(configs, model_name, device, tuple(t.cpu() for t in fixed), steps, max(repeats, 5),
                              heaps=heaps, gemm_in="model_only")
-    peaks = lean.pop("gemm")
+    peaks, faults = lean.pop("gemm"), lean.pop("faults")
     for name, r in lean.items():
         record(name, r)
         results[name].update(heap=heaps[name], memory_format=configs[name].memory_format,
-                             kernels=configs[name].kernels)
+                             kernels=configs[name].kernels, page_faults_per_step=faults[name])
     return peaks
 
 
@@ -393,6 +416,7 @@ def _ratios(results: dict, macs: int, peaks: list[float], log: Optional[Callable
                              "fraction_of_peak_runs": [round(f, 3) for f in fractions]}
     results["ratios"] = {"ours/classic": round(ours / classic_r, 3), "ours/model-only": round(ours / ceiling, 3),
                          "lean/plain": round(ceiling / results["plain"]["images_per_s"], 3),
+                         "heap/system": round(ceiling / results["system_heap"]["images_per_s"], 3),
                          **({"fused/native": round(ceiling / results["native_kernels"]["images_per_s"], 3)}
                             if "native_kernels" in results else {}),
                          "model-step/peak": round(statistics.median(fractions), 3)}

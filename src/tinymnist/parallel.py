@@ -116,10 +116,12 @@ def print_failed(outcome: Outcome) -> bool:
     return not outcome.ok
 
 
-def plan(runs: int, jobs: int = 0, threads: int = 0, device_type: str = "cpu") -> tuple[int, int]:
+def plan(runs: int, jobs: int = 0, threads: int = 0, device_type: str = "cpu",
+         cores: Optional[int] = None) -> tuple[int, int]:
     """(workers, threads per worker). jobs=0: one per core on a CPU when there is more than one run, else 1 (a GPU
-    is one device); threads=0: the cores divided among the workers."""
-    cores = available_cores()
+    is one device); threads=0: the cores divided among the workers. `cores`: this process's available cores unless
+    given."""
+    cores = cores or available_cores()
     if jobs <= 0:
         jobs = min(max(1, runs), cores) if device_type == "cpu" else 1
     jobs = max(1, min(jobs, max(1, runs)))

@@ -42,22 +42,25 @@ def new_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
     return path
 
 
-def _git(*args: str) -> Optional[str]:
+_HERE = Path(__file__).resolve().parent
+
+
+def _git(*args: str, cwd: Path = _HERE) -> Optional[str]:
     try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def _git_commit() -> Optional[str]:
-    return _git("rev-parse", "HEAD") or None
+def _git_commit(cwd: Path = _HERE) -> Optional[str]:
+    return _git("rev-parse", "HEAD", cwd=cwd) or None
 
 
-def _git_dirty() -> Optional[bool]:
-    """Whether tracked files differ from the commit: then the commit alone does not say what code ran."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+def _git_dirty(cwd: Path = _HERE) -> Optional[bool]:
+    """Whether tracked files differ from the commit: then the commit alone does not say what code ran. None outside
+    a git checkout (an installed wheel)."""
+    status = _git("status", "--porcelain", "--untracked-files=no", cwd=cwd)
     return None if status is None else bool(status)
 
 
