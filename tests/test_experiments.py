@@ -96,7 +96,7 @@ def test_a_searched_step_trains_the_recipe_its_trial_chose(step):
     import json
     from dataclasses import replace
 
-    from tinymnist.sweep import load_space
+    from tinymnist.space import load_space
 
     study, number = step.chosen_by
     trials = json.loads((ROOT / "results" / f"sweep-{study}" / "trials.json").read_text())["trials"]

@@ -18,7 +18,7 @@ optuna = pytest.importorskip("optuna")
 
 from tinymnist.cli import main  # noqa: E402
 from tinymnist.errors import TinyMnistError  # noqa: E402
-from tinymnist.sweep import parse_space  # noqa: E402
+from tinymnist.space import parse_space  # noqa: E402
 
 from conftest import synthetic_mnist  # noqa: E402
 
@@ -337,7 +337,8 @@ warmup_epochs = {warmup}
 """)
     out = tmp_path / "out"
     # a good recipe first, then one that learns nothing: the median rule must prune the second, after warm-up
-    from tinymnist.sweep import load_space, storage_url
+    from tinymnist.space import load_space
+    from tinymnist.sweep import storage_url
 
     study = create_study(load_space(space), storage_url(None, out), "two")
     study.enqueue_trial({"lr": 0.1})

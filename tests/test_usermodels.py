@@ -109,11 +109,11 @@ def test_check_over_two_seeds_writes_the_verdict_and_the_proof(data_dir, tmp_pat
 def test_a_model_over_the_budget_fails_the_check_naming_the_rule(data_dir, tmp_path, capsys):
     ev_path = tmp_path / "ev.json"
     assert main(["check", "--models", str(MODELS), "--model", "Model_1", "--seeds", "1", "--last", "1",
-                 "--budget", "4000", "--runs", str(tmp_path / "runs"), "--json", str(ev_path),
+                 "--max-params", "3999", "--runs", str(tmp_path / "runs"), "--json", str(ev_path),
                  "--data-dir", str(data_dir), *FAST]) == 1
     ev = json.loads(ev_path.read_text())
-    assert not ev["passed"] and ev["rules"][0] == {"rule": "parameters 4,720 < 4,000", "passed": False}
-    assert "FAIL  parameters 4,720 < 4,000" in capsys.readouterr().out
+    assert not ev["passed"] and ev["rules"][0] == {"rule": "parameters 4,720 ≤ 3,999", "passed": False}
+    assert "FAIL  parameters 4,720 ≤ 3,999" in capsys.readouterr().out
 
 
 def test_errors_export_and_predict_on_onnx_without_the_file(trained, data_dir, tmp_path, capsys):

@@ -8,13 +8,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import TinyMnistError
-
-MAX_PARAMS = 8000  # strictly fewer than this
-MAX_EPOCHS = 15
-THRESHOLD = 99.40  # percent, in every one of the last K epochs
-LAST = 5  # K: the rule's window, the last epochs that must all pass (evidence records the one it used)
 from .config import MACHINE_FIELDS as RESOLVED  # recipe fields that "auto" resolves per machine
+from .errors import TinyMnistError
+from .target import LAST, MAX_EPOCHS, MAX_PARAMS, THRESHOLD, budget_words, within
 
 
 @dataclass(frozen=True)
@@ -26,7 +22,7 @@ class Rule:
 def verdict(params: int, epochs: int, histories: Sequence[Sequence[dict]], last: int = LAST,
             threshold: float = THRESHOLD, metric: str = "test_acc", max_params: int = MAX_PARAMS) -> list[Rule]:
     """Judge the three rules on per-seed histories (history.json lists), on `metric` (test_acc or val_acc);
-    the parameter rule is "fewer than `max_params`"."""
+    the parameter rule is "at most `max_params`" (target.py)."""
     if last < 1:
         raise TinyMnistError(f"--last must be >= 1, got {last}")
     mins = [worst_of_last(h, last, metric) for h in histories]
@@ -34,7 +30,7 @@ def verdict(params: int, epochs: int, histories: Sequence[Sequence[dict]], last:
     worst = min(mins) if complete else float("nan")
     what = "validation" if metric == "val_acc" else "test"
     return [
-        Rule(f"parameters {params:,} < {max_params:,}", params < max_params),
+        Rule(f"parameters {params:,} {budget_words(max_params)}", within(params, max_params)),
         Rule(f"epochs {epochs} <= {MAX_EPOCHS}", epochs <= MAX_EPOCHS),
         Rule(f"every seed's last {last} {what} accuracies >= {threshold:.2f}% (worst {worst:.2f}%, "
              f"{len(histories)} seeds)", complete and worst >= threshold),
@@ -44,6 +40,12 @@ def verdict(params: int, epochs: int, histories: Sequence[Sequence[dict]], last:
 def worst_of_last(history: Sequence[dict], last: int = LAST, metric: str = "test_acc") -> float:
     """The assignment's rule as one number: the lowest `metric` of the last `last` epochs (nan if fewer ran)."""
     return min(r[metric] for r in history[-last:]) if len(history) >= last else float("nan")
+
+
+def mean_of_last(history: Sequence[dict], last: int = LAST, metric: str = "test_acc") -> float:
+    """The mean `metric` of the last `last` epochs (nan if fewer ran): what a screen ranks by, since one epoch's dip
+    moves it less than it moves the worst."""
+    return statistics.mean(r[metric] for r in history[-last:]) if len(history) >= last else float("nan")
 
 
 def held_out(history: Sequence[dict]) -> str:
@@ -96,13 +98,14 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
               device: str = "auto", out_root: str = "runs", progress: Optional[bool] = None, threads: int = 0,
               jobs: int = 0, overrides: Optional[dict] = None, results_dir: str | Path = "results",
               model: Optional[str] = None, models_file: Optional[str] = None, recipe=None,
-              budget: int = MAX_PARAMS) -> dict:
+              max_params: Optional[int] = None) -> dict:
     """Train a step's recipe (default: the series' answer) with seeds 0..seeds-1, `jobs` at a time; return the
     evidence object that --json writes.
 
     `model`, `models_file` and `overrides` make the recipe as check_recipe says; with a `val` among the overrides,
     every seed holds out that many training images and the rule is judged on validation accuracy. `recipe` (a
-    TrainConfig) replaces all of that. `budget`: the parameter rule is "fewer than budget"."""
+    TrainConfig) replaces all of that. `max_params`: the parameter rule, inclusive (default: the step's own budget
+    for the step itself, the assignment's for any other model)."""
     from .device import pick_device
     from .experiments import answer, get_step
     from .parallel import plan
@@ -142,10 +145,11 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
                              "the finished runs are complete in their run directories")
     run = {"jobs": workers, "threads_per_run": per_run, "handed_out": "epochs" if workers > 1 else "runs",
            "wall_s": round(wall, 1)}
-    return _evidence(step, label, base, [o.result for o in outcomes], last, metric, budget, results_dir, run)
+    return _evidence(step, label, base, [o.result for o in outcomes], last, metric, max_params, results_dir, run)
 
 
-def _evidence(step, label: str, base, results: list, last: int, metric: str, budget: int, results_dir, run: dict):
+def _evidence(step, label: str, base, results: list, last: int, metric: str, max_params: Optional[int],
+              results_dir, run: dict):
     """Judge the finished runs, print the verdict, and assemble the evidence object."""
     from .fileio import read_json
     from .model import count_params
@@ -155,6 +159,7 @@ def _evidence(step, label: str, base, results: list, last: int, metric: str, bud
     # what 'auto' became on this machine (every seed resolves it the same way)
     trained = {k: saved[0]["config"][k] for k in RESOLVED if k in saved[0]["config"]}
     histories = [r["history"] for r in results]
+    budget = max_params or (step.budget if label == step.name else MAX_PARAMS)
     rules = verdict(params, base.epochs, histories, last, metric=metric, max_params=budget)
     mean, std = final_accuracy_stats(histories, metric)
     for rule in rules:
@@ -171,7 +176,7 @@ def _evidence(step, label: str, base, results: list, last: int, metric: str, bud
 
         own = {"models_file": {"path": base.models_file, "sha256": file_sha256(base.models_file), "class": base.model}}
     return {"step": step.name, "label": label, "model": base.model, **own, "params": params, "epochs": base.epochs,
-            "budget": step.budget if label == step.name else budget - 1,
+            "budget": budget,
             "test_look": len(earlier) + 1 if metric == "test_acc" else 0, "earlier_looks": earlier,
             "last": last, "threshold": THRESHOLD, "metric": metric, "passed": all(r.passed for r in rules),
             "rules": [{"rule": r.text, "passed": r.passed} for r in rules],

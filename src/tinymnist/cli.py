@@ -222,8 +222,9 @@ def _add_series_verbs(sub, fmt) -> None:
     p.add_argument("--model", default=None, metavar="NAME",
                    help="check this model with the step's recipe (one of tinymnist's, or a class of --models)")
     _add_models(p)
-    p.add_argument("--budget", type=_positive_int, default=8000, metavar="N",
-                   help="the parameter rule: fewer than N parameters")
+    p.add_argument("--max-params", type=_positive_int, default=None, metavar="N",
+                   help="the parameter rule: at most N parameters (default: the step's own budget; for --model, the "
+                        "assignment's, fewer than 8,000)")
     p.add_argument("--seeds", type=_positive_int, default=5, help="number of seeds, 0..N-1")
     p.add_argument("--last", type=_positive_int, default=5, help="epochs at the end that must all pass")
     p.add_argument("--json", default=None, metavar="FILE", help="write the evidence (histories, verdict) here")
@@ -251,6 +252,16 @@ def _add_series_verbs(sub, fmt) -> None:
     _add_jobs(p)
     _add_data_device(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("screen", help="screen named candidates on validation, confirm the best over 5 validation "
+                                      "seeds, and say which earned a look at test", formatter_class=fmt)
+    p.add_argument("file", metavar="SCREEN.toml", help="the base step and its candidates (format: docs/searches.md)")
+    p.add_argument("--results", default="results", help="results directory: evidence goes to results/screen-<name>/")
+    p.add_argument("--runs", default="runs", help="where the run directories go")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_jobs(p)
+    _add_data_device(p)
+    p.set_defaults(func=cmd_screen)
 
     p = sub.add_parser("sweep-report", help="the best trials of a study, and its plots", formatter_class=fmt)
     p.add_argument("target", metavar="DIR_OR_STORAGE", help="a sweep's --out directory, or a storage URL")
@@ -483,7 +494,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = _recipe_for(step, args)
     evidence = run_check(step.name, args.seeds, args.last, data_dir=args.data_dir, device=args.device,
                          out_root=args.runs, progress=False if args.no_progress else None, threads=args.threads,
-                         jobs=args.jobs, recipe=cfg, budget=args.budget)
+                         jobs=args.jobs, recipe=cfg, max_params=args.max_params)
     if args.json:
         write_json(args.json, evidence)
         print(f"evidence written to {args.json}")
@@ -501,6 +512,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                         data_dir=args.data_dir, device=args.device, threads=args.threads, heartbeat=args.heartbeat,
                         models_file=args.models)
     print(format_report(summary, top=5))
+    return 0
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    from .screen import run_screen
+
+    run_screen(args.file, args.results, jobs=args.jobs, threads=args.threads, data_dir=args.data_dir,
+               device=args.device, runs=args.runs, progress=False if args.no_progress else None)
     return 0
 
 

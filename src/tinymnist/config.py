@@ -83,6 +83,9 @@ class TrainConfig:
                               expected="a number in (0, 1)")
     div_factor: float = _field(10.0, "OneCycleLR: initial LR = lr / div_factor")
     final_div_factor: float = _field(100.0, "OneCycleLR: final LR = initial LR / final_div_factor")
+    cycle_epochs: int = _field(0, "OneCycleLR: the epochs the cycle spans (0 = all); the LR then stays at its final "
+                               "value, so the last epochs train nearly the same model", ok=_NON_NEGATIVE[0],
+                               expected=_NON_NEGATIVE[1])
     dropout: Optional[float] = _field(None, "dropout after each conv block (None keeps the model's own default)",
                                       ok=lambda v: v is None or 0 <= v < 1, expected=_FRACTION[1], cli=True,
                                       convert=float)

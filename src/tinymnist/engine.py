@@ -109,19 +109,41 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class _Settled:
+    """A one-cycle schedule that ends before the run does: it steps for its `steps`, then the LR stays at its final
+    value. Saves and restores like the schedule itself (a resumed run continues the same LR)."""
+
+    def __init__(self, inner, steps: int):
+        self.inner, self.steps = inner, steps
+
+    def step(self) -> None:
+        if self.inner.last_epoch < self.steps - 1:  # OneCycleLR refuses a step past its total
+            self.inner.step()
+
+    def get_last_lr(self) -> list[float]:
+        return self.inner.get_last_lr()
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     """Return (scheduler, per_batch): OneCycleLR steps every batch, StepLR every epoch, 'none' never."""
     if cfg.scheduler == "onecycle":
+        cycle = min(cfg.cycle_epochs or cfg.epochs, cfg.epochs)
         try:
             sched = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, pct_start=cfg.pct_start,
+                optimizer, max_lr=cfg.lr, epochs=cycle, steps_per_epoch=steps_per_epoch, pct_start=cfg.pct_start,
                 div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor, cycle_momentum=False)
         except ZeroDivisionError:  # PyTorch's warm-up phase ends at step pct_start * steps - 1: here step 0
             raise TinyMnistError(
                 f"the one-cycle schedule cannot warm up over {cfg.pct_start:g} x {cfg.epochs * steps_per_epoch} "
                 "batches = 1 step: train more batches (--limit-batches, --epochs) or choose another --scheduler"
             ) from None
-        return sched, True
+        return (sched if cycle == cfg.epochs else _Settled(sched, cycle * steps_per_epoch)), True
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma), False
     return None, False

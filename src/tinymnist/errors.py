@@ -11,3 +11,9 @@ class DataError(TinyMnistError):
 
 class UsageError(TinyMnistError):
     """A bad command-line value found after parsing (a model name that a --models file does not define): exit 2."""
+
+
+def install_hint(extra: str) -> str:
+    """How to install an optional extra, as the README installs tinymnist (from its checkout, into .venv): the one
+    wording that help texts, errors and docs share."""
+    return f".venv/bin/pip install -e '.[{extra}]'"

@@ -7,6 +7,7 @@ from typing import Optional
 
 from .config import AugConfig, TrainConfig
 from .errors import TinyMnistError
+from .target import MAX_PARAMS
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class Step:
     role: str = ""  # what a step proven over seeds stands for, as the README's headline names it
     chosen_by: Optional[tuple[str, int]] = None  # (study, trial) of the committed sweep whose validation result chose
     #                                              this recipe; the test set confirms it once, with `tinymnist check`
-    budget: int = 7999  # the most parameters this step was allowed: the assignment's < 8,000, or a smaller budget
+    budget: int = MAX_PARAMS  # the most parameters this step was allowed (inclusive): the assignment's, or smaller
     searches: tuple[str, ...] = ()  # every committed study whose trials led to this recipe (chosen_by's among them)
 
 

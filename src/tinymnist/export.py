@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import TinyMnistError
+from .errors import TinyMnistError, install_hint
 from .fileio import atomic_path
 
 ONNX_PACKAGES = ("onnx", "onnxscript")  # torch's ONNX exporter needs both
@@ -20,7 +20,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, opset: int = 18
     """Write `model` (logits out) as ONNX: input 'image' (N, 1, 28, 28) normalised, output 'logits' (N, 10)."""
     missing = [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
     if missing:
-        raise TinyMnistError(f"ONNX export needs the package(s) {', '.join(missing)}: pip install 'tinymnist[onnx]'")
+        raise TinyMnistError(f"ONNX export needs the package(s) {', '.join(missing)}: {install_hint('onnx')}")
     model = model.cpu().eval()
     example = torch.zeros(2, 1, 28, 28)
     path = Path(path)

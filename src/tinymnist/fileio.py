@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash never leaves half a file behind."""
+"""Atomic file writes (a crash never leaves half a file behind), and reading the JSON and TOML files we write."""
 
 from __future__ import annotations
 
@@ -40,3 +40,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_toml(path: str | os.PathLike) -> dict:
+    """A TOML file as a table; a file that is missing or not TOML is one TinyMnistError."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+
+    from .errors import TinyMnistError
+
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as e:
+        raise TinyMnistError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise TinyMnistError(f"{path}: not valid TOML ({e})") from None

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .data import normalize
-from .errors import TinyMnistError
+from .errors import TinyMnistError, install_hint
 
 BOX = 20  # MNIST scaled each digit's longer side to 20 px ...
 FIELD = 28  # ... and centred its centre of mass in a 28x28 field
@@ -128,7 +128,7 @@ class OnnxModel(torch.nn.Module):
         import importlib.util
 
         if importlib.util.find_spec("onnxruntime") is None:
-            raise TinyMnistError("running an .onnx file needs onnxruntime: pip install 'tinymnist[onnx]'")
+            raise TinyMnistError(f"running an .onnx file needs onnxruntime: {install_hint('onnx')}")
         import onnxruntime as ort
 
         try:

@@ -7,11 +7,12 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .check import LAST, final_accuracy_stats, worst_of_last
+from .check import final_accuracy_stats, worst_of_last
 from .errors import TinyMnistError
 from .experiments import STEPS, Step
 from .fileio import atomic_path, read_json
 from .summary import format_summary, summarize
+from .target import LAST, budget_words
 
 RESULTS = Path("results")
 RUN_FILES = ("history.json", "config.json", "curves.png")
@@ -140,7 +141,7 @@ def _selection_lines(step: Step, ev: dict, results: Path) -> list[str]:
 
 def _space(results: Path, study: str) -> dict:
     """A committed study's space file, spaces/<study>.toml beside results/."""
-    from .sweep import read_space
+    from .space import read_space
 
     return read_space(results.parent / "spaces" / f"{study}.toml")
 
@@ -616,7 +617,7 @@ def render_frontier(results: Path = RESULTS) -> str:
            "verdict | recipes tried |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     hosts = list(dict.fromkeys(r["host"] for r in rows))  # each measured host a letter, in order of size
     for r in rows:
-        budget = "< 8,000" if r["budget"] == 7999 else f"≤ {r['budget']:,}"
+        budget = budget_words(r["budget"])
         look = f" (look {r['look']} at test for this budget)" if r["look"] > 1 else ""
         objective = "—" if r["objective"] is None else f"{r['objective']:.2f}%"
         out.append(f"| {budget} | [{r['name']}](docs/series.md#{_anchor(r['title'])}) | {r['params']:,} | "

@@ -1,172 +1,41 @@
-"""Recipe search on Optuna: a TOML space, an objective measured on validation only, storage that spreads over machines.
+"""Recipe search on Optuna: a TOML space (space.py), an objective measured on validation only, storage that spreads
+over machines.
 
-The objective is the assignment's rule read on the validation split: the worst validation accuracy of the last
-epochs, the minimum over the trial's seeds. The test set chooses nothing: a trial's runs hold images out, so they
-never read it (older trials recorded it; `sweep-report --show-test` shows those). Storage is a SQLite file in --out
-by default, or any RDB URL Optuna accepts: with PostgreSQL, workers on several machines share one study. Heartbeats
-let a worker mark the trial of a killed one failed (and queue it again), so a dead worker loses only its own run."""
+A trial trains its recipe on each of the space's seeds and is judged on the validation split by the space's objective:
+the assignment's rule (the worst validation accuracy of the last epochs, the minimum over seeds), or the mean over
+seeds and last epochs, which seed noise moves less; both are recorded. The test set chooses nothing: a trial's runs
+hold images out, so they never read it (older trials recorded it; `sweep-report --show-test` shows those). Storage is
+a SQLite file in --out by default, or any RDB URL Optuna accepts: with PostgreSQL, workers on several machines share
+one study. Heartbeats let a worker mark the trial of a killed one failed (and queue it again), so a dead worker loses
+only its own run."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import importlib.util
 import os
 import platform
 import statistics
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import AugConfig, TrainConfig, override
-from .errors import TinyMnistError
+from .errors import TinyMnistError, install_hint
+from .space import Space, parse_space, read_space
+
+try:
+    import optuna
+    from optuna.trial import TrialState
+except ModuleNotFoundError:  # an optional extra: the verbs that need it say so in one line
+    raise TinyMnistError(f"sweeps need Optuna: {install_hint('sweep')}") from None
 
 STUDY_FILE = "study.db"
-DEFAULT_VAL = 10000  # held-out training images when the space does not say
-PRUNE_RULE = "median of min(value, objective)"  # recorded with each pruned trial: studies span rule changes
+# recorded with each pruned trial, by the space's objective: studies span rule changes
+PRUNE_RULES = {"worst": "median of min(value, objective)", "mean": "median of the mean over seeds at that epoch"}
+OBJECTIVE_WORDS = {"worst": "the worst accuracy of the last epochs, min over seeds",
+                   "mean": "the mean accuracy of the last epochs, mean over seeds"}
 HEARTBEAT = 60  # seconds between a running trial's heartbeats; a trial silent for 2 of them is failed and retried
-
-
-def require_optuna() -> None:
-    """One line naming the extra to install, instead of an ImportError."""
-    if importlib.util.find_spec("optuna") is None:
-        raise TinyMnistError("sweeps need Optuna: pip install 'tinymnist[sweep]'")
-
-
-# ---------------------------------------------------------------- the search space
-
-
-@dataclass(frozen=True)
-class Param:
-    """One searched recipe field: a range (low, high, log) or a list of choices."""
-
-    name: str  # a TrainConfig field, or aug.<field>
-    low: Any = None
-    high: Any = None
-    log: bool = False
-    choices: Optional[tuple] = None
-
-    def suggest(self, trial) -> Any:
-        if self.choices is not None:
-            return trial.suggest_categorical(self.name, list(self.choices))
-        if isinstance(self.low, int) and isinstance(self.high, int):
-            return trial.suggest_int(self.name, self.low, self.high, log=self.log)
-        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
-
-
-@dataclass(frozen=True)
-class Space:
-    """A sweep: the base step, fixed and searched recipe fields, seeds per trial, and the parameter budget."""
-
-    step: str
-    fixed: dict
-    search: tuple[Param, ...]
-    seeds: tuple[int, ...] = (0,)
-    max_params: int = 8000 - 1
-    last: int = 5  # the rule's window: the worst of the last `last` epochs
-    startup_trials: int = 5  # the pruner compares a trial with the median only after this many finished
-    warmup_epochs: int = 5  # and only from this epoch of a seed on
-
-    @property
-    def epochs(self) -> int:
-        """Epochs per seed: fixed for the whole study (parse_space refuses a searched `epochs`), so that the
-        pruner's steps line up between trials."""
-        return self.config({p.name: (p.choices[0] if p.choices else p.low) for p in self.search}).epochs
-
-    def config(self, values: dict) -> TrainConfig:
-        """The base step's recipe with the fixed fields and `values` (flat names, aug.x for augmentation)."""
-        from .config import for_user_model
-        from .experiments import get_step
-
-        merged = _nest({**self.fixed, **values})
-        base = get_step(self.step).config
-        if merged.get("models_file"):  # a user's class: the step's training recipe without our dropout and layout
-            base = for_user_model(base, merged.pop("model", base.model), merged.pop("models_file"))
-        return override(base, merged).validate()
-
-
-_SPACE_KEYS = {"step", "fixed", "search", "seeds", "max_params", "last", "pruner"}
-
-
-def _flatten(table: dict, prefix: str = "") -> dict:
-    """{"aug": {"rotate": 5}} -> {"aug.rotate": 5}; a range table ({low, high}) stays one value."""
-    flat = {}
-    for k, v in table.items():
-        if isinstance(v, dict) and not ({"low", "high"} & set(v)):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for k, v in flat.items():
-        if k.startswith("aug."):
-            out.setdefault("aug", {})[k[4:]] = tuple(v) if isinstance(v, list) else v
-        else:
-            out[k] = v
-    return out
-
-
-def _check_name(name: str, where: str) -> None:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"aug"}
-    aug = {f"aug.{f.name}" for f in dataclasses.fields(AugConfig)}
-    if name not in fields | aug:
-        raise TinyMnistError(f"{where}: unknown recipe field {name!r} (valid: {', '.join(sorted(fields | aug))})")
-
-
-def parse_space(data: dict, where: str = "space") -> Space:
-    """Build a Space from a parsed TOML table; every mistake is one TinyMnistError naming the key."""
-    from .experiments import get_step, step_names
-
-    unknown = sorted(set(data) - _SPACE_KEYS)
-    if unknown:
-        raise TinyMnistError(f"{where}: unknown key(s) {', '.join(unknown)} (valid: {', '.join(sorted(_SPACE_KEYS))})")
-    step = data.get("step", step_names()[-1])
-    get_step(step)
-    fixed = _flatten(data.get("fixed", {}))
-    for name in fixed:
-        _check_name(name, f"{where} [fixed]")
-    search = []
-    for name, spec in _flatten(data.get("search", {})).items():
-        _check_name(name, f"{where} [search]")
-        if name == "epochs":
-            raise TinyMnistError(f"{where}: epochs cannot be searched (the pruner compares trials epoch by epoch, "
-                                 "and the rule allows at most 15); fix it in [fixed]")
-        if name in fixed:
-            raise TinyMnistError(f"{where}: {name!r} is both fixed and searched")
-        if isinstance(spec, list):
-            if not spec:
-                raise TinyMnistError(f"{where} [search] {name}: empty list of choices")
-            search.append(Param(name, choices=tuple(spec)))
-        elif isinstance(spec, dict) and {"low", "high"} <= set(spec) and set(spec) <= {"low", "high", "log"}:
-            lo, hi = spec["low"], spec["high"]
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)) or not lo < hi:
-                raise TinyMnistError(f"{where} [search] {name}: needs numbers low < high, got {lo!r}, {hi!r}")
-            if spec.get("log") and lo <= 0:
-                raise TinyMnistError(f"{where} [search] {name}: a log range needs low > 0")
-            search.append(Param(name, lo, hi, bool(spec.get("log", False))))
-        else:
-            raise TinyMnistError(f"{where} [search] {name}: expected a list of choices or {{low, high, log}}")
-    seeds = data.get("seeds", 1)
-    seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
-    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise TinyMnistError(f"{where}: seeds must be a positive count or a list of seeds")
-    pruner = data.get("pruner", {})
-    if set(pruner) - {"startup_trials", "warmup_epochs"}:
-        raise TinyMnistError(f"{where} [pruner]: valid keys are startup_trials and warmup_epochs")
-    fixed.setdefault("val", DEFAULT_VAL)
-    if not fixed["val"] and "val" not in {p.name for p in search}:
-        raise TinyMnistError(f"{where}: a sweep chooses on validation, so val must be > 0")
-    space = Space(step, fixed, tuple(search), seeds, int(data.get("max_params", 8000 - 1)), int(data.get("last", 5)),
-                  int(pruner.get("startup_trials", 5)), int(pruner.get("warmup_epochs", 5)))
-    if space.last > space.epochs:  # space.epochs also checks that the fields and values fit
-        raise TinyMnistError(f"{where}: last = {space.last} is more than the {space.epochs} epochs")
-    return space
 
 
 # ---------------------------------------------------------------- storage
@@ -182,8 +51,6 @@ def storage_url(storage: Optional[str], out: str | Path) -> str:
 
 def open_storage(url: str, heartbeat: Optional[int] = HEARTBEAT):
     """Optuna's RDB storage with heartbeats; a URL it cannot open is one TinyMnistError."""
-    require_optuna()
-    import optuna
     from optuna.storages import RDBStorage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
@@ -202,7 +69,7 @@ def open_storage(url: str, heartbeat: Optional[int] = HEARTBEAT):
                 hb["heartbeat_stale_trial_callback"] = retry(max_retry=1)
             return RDBStorage(url, engine_kwargs=kwargs, **hb)
     except ModuleNotFoundError as e:
-        raise TinyMnistError(f"storage {_safe(url)} needs the package {e.name}: pip install 'tinymnist[sweep]'") from None
+        raise TinyMnistError(f"storage {_safe(url)} needs the package {e.name}: {install_hint('sweep')}") from None
     except Exception as e:  # SQLAlchemy's errors: bad URL, server down, wrong password, no such database
         raise TinyMnistError(f"cannot open study storage {_safe(url)}: {_first_line(e)}") from None
 
@@ -242,7 +109,6 @@ def _safe(url: str) -> str:
 @contextlib.contextmanager
 def _experimental_quiet():
     """Heartbeats and their retry callback are experimental in Optuna; tinymnist depends on them knowingly."""
-    import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -256,7 +122,6 @@ def _first_line(e: BaseException) -> str:
 
 def load_study(storage: str, study: Optional[str], heartbeat: Optional[int] = None):
     """An existing study; with no name, the only study in the storage."""
-    import optuna
 
     store = open_storage(storage, heartbeat)
     names = [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
@@ -274,57 +139,60 @@ def load_study(storage: str, study: Optional[str], heartbeat: Optional[int] = No
 
 
 class Objective:
-    """Train a trial's recipe on each of its seeds; return the worst validation accuracy of the last epochs."""
+    """Train a trial's recipe on each of its seeds; return the space's objective on validation (space.OBJECTIVES):
+    the worst accuracy of the last epochs (min over seeds), or the mean over seeds and last epochs. Both are
+    recorded, with each seed's, whichever the study optimises."""
 
     def __init__(self, space: Space, out: Path, data, device: str, threads: int):
         self.space, self.out, self.data, self.device, self.threads = space, out, data, device, threads
 
     def __call__(self, trial) -> float:
-        import optuna
-
-        from .check import worst_of_last
+        from .check import mean_of_last, worst_of_last
         from .model import count_params
         from .runs import train_run
         from .summary import summarize
 
-        values = {p.name: p.suggest(trial) for p in self.space.search}
+        space = self.space
+        values = {p.name: p.suggest(trial) for p in space.search}
         dup = _duplicate_of(trial, values)
         if dup is not None:
             trial.set_user_attr("duplicate_of", dup)
             raise optuna.TrialPruned(f"same parameters as trial {dup}")
-        cfg = self.space.config(values)
+        cfg = space.config(values)
         model = cfg.build_model()
         params, macs = count_params(model), summarize(model).macs
         trial.set_user_attr("params", params)
         trial.set_user_attr("macs", macs)
         trial.set_user_attr("config", cfg.to_dict())
-        if params > self.space.max_params:
-            trial.set_user_attr("rejected", f"{params:,} parameters > max_params {self.space.max_params:,}")
+        if params > space.max_params:
+            trial.set_user_attr("rejected", f"{params:,} parameters > max_params {space.max_params:,}")
             raise optuna.TrialPruned(f"{params} parameters over the budget")
         runs = [str(self.out / "trials" / f"{trial.study.study_name}-trial{trial.number:04d}-seed{s}")
-                for s in self.space.seeds]
+                for s in space.seeds]
         trial.set_user_attr("host", platform.node())
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("run_dirs", runs)
-        val_worst = []
-        for i, (seed, run_dir) in enumerate(zip(self.space.seeds, runs)):
+        val_worst, val_mean = [], []
+        for i, (seed, run_dir) in enumerate(zip(space.seeds, runs)):
             def report(record: dict, i: int = i) -> None:
                 trial.report(record["val_acc"], i * cfg.epochs + record["epoch"] - 1)
                 if trial.should_prune():
-                    trial.set_user_attr("pruned_at", {"seed": seed, "epoch": record["epoch"], "rule": PRUNE_RULE})
+                    trial.set_user_attr("pruned_at", {"seed": seed, "epoch": record["epoch"],
+                                                      "rule": PRUNE_RULES[space.objective]})
                     raise optuna.TrialPruned(f"epoch {record['epoch']} of seed {seed}")
 
             _, history = train_run(dataclasses.replace(cfg, seed=seed), out=run_dir, device=self.device,
                                    name=Path(run_dir).name, progress=False, verbose=False, threads=self.threads,
                                    data=self.data, on_epoch=report)
-            val_worst.append(worst_of_last(history, self.space.last, "val_acc"))
+            val_worst.append(worst_of_last(history, space.last, "val_acc"))
+            val_mean.append(mean_of_last(history, space.last, "val_acc"))
         trial.set_user_attr("val_worst", val_worst)  # the trial's runs never read the test set
-        return min(val_worst)
+        trial.set_user_attr("val_mean", [round(v, 4) for v in val_mean])
+        return min(val_worst) if space.objective == "worst" else statistics.mean(val_mean)
 
 
 def _duplicate_of(trial, values: dict) -> Optional[int]:
     """The number of an earlier trial (finished or running) with exactly these parameters, if any."""
-    from optuna.trial import TrialState
 
     states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
     for t in trial.study.get_trials(deepcopy=False, states=states):
@@ -338,23 +206,23 @@ def _duplicate_of(trial, values: dict) -> Optional[int]:
 
 def create_study(space: Space, storage: str, study: str, heartbeat: Optional[int] = HEARTBEAT):
     """Create the study, or load it to resume; a space that changed under a study's name is an error."""
-    import optuna
 
     store = open_storage(storage, heartbeat)
     with _experimental_quiet():  # the study uses these sampler and pruner objects, loaded or new
         st = optuna.create_study(study_name=study, storage=store, direction="maximize", load_if_exists=True,
                                  sampler=_sampler(), pruner=_pruner(space))
-    key = repr(dataclasses.asdict(space))
+    key = space.key()
     saved = st.user_attrs.get("space")
     if saved is None:
         st.set_user_attr("space", key)
+        if space.objective != "worst":  # a study without it is judged on the worst (the first studies)
+            st.set_user_attr("objective", space.objective)
     elif saved != key:
         raise TinyMnistError(f"study {study!r} was created with another space; use a new --study name")
     return st
 
 
 def _sampler():
-    import optuna
 
     # constant_liar: a worker treats the other workers' running trials as bad, so workers do not pick the same
     # parameters at once; unseeded, so that two workers never draw the same random start-up trials
@@ -362,54 +230,45 @@ def _sampler():
 
 
 def _pruner(space: Space):
-    return _seed_median_pruner_class()(space.epochs, space.warmup_epochs, space.startup_trials)
+    return SeedMedianPruner(space.epochs, space.warmup_epochs, space.startup_trials, space.objective)
 
 
-@functools.lru_cache(maxsize=None)
-def _seed_median_pruner_class():
-    """The pruner of every sweep, defined on first use since Optuna is an optional extra."""
-    import optuna
-    from optuna.trial import TrialState
+class SeedMedianPruner(optuna.pruners.BasePruner):
+    """The median rule, epoch by epoch of each seed.
 
-    class _SeedMedianPruner(optuna.pruners.BasePruner):
-        """The median rule, for an objective that is the minimum over seeds.
+    A trial reports seed i's epoch e (from 1) as step i * epochs + e - 1, so every seed's epochs meet the same seed's
+    epochs of other trials. Once `startup_trials` trials are complete, a trial is stopped when its value at a step is
+    below the median over the complete trials of their value at that step; for the objective "worst" (the minimum
+    over seeds), of min(their value at that step, their objective): a complete trial whose other seed ended low sets
+    no higher bar than its objective. (Optuna's MedianPruner compares raw per-step values, so under "worst" a layout
+    with one strong seed and one weak one pruned trials that could have beaten it; and its warm-up counts steps from
+    the trial's start, so a second seed could be pruned after its first epoch.) Never within the first
+    warmup_epochs - 1 epochs of any seed."""
 
-        A trial reports seed i's epoch e (from 1) as step i * epochs + e - 1, so every seed's epochs meet the same
-        seed's epochs of other trials. Once `startup_trials` trials are complete, a trial is stopped when its value
-        at a step is below the median, over the complete trials, of min(their value at that step, their
-        objective): a complete trial whose other seed ended low sets no higher bar than its objective. (Optuna's
-        MedianPruner compares raw per-step values, so a layout with one strong seed and one weak one pruned trials
-        that could have beaten it; and its warm-up counts steps from the trial's start, so a second seed could be
-        pruned after its first epoch.) Never within the first warmup_epochs - 1 epochs of any seed."""
+    def __init__(self, epochs: int, warmup_epochs: int, startup_trials: int, objective: str = "worst"):
+        self.epochs, self.warmup_epochs, self.startup_trials = epochs, warmup_epochs, startup_trials
+        self.objective = objective
 
-        def __init__(self, epochs: int, warmup_epochs: int, startup_trials: int):
-            self.epochs, self.warmup_epochs, self.startup_trials = epochs, warmup_epochs, startup_trials
-
-        def prune(self, study, trial) -> bool:
-            step = trial.last_step
-            if step is None or step % self.epochs < self.warmup_epochs - 1:
-                return False
-            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            bars = [min(t.intermediate_values[step], t.value) for t in done
-                    if step in t.intermediate_values and t.value is not None]
-            if len(done) < self.startup_trials or not bars:
-                return False
-            return trial.intermediate_values[step] < statistics.median(bars)
-
-    return _SeedMedianPruner
+    def prune(self, study, trial) -> bool:
+        step = trial.last_step
+        if step is None or step % self.epochs < self.warmup_epochs - 1:
+            return False
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        bars = [t.intermediate_values[step] if self.objective == "mean" else min(t.intermediate_values[step], t.value)
+                for t in done if step in t.intermediate_values and t.value is not None]
+        if len(done) < self.startup_trials or not bars:
+            return False
+        return trial.intermediate_values[step] < statistics.median(bars)
 
 
-def sweep_worker(space_data: dict, space_name: str, storage: str, study: str, trials: int, out: str,
-                 data_dir: Optional[str], device: str, threads: int, heartbeat: Optional[int] = HEARTBEAT) -> dict:
+def sweep_worker(space: Space, storage: str, study: str, trials: int, out: str, data_dir: Optional[str], device: str,
+                 threads: int, heartbeat: Optional[int] = HEARTBEAT) -> dict:
     """One worker: take trials from the shared study until it holds `trials` complete ones. Module-level, so a
     worker process can run it; several on several machines may share one study."""
-    import optuna
-    from optuna.trial import TrialState
 
     from .data import load_mnist
     from .device import configure_threads, pick_device
 
-    space = parse_space(space_data, space_name)
     configure_threads(threads)
     dev = pick_device(device)
     data = load_mnist(data_dir, device=dev, progress=False)
@@ -448,7 +307,6 @@ def run_sweep(space_path: str, trials: int, jobs: int = 0, storage: Optional[str
     from .device import pick_device
     from .parallel import Job, plan, print_failed, run_jobs
 
-    require_optuna()
     data = read_space(space_path)
     if models_file:
         data.setdefault("fixed", {})["models_file"] = str(models_file)
@@ -460,8 +318,8 @@ def run_sweep(space_path: str, trials: int, jobs: int = 0, storage: Optional[str
     workers, per = plan(trials, jobs, threads, pick_device(device).type)
     print(f"sweep {study}: {trials} complete trials wanted, {workers} worker(s) with {per} thread(s) each; "
           f"storage {_safe(url)}; run directories under {Path(out) / 'trials'}", flush=True)
-    kwargs = dict(space_data=data, space_name=str(space_path), storage=url, study=study, trials=trials, out=out,
-                  data_dir=data_dir, device=device, threads=per, heartbeat=heartbeat)
+    kwargs = dict(space=space, storage=url, study=study, trials=trials, out=out, data_dir=data_dir, device=device,
+                  threads=per, heartbeat=heartbeat)  # the space as parsed here: workers never read the file
     outcomes = run_jobs([Job(f"worker {i}", sweep_worker, kwargs) for i in range(workers)], workers, per,
                         on_done=print_failed,
                         progress=False, desc="workers")
@@ -474,32 +332,11 @@ def run_sweep(space_path: str, trials: int, jobs: int = 0, storage: Optional[str
     return summary
 
 
-def read_space(path: str | Path) -> dict:
-    """The raw TOML table of a space file."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
-        import tomli as tomllib
-    path = Path(path)
-    try:
-        return tomllib.loads(path.read_text())
-    except OSError as e:
-        raise TinyMnistError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise TinyMnistError(f"{path}: not valid TOML ({e})") from None
-
-
-def load_space(path: str | Path) -> Space:
-    """Read and check a sweep's TOML space file."""
-    return parse_space(read_space(path), str(path))
-
-
 # ---------------------------------------------------------------- reading a study back
 
 
 def summarize_study(st) -> dict:
     """Counts by state and the finished trials, best first, as plain data."""
-    from optuna.trial import TrialState
 
     trials = st.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
@@ -507,10 +344,11 @@ def summarize_study(st) -> dict:
     done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (-t.value, t.number))
     rows = [{"trial": t.number, "objective": t.value, "params": t.user_attrs.get("params"),
              "macs": t.user_attrs.get("macs"), "values": t.params, "val_worst": t.user_attrs.get("val_worst"),
+             "val_mean": t.user_attrs.get("val_mean"),
              "test_worst": t.user_attrs.get("test_worst"), "run_dirs": t.user_attrs.get("run_dirs"),
              "host": t.user_attrs.get("host")} for t in done]
     starts = [t.datetime_start for t in trials if t.datetime_start is not None]
-    return {"study": st.study_name, "started": min(starts).isoformat(timespec="seconds") if starts else None,
+    return {"study": st.study_name, "objective": st.user_attrs.get("objective", "worst"), "started": min(starts).isoformat(timespec="seconds") if starts else None,
             "counts": {k: v for k, v in counts.items() if v}, "rejected_over_budget": rejected, "trials": rows}
 
 
@@ -522,14 +360,17 @@ def format_report(summary: dict, top: int = 10, show_test: bool = False) -> str:
                 if summary["rejected_over_budget"] else "")]
     if not summary["trials"]:
         return "\n".join(lines + ["no complete trial yet"])
-    lines.append(f"best {min(top, len(summary['trials']))} by the worst validation accuracy of the last epochs "
-                 f"(min over seeds):")
+    lines.append(f"best {min(top, len(summary['trials']))} by the study's objective on validation: "
+                 f"{OBJECTIVE_WORDS[summary.get('objective', 'worst')]}:")
     for r in summary["trials"][:top]:
         test = ""
         if show_test:  # trials since validation runs stopped reading the test set have none to show
             test = f"  test worst {min(r['test_worst']):.2f}%" if r.get("test_worst") else "  test not read"
         values = ", ".join(f"{k}={_fmt(v)}" for k, v in r["values"].items())
-        lines.append(f"  #{r['trial']:<4} val worst {r['objective']:.2f}%{test}  {r['params']:,} params  "
+        score = f"val {summary.get('objective', 'worst')} {r['objective']:.2f}%"
+        if summary.get("objective", "worst") != "worst" and r.get("val_worst"):
+            score += f" (worst {min(r['val_worst']):.2f}%)"
+        lines.append(f"  #{r['trial']:<4} {score}{test}  {r['params']:,} params  "
                      f"{r['macs'] / 1e6:.2f}M MACs  {values}  {(r['run_dirs'] or ['?'])[0]}")
     if not show_test:
         lines.append("test accuracies are hidden: choose on validation, then confirm the choice once with "
@@ -549,8 +390,6 @@ def plot_study(st, out_dir: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import optuna
-    from optuna.trial import TrialState
 
     from .fileio import atomic_path
 

@@ -1,0 +1,102 @@
+"""screen: candidates ranked on validation, the best confirmed over more seeds, and the gate against a yardstick."""
+
+import json
+
+import pytest
+
+from tinymnist.cli import main
+from tinymnist.errors import TinyMnistError
+from tinymnist.screen import earns_test_look, read_screen, summarize_evidence
+
+from conftest import synthetic_mnist
+
+SCREEN = """
+[screen]
+step = "budget-5000"
+seeds = 2
+val = 64
+max_params = 5000
+last = 2
+confirm = 1
+confirm_seeds = 3
+yardstick = "yard.json"
+fixed = { epochs = 2, limit_batches = 3, batch_size = 16 }
+
+[[candidate]]
+name = "baseline"
+
+[[candidate]]
+name = "settle"
+cycle_epochs = 1
+
+[[candidate]]
+name = "too-big"
+layout = "c8 c16 P c10/1 c16 c16 c16 G o"
+"""
+
+
+def _ev(worsts):
+    """A validation check's evidence with one seed per worst accuracy, each 2 epochs long."""
+    return {"metric": "val_acc", "params": 4000, "passed": min(worsts) >= 99.4,
+            "seeds": [{"history": [{"epoch": 1, "val_acc": w + 0.1}, {"epoch": 2, "val_acc": w}]} for w in worsts]}
+
+
+def test_the_gate_compares_worst_and_mean_with_the_yardstick():
+    yard = summarize_evidence(_ev([99.30, 99.34, 99.38]), last=2)
+    assert yard["worst"] == 99.30 and yard["mean_worst"] == pytest.approx(99.34)
+    assert earns_test_look(summarize_evidence(_ev([99.32, 99.35, 99.36]), 2), yard)[0]
+    assert not earns_test_look(summarize_evidence(_ev([99.29, 99.45, 99.45]), 2), yard)[0]  # worst seed below
+    assert not earns_test_look(summarize_evidence(_ev([99.31, 99.31, 99.32]), 2), yard)[0]  # mean below
+    assert earns_test_look(summarize_evidence(_ev([99.40, 99.41]), 2), None)[0]  # passes outright
+    assert not earns_test_look(summarize_evidence(_ev([99.39, 99.50]), 2), None)[0]
+
+
+def test_a_screen_ranks_confirms_resumes_and_never_reads_the_test_set(tmp_path, capsys):
+    synthetic_mnist(tmp_path / "d", n_train=512, n_test=64, learnable=True)
+    screen = tmp_path / "s.toml"
+    screen.write_text(SCREEN)
+    results = tmp_path / "results"
+    args = ["screen", str(screen), "--results", str(results), "--runs", str(tmp_path / "runs"), "--jobs", "2",
+            "--threads", "1", "--data-dir", str(tmp_path / "d"), "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "no yardstick yet" in out and "too-big: 7,756 parameters > max_params 5,000: rejected" in out
+    summary = json.loads((results / "screen-s" / "screen.json").read_text())
+    ranked = summary["ranked"]
+    assert sorted(ranked) == ["baseline", "settle"]
+    rows = {r["name"]: r for r in summary["candidates"]}
+    assert rows["too-big"] == {"name": "too-big", "changes": {"layout": "c8 c16 P c10/1 c16 c16 c16 G o"},
+                               "rejected": True}
+    assert rows[ranked[0]]["objective"] >= rows[ranked[1]]["objective"]
+    ev = json.loads((results / "screen-s" / f"screen-{ranked[0]}.json").read_text())
+    assert ev["metric"] == "val_acc" and all("test_acc" not in r for s in ev["seeds"] for r in s["history"])
+    assert ev["config"]["val"] == 64 and ev["config"]["epochs"] == 2 and ev["candidate"]["name"] == ranked[0]
+    assert ev["budget"] == 5000 and ev["test_look"] == 0
+    assert [c["name"] for c in summary["confirmed"]] == ranked[:1]
+    confirm = json.loads((results / "screen-s" / f"confirm-{ranked[0]}.json").read_text())
+    assert len(confirm["seeds"]) == 3
+    # the yardstick arrives: the same command trains nothing more, and the gate now compares with it
+    (results / "yard.json").write_text(json.dumps(_ev([0.0, 0.0])))
+    before = {p: p.stat().st_mtime_ns for p in (results / "screen-s").glob("*-*.json")}
+    assert main(args) == 0
+    assert "check " not in capsys.readouterr().out  # no run started
+    assert before == {p: p.stat().st_mtime_ns for p in (results / "screen-s").glob("*-*.json")}
+    again = json.loads((results / "screen-s" / "screen.json").read_text())
+    assert again["yardstick"]["worst"] == 0.0 and again["confirmed"][0]["earns_test_look"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[screen]\nstep = 'budget-5000'\n", "[[candidate]] tables"),
+    ("[screen]\nstep = 'nope'\nmax_params = 1\n[[candidate]]\nname = 'a'\n", "nope"),
+    ("[screen]\nstep = 'final'\nmax_params = 1\n[[candidate]]\nname = 'a'\nwidth = 3\n", "unknown recipe field"),
+    ("[screen]\nstep = 'final'\nmax_params = 1\n[[candidate]]\nname = 'a'\nepochs = 3\n", "the screen's"),
+    ("[screen]\nstep = 'final'\nmax_params = 1\n[[candidate]]\nname = 'a'\n[[candidate]]\nname = 'a'\n",
+     "a name of its own"),
+    ("[screen]\nstep = 'final'\nmax_params = 1\n[[candidate]]\nname = 'a'\nlayout = 'c4 x o'\n", "unknown token"),
+    ("[screen\n", "not valid TOML"),
+])
+def test_a_bad_screen_file_is_one_error_naming_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(TinyMnistError, match=message.replace("[", r"\[")):
+        read_screen(path)
