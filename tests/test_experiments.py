@@ -273,3 +273,26 @@ def test_the_searches_page_marks_the_trial_each_step_refits_with_its_per_seed_sc
         per_seed = ", ".join(f"{v:.2f}" for v in trial["val_worst"])
         row = rf"^\| {number} → `{s.name}` \|.*\| {trial['objective']:.2f}% \| {per_seed} \|$"
         assert re.search(row, page, re.M), s.name
+
+
+def test_step_prose_names_the_numbers_results_hold_instead_of_typing_them():
+    import re
+
+    from tinymnist.report import PLACEHOLDER, fill
+
+    for s in STEPS:
+        for text in (s.target, s.analysis):
+            # accuracies to the hundredth, seed counts and trial counts come from results/, never from the prose
+            typed = re.findall(r"\b99\.(?!40%)\d\d%", text)  # 99.40% is the rule's line, not a result
+            assert not typed, (s.name, typed)
+            filled = fill(text, s, ROOT / "results")  # every placeholder names a number results/ holds
+            assert not PLACEHOLDER.search(filled)
+    assert [s.heading.split(".")[0] for s in STEPS] == [str(i) for i in range(1, len(STEPS) + 1)]
+
+
+def test_an_unknown_placeholder_is_one_error_naming_the_step():
+    from tinymnist.errors import TinyMnistError
+    from tinymnist.report import fill
+
+    with pytest.raises(TinyMnistError, match=r"steps/final.md: no number \{check.luck\}"):
+        fill("the {check.luck} of it", get_step("final"), ROOT / "results")

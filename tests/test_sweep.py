@@ -356,3 +356,21 @@ warmup_epochs = {warmup}
     # every seed-1 epoch is reported one seed's length after seed 0's, so the steps line up between trials
     for t in trials:
         assert set(t.intermediate_values) <= set(range(2 * epochs))
+
+
+def test_a_sweep_stopped_with_kill_says_one_line_and_prints_no_traceback(tmp_path):
+    synthetic_mnist(tmp_path / "d", n_train=2048, n_test=64)
+    space = write_space(tmp_path / "k.toml", epochs=15)
+    env = {**os.environ, "TINYMNIST_VERIFY": "0"}
+    p = subprocess.Popen([sys.executable, "-m", "tinymnist.cli", "sweep", str(space), "--trials", "4", "--jobs", "2",
+                          "--threads", "1", "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "d")],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120  # until both workers train a trial: trials in flight when the signal comes
+    while time.time() < deadline and len(list((tmp_path / "out" / "trials").glob("*/history.json"))) < 2:
+        time.sleep(0.2)
+    assert len(list((tmp_path / "out" / "trials").glob("*/history.json"))) >= 2, "no trial got under way"
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1] == "tinymnist: interrupted"

@@ -293,3 +293,33 @@ lr = { low = 0.01, high = 0.2, log = true }
         cfg = t.user_attrs["config"]
         assert cfg["models_file"] == str(MODELS) and cfg["model"] == t.params["model"] and cfg["dropout"] is None
         assert t.user_attrs["params"] == {"Model_1": 4720, "Model_2": 4626}[t.params["model"]]
+
+
+def test_resume_of_a_run_of_your_model_takes_the_file_again_checked_and_never_imports_the_recorded_path(
+        data_dir, tmp_path, capsys):
+    import shutil
+    import subprocess
+    import sys
+
+    from tinymnist.config import TrainConfig
+    from tinymnist.runs import train_run
+
+    own = tmp_path / "model.py"
+    shutil.copy(MODELS, own)
+    with own.open("a") as f:
+        f.write("\nprint('IMPORTED', flush=True)\n")  # a sign of any import of this file
+    cfg = TrainConfig(model="Model_1", models_file=str(own), epochs=2, limit_batches=3, batch_size=32)
+    run = tmp_path / "run"
+    train_run(cfg, out=run, data_dir=str(data_dir), progress=False, verbose=False, until=1)  # stopped after epoch 1
+    capsys.readouterr()
+    cmd = [sys.executable, "-m", "tinymnist.cli", "resume", str(run), "--data-dir", str(data_dir), "--no-progress"]
+    env = {**__import__("os").environ, "TINYMNIST_VERIFY": "0"}
+    without = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert without.returncode == 1 and "IMPORTED" not in without.stdout + without.stderr
+    assert without.stderr.count("\n") == 1 and "--models FILE.py" in without.stderr
+    changed = tmp_path / "changed.py"
+    changed.write_text(own.read_text() + "\n# edited\n")
+    refused = subprocess.run(cmd + ["--models", str(changed)], capture_output=True, text=True, env=env)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "must train the same code" in refused.stderr
+    assert main(["resume", str(run), "--models", str(own), "--data-dir", str(data_dir), "--no-progress"]) == 0
+    assert len(json.loads((run / "history.json").read_text())) == 2

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _API = {
     "load_mnist": "data",  # the four MNIST arrays as uint8 tensors, downloaded and verified if needed
     "list_models": "model", "create_model": "model",  # the registry of Model_1, Model_2, ...
-    "register_model": "usermodels",  # class decorator: your own nn.Module class, by name, in this process
+    "register_model": "model",  # class decorator: your own nn.Module class, by name, in this process
     "load_models_file": "usermodels",  # your model.py: its nn.Module classes (and those it skipped, with why)
     "summarize": "summary", "format_summary": "summary",  # shapes, parameters, receptive field, MACs
     "STEPS": "experiments", "get_step": "experiments",  # the series; each step's .config is its recipe

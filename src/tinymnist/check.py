@@ -54,10 +54,50 @@ def held_out(history: Sequence[dict]) -> str:
     return "test_acc" if history and "test_acc" in history[-1] else "val_acc"
 
 
+def held_out_line(history: list[dict]) -> str:
+    """The best and last held-out accuracy of a run: test, or validation for a run that holds images out (it never
+    reads the test set)."""
+    metric = held_out(history)
+    what, note = (("test", "") if metric == "test_acc"
+                  else ("validation", " (a validation run: the test set is not read)"))
+    best = max(history, key=lambda r: r[metric])
+    return (f"best {what} accuracy {best[metric]:.2f}% (epoch {best['epoch']}); final {history[-1][metric]:.2f}%"
+            f"{note}")
+
+
 def final_accuracy_stats(histories: Sequence[Sequence[dict]], metric: str = "test_acc") -> tuple[float, float]:
     """Mean and sample standard deviation of the last epoch's accuracy over seeds."""
     finals = [h[-1][metric] for h in histories]
     return statistics.mean(finals), (statistics.stdev(finals) if len(finals) > 1 else 0.0)
+
+
+@dataclass(frozen=True)
+class Proof:
+    """One check's evidence as every page reads it, computed here once: each seed's worst accuracy of the rule's
+    window, the mean and spread of the final epoch over seeds, and the verdict the check recorded."""
+
+    seed_worsts: tuple[float, ...]
+    mean: float
+    std: float
+    passed: bool
+    last: int
+    metric: str
+
+    @property
+    def worst(self) -> float:
+        return min(self.seed_worsts)
+
+    @property
+    def verdict(self) -> str:
+        return "PASS" if self.passed else "FAIL"
+
+
+def proof(ev: dict) -> Proof:
+    """The Proof of a check's evidence (the dict that `check --json` writes)."""
+    metric, last = ev.get("metric", "test_acc"), ev["last"]
+    histories = [s["history"] for s in ev["seeds"]]
+    mean, std = final_accuracy_stats(histories, metric)
+    return Proof(tuple(worst_of_last(h, last, metric) for h in histories), mean, std, bool(ev["passed"]), last, metric)
 
 
 def earlier_test_looks(step_name: str, budget: int, results: str | Path = "results") -> list[str]:
@@ -84,10 +124,10 @@ def check_recipe(step, model: Optional[str] = None, models_file: Optional[str] =
     """The recipe a check trains: `step`'s, for `model` when given (one of tinymnist's, a class registered with
     register_model, or with `models_file` a class of the user's models file), with `overrides`."""
     from .config import for_user_model, override
-    from .model import list_builtin_models
+    from .model import is_user_model
 
     base = step.config
-    if models_file or (model is not None and model not in list_builtin_models()):
+    if is_user_model(model, models_file or ""):
         base = for_user_model(base, model, models_file or "")
     elif model is not None:
         base = replace(base, model=model)

@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-from .errors import TinyMnistError, UsageError
+from .errors import TinyMnistError, UsageError, install_hint
 
 EXIT_USAGE = 2
 
@@ -52,15 +52,40 @@ _top_k = _checked(int, lambda v: 1 <= v <= 10, "an integer from 1 to 10")
 _port = _checked(int, lambda v: 0 <= v <= 65535, "a port number from 0 to 65535")
 
 
-def _add_data_device(p: argparse.ArgumentParser) -> None:
+def _shared_options() -> dict[str, argparse.ArgumentParser]:
+    """Every option that several verbs take, each defined once, as an argparse parent parser; a verb lists the ones
+    it takes. Defaults and choices come from the constants of the modules that own them."""
     from .data import ENV_VAR, default_data_dir
     from .device import DEVICES
 
-    p.add_argument("--data-dir", default=None,
-                   help=f"directory holding the MNIST files (default: ${ENV_VAR}, else {default_data_dir()})")
-    p.add_argument("--device", default="auto", choices=DEVICES, help="where to train")
-    p.add_argument("--threads", type=_nonneg_int, default=0,
-                   help="CPU threads per run (0 = the available cores, divided among the parallel runs)")
+    def parent(name: str, *args, **kwargs) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(add_help=False)
+        p.add_argument(*args, **kwargs)
+        return p
+
+    return {
+        "data": parent("data", "--data-dir", default=None,
+                       help=f"directory holding the MNIST files (default: ${ENV_VAR}, else {default_data_dir()})"),
+        "device": parent("device", "--device", default="auto", choices=DEVICES, help="where to train or run the model"),
+        "threads": parent("threads", "--threads", type=_nonneg_int, default=0,
+                          help="CPU threads per run (0 = the available cores, divided among the parallel runs; for "
+                               "resume, the count the run recorded: the history depends on it)"),
+        "jobs": parent("jobs", "--jobs", type=_nonneg_int, default=0,
+                       help="runs trained at once, each in its own process (0 = one per core on a CPU, 1 on a GPU)"),
+        "progress": parent("progress", "--no-progress", action="store_true", help="no progress bars"),
+        "runs": parent("runs", "--runs", default="runs", help="where the run directories go"),
+        "results": parent("results", "--results", default="results", help="results directory"),
+        "root": parent("root", "--root", default=".",
+                       help="checkout whose README.md and docs/ pages are regenerated"),
+        "model": parent("model", "--model", default=None, metavar="NAME",
+                        help="the model to train with the step's recipe: one of tinymnist's (tinymnist models lists "
+                             "them), or a class of --models"),
+    }
+
+
+def _progress(args: argparse.Namespace) -> Optional[bool]:
+    """--no-progress: no bars; else bars where the output is a terminal (None lets the engine decide)."""
+    return False if args.no_progress else None
 
 
 def _add_models(p: argparse.ArgumentParser, what: str = "--model NAME picks one") -> None:
@@ -73,7 +98,7 @@ def _user_model(args: argparse.Namespace, name: Optional[str], flag: str = "--mo
     with a --models file and no name, its only class. An unknown name is a usage error listing the valid ones."""
     from .model import list_models
 
-    if args.models:
+    if getattr(args, "models", None):
         from .usermodels import load_models_file
 
         found = load_models_file(args.models)
@@ -96,11 +121,6 @@ def _recipe_for(step, args: argparse.Namespace, **extra):
 
     model = _user_model(args, getattr(args, "model", None))
     return check_recipe(step, model, args.models, _overrides(args, **extra)).validate()
-
-
-def _add_jobs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--jobs", type=_nonneg_int, default=0,
-                   help="runs trained at once, each in its own process (0 = one per core on a CPU, 1 on a GPU)")
 
 
 def recipe_options() -> list:
@@ -138,107 +158,91 @@ def _overrides(args: argparse.Namespace, **extra) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = _Help
-    parser = _Parser(prog="tinymnist", formatter_class=fmt,
+    parser = _Parser(prog="tinymnist", formatter_class=_Help,
                      description="Tiny CNNs for MNIST: train, summarise, check and use them.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    _add_model_verbs(sub, fmt)
-    _add_series_verbs(sub, fmt)
-    _add_use_verbs(sub, fmt)
+    shared = _shared_options()
+
+    def verb(name: str, help: str, func, *options: str) -> argparse.ArgumentParser:
+        """A subcommand that takes the shared `options`, by name, after its own."""
+        p = sub.add_parser(name, help=help, formatter_class=_Help, parents=[shared[o] for o in options])
+        p.set_defaults(func=func)
+        return p
+
+    _add_model_verbs(verb)
+    _add_series_verbs(verb)
+    _add_use_verbs(verb)
     return parser
 
 
-def _add_model_verbs(sub, fmt) -> None:
+def _add_model_verbs(verb) -> None:
     """The verbs about models and training one: models, summary, train, resume, experiments."""
     from .experiments import ANSWER_WHY, answer, step_names
     from .model import list_models
 
-    p = sub.add_parser("models", help="list the models and their parameter counts", formatter_class=fmt)
+    p = verb("models", "list the models and their parameter counts", cmd_models)
     _add_models(p, "list its models instead of tinymnist's")
-    p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("summary", help="per-layer shapes, parameters, receptive field and MACs", formatter_class=fmt)
+    p = verb("summary", "per-layer shapes, parameters, receptive field and MACs", cmd_summary)
     p.add_argument("model", metavar="MODEL", help=f"one of: {', '.join(list_models())}; or a class of --models")
     _add_models(p, "MODEL names one of its classes")
-    p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("train", help="train a step's recipe (default: the series' answer) and write a run directory",
-                       formatter_class=fmt)
+    p = verb("train", "train a step's recipe (default: the series' answer) and write a run directory", cmd_train,
+             "model", "progress", "data", "device", "threads")
     p.add_argument("--step", choices=step_names(), default=None, metavar="STEP",
                    help=f"experiment step whose recipe to train (one of: {', '.join(step_names())}; "
                         f"default: {answer().name}, {ANSWER_WHY})")
-    p.add_argument("--model", default=None, metavar="NAME",
-                   help=f"train this model with the step's recipe (one of: {', '.join(list_models())}; or a class "
-                        "of --models)")
     _add_models(p)
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seeds every RNG")
     p.add_argument("--out", default=None, help="run directory (default: runs/<name>-<timestamp>/)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_recipe_overrides(p)
-    _add_data_device(p)
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("resume", help="continue a stopped run (Ctrl-C, a crash) from its last finished epoch",
-                       formatter_class=fmt)
+    p = verb("resume", "continue a stopped run (Ctrl-C, a crash) from its last finished epoch", cmd_resume,
+             "progress", "data", "threads")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory that train, check or reproduce wrote")
-    p.add_argument("--data-dir", default=None, help="directory holding the MNIST files (default: as for train)")
-    p.add_argument("--threads", type=_nonneg_int, default=0,
-                   help="CPU threads (0 = the count the run recorded: the history depends on it)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_resume)
+    _add_models(p, "needed to resume a run of one of its models (the file the run recorded, unchanged)")
 
-    p = sub.add_parser("experiments", help="the experiment series, one line per step", formatter_class=fmt)
-    p.set_defaults(func=cmd_experiments)
+    verb("experiments", "the experiment series, one line per step", cmd_experiments)
 
 
-def _add_series_verbs(sub, fmt) -> None:
-    """The verbs about the series and its evidence: reproduce, report, check, sweep, sweep-report."""
+def _add_series_verbs(verb) -> None:
+    """The verbs about the series and its evidence: reproduce, report, check, screen, sweep, sweep-report."""
     from .experiments import ANSWER_WHY, answer, step_names
+    from .space import HEARTBEAT, SPACE_FORMAT
+    from .target import LAST, MAX_PARAMS, SEEDS, budget_words
 
-    p = sub.add_parser("reproduce", help="train the steps, write results/ and regenerate the README and docs/",
-                       formatter_class=fmt)
+    p = verb("reproduce", "train the steps, write results/ and regenerate the README and docs/", cmd_reproduce,
+             "results", "root", "runs", "progress", "jobs", "data", "device", "threads")
     p.add_argument("--only", nargs="+", choices=step_names(), metavar="STEP", default=None,
                    help=f"train only these steps (default: all of {', '.join(step_names())})")
-    p.add_argument("--results", default="results", help="results directory")
-    p.add_argument("--root", default=".", help="checkout whose README.md and docs/ pages are regenerated")
-    p.add_argument("--runs", default="runs", help="where the run directories go")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_jobs(p)
-    _add_data_device(p)
-    p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("report", help="regenerate the generated sections of the README and docs/ from results/ "
-                                      "(no training)", formatter_class=fmt)
-    p.add_argument("--results", default="results", help="results directory")
-    p.add_argument("--root", default=".", help="checkout whose README.md and docs/ pages are regenerated")
-    p.set_defaults(func=cmd_report)
+    verb("report", "regenerate the generated sections of the README and docs/ from results/ (no training)",
+         cmd_report, "results", "root")
 
-    p = sub.add_parser("check", help="train a step (or your model, with its recipe) with seeds 0..N-1 and judge the "
-                                     "target rules", formatter_class=fmt)
+    p = verb("check", "train a step (or your model, with its recipe) with seeds 0..N-1 and judge the target rules",
+             cmd_check, "model", "runs", "progress", "jobs", "data", "device", "threads")
     p.add_argument("step", nargs="?", choices=step_names(), default=None, metavar="STEP",
                    help=f"one of: {', '.join(step_names())} (default: {answer().name}, {ANSWER_WHY}); its recipe "
                         "trains --model when given")
-    p.add_argument("--model", default=None, metavar="NAME",
-                   help="check this model with the step's recipe (one of tinymnist's, or a class of --models)")
     _add_models(p)
     p.add_argument("--max-params", type=_positive_int, default=None, metavar="N",
-                   help="the parameter rule: at most N parameters (default: the step's own budget; for --model, the "
-                        "assignment's, fewer than 8,000)")
-    p.add_argument("--seeds", type=_positive_int, default=5, help="number of seeds, 0..N-1")
-    p.add_argument("--last", type=_positive_int, default=5, help="epochs at the end that must all pass")
+                   help="the parameter rule: at most N parameters (default: the step's own budget; for --model, "
+                        f"the assignment's, {budget_words(MAX_PARAMS)})")
+    p.add_argument("--seeds", type=_positive_int, default=SEEDS, help="number of seeds, 0..N-1")
+    p.add_argument("--last", type=_positive_int, default=LAST, help="epochs at the end that must all pass")
     p.add_argument("--json", default=None, metavar="FILE", help="write the evidence (histories, verdict) here")
-    p.add_argument("--runs", default="runs", help="where the run directories go")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_recipe_overrides(p)
-    _add_jobs(p)
-    _add_data_device(p)
-    p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("sweep", help="search recipes on validation with Optuna (needs pip install 'tinymnist[sweep]')",
-                       formatter_class=fmt)
-    p.add_argument("space", metavar="SPACE.toml", help="the search space: base step, [fixed], [search], seeds, "
-                                                        "max_params (see the README)")
+    p = verb("screen", "screen named candidates on validation, confirm the best over 5 validation seeds, and say "
+                       "which earned a look at test", cmd_screen,
+             "results", "runs", "progress", "jobs", "data", "device", "threads")
+    p.add_argument("file", metavar="SCREEN.toml", help="the base step and its candidates (format: docs/searches.md); "
+                                                        "evidence goes to <results>/screen-<name>/")
+
+    p = verb("sweep", f"search recipes on validation with Optuna (needs {install_hint('sweep')})", cmd_sweep,
+             "jobs", "data", "device", "threads")
+    p.add_argument("space", metavar="SPACE.toml", help=f"the search space: {SPACE_FORMAT}")
     p.add_argument("--trials", type=_positive_int, required=True,
                    help="complete trials the study should hold; the same command again resumes it")
     p.add_argument("--storage", default=None, metavar="URL",
@@ -246,24 +250,11 @@ def _add_series_verbs(sub, fmt) -> None:
                         "(default: sqlite in --out)")
     p.add_argument("--study", default=None, metavar="NAME", help="study name (default: the space file's name)")
     p.add_argument("--out", default="sweeps", help="directory for the SQLite study and every trial's run directory")
-    p.add_argument("--heartbeat", type=_positive_int, default=60, metavar="SECONDS",
+    p.add_argument("--heartbeat", type=_positive_int, default=HEARTBEAT, metavar="SECONDS",
                    help="a running trial's heartbeat; one silent for twice this is marked failed and queued again")
     _add_models(p, "the space's model (fixed or searched) names its classes")
-    _add_jobs(p)
-    _add_data_device(p)
-    p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("screen", help="screen named candidates on validation, confirm the best over 5 validation "
-                                      "seeds, and say which earned a look at test", formatter_class=fmt)
-    p.add_argument("file", metavar="SCREEN.toml", help="the base step and its candidates (format: docs/searches.md)")
-    p.add_argument("--results", default="results", help="results directory: evidence goes to results/screen-<name>/")
-    p.add_argument("--runs", default="runs", help="where the run directories go")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_jobs(p)
-    _add_data_device(p)
-    p.set_defaults(func=cmd_screen)
-
-    p = sub.add_parser("sweep-report", help="the best trials of a study, and its plots", formatter_class=fmt)
+    p = verb("sweep-report", "the best trials of a study, and its plots", cmd_sweep_report)
     p.add_argument("target", metavar="DIR_OR_STORAGE", help="a sweep's --out directory, or a storage URL")
     p.add_argument("--study", default=None, metavar="NAME", help="study name (default: the only study there)")
     p.add_argument("--top", type=_positive_int, default=10, help="how many trials to list")
@@ -274,66 +265,53 @@ def _add_series_verbs(sub, fmt) -> None:
                    help="write the optimisation history and parameter importances here (default: the sweep's "
                         "directory, or the current one for a URL)")
     p.add_argument("--json", default=None, metavar="FILE", help="write every complete trial as JSON (an audit trail)")
-    p.set_defaults(func=cmd_sweep_report)
 
 
-def _add_use_verbs(sub, fmt) -> None:
+def _add_use_verbs(verb) -> None:
     """The verbs that use a trained model, and the benchmark: errors, demo, predict, export, bench."""
-    from .device import DEVICES
+    from .config import PRECISIONS
+    from .demo import DEFAULT_PORT
     from .experiments import answer
-    from .model import list_models
 
-    p = sub.add_parser("errors", help="the test images a checkpoint gets wrong: a picture grid, the confusion "
-                                      "matrix and errors.json", formatter_class=fmt)
+    p = verb("errors", "the test images a checkpoint gets wrong: a picture grid, the confusion matrix and errors.json",
+             cmd_errors, "data", "device")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's model.pt")
     p.add_argument("--out", default=None, metavar="DIR", help="where to write (default: the checkpoint's directory)")
-    p.add_argument("--data-dir", default=None, help="directory holding the MNIST files")
-    p.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the model")
     _add_models(p, "needed for a checkpoint of one of its models")
-    p.set_defaults(func=cmd_errors)
 
-    p = sub.add_parser("demo", help="a local web page: draw a digit and see what the model says", formatter_class=fmt)
+    p = verb("demo", "a local web page: draw a digit and see what the model says", cmd_demo)
     p.add_argument("checkpoint", nargs="?", default=None, metavar="CHECKPOINT",
                    help="a run's model.pt (default: the newest under runs/, else the trained model in the package)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: only this machine)")
-    p.add_argument("--port", type=_port, default=8000, help="TCP port (0 = any free one)")
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TCP port (0 = any free one)")
     _add_models(p, "needed for a checkpoint of one of its models")
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("predict", help="classify digits in image files with a trained model", formatter_class=fmt)
+    p = verb("predict", "classify digits in image files with a trained model", cmd_predict, "device")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's model.pt, or an .onnx file from export")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, BMP, GIF, TIFF, WebP ... any size or mode")
     _add_models(p, "needed for a model.pt of one of its models (never for .onnx)")
     p.add_argument("--top", type=_top_k, default=3, help="how many of the most likely digits to show (1-10)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of one line per image")
-    p.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the model")
-    p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export a trained model to ONNX (needs pip install 'tinymnist[onnx]')",
-                       formatter_class=fmt)
+    p = verb("export", f"export a trained model to ONNX (needs {install_hint('onnx')})", cmd_export)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's model.pt")
     p.add_argument("--onnx", required=True, metavar="OUT", help="where to write the .onnx file")
     _add_models(p, "needed for a checkpoint of one of its models; the .onnx file needs it no more")
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("bench", help="throughput: our pipeline vs the classic DataLoader pipeline vs the bare model",
-                       formatter_class=fmt)
-    p.add_argument("--model", choices=list_models(), default=None, metavar="NAME",
-                   help=f"model to train (default: the series' answer's, {answer().config.model})")
+    p = verb("bench", "throughput: our pipeline vs the classic DataLoader pipeline vs the bare model", cmd_bench,
+             "model", "data", "device", "threads")
     p.add_argument("--steps", type=_positive_int, default=60, help="timed training steps per repeat")
     p.add_argument("--repeats", type=_positive_int, default=3, help="repeats per pipeline; the median is reported")
     p.add_argument("--batch-size", type=_positive_int, default=answer().config.batch_size, help="batch size")
     p.add_argument("--workers", type=_nonneg_int, default=2, help="DataLoader workers of the classic pipeline")
     p.add_argument("--no-epoch", action="store_true", help="skip timing one full epoch plus a test pass")
-    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
                    help="precision of the training step, the same for all pipelines but plain (always fp32)")
     p.add_argument("--concurrency", type=float, default=6.0, metavar="SECONDS",
                    help="time window of the concurrent-process measurements (0 skips them)")
     p.add_argument("--train-runs", type=_nonneg_int, default=0,
                    help="also time N complete `tinymnist train` runs of the default recipe (minutes each)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures and ratios here")
-    _add_data_device(p)
-    p.set_defaults(func=cmd_bench)
 
 
 # ---------------------------------------------------------------- commands
@@ -346,18 +324,24 @@ def cmd_models(args: argparse.Namespace) -> int:
         from .usermodels import check_forward, load_models_file
 
         found = load_models_file(args.models)
-        classes = {name: cls() for name, cls in found.classes.items()}
-        for name, model in classes.items():
+        built = {name: cls() for name, cls in found.classes.items()}
+        for name, model in built.items():
             check_forward(model, name, args.models)
-        rows = [(name, count_params(m), type(m).__doc__) for name, m in classes.items()]
     else:
-        rows = [(n, count_params(create_model(n)), type(create_model(n)).__doc__) for n in list_models()]
-    for name, params, doc in rows:
-        print(f"{name:<10}{params:>9,} params  {(doc or '').strip().splitlines()[0] if doc else ''}".rstrip())
+        built = {name: create_model(name) for name in list_models()}
+    for name, model in built.items():
+        print(f"{name:<10}{count_params(model):>9,} params  {_first_sentence(type(model).__doc__)}".rstrip())
     if args.models:
         for name, why in found.skipped.items():
             print(f"{name:<10}  skipped: {why}")
     return 0
+
+
+def _first_sentence(doc: Optional[str]) -> str:
+    """A docstring's first sentence, whole, on one line."""
+    text = " ".join((doc or "").split())
+    head, dot, _ = text.partition(". ")
+    return head + dot.strip()
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -366,15 +350,17 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     name = _user_model(args, args.model, "MODEL")
     cfg = TrainConfig(model=name, models_file=args.models or "")
+    model = cfg.build_model()
     if cfg.user_model:
         from .usermodels import check_forward
 
-        check_forward(cfg.build_model(), name, args.models or "")
-    print(format_summary(summarize(cfg.build_model()), title=name))
+        check_forward(model, name, args.models or "")
+    print(format_summary(summarize(model), title=name))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .check import held_out_line
     from .experiments import ANSWER_WHY, answer, get_step
     from .model import count_params
     from .runs import train_run
@@ -390,30 +376,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         source = f" from {args.models}" if args.models else ""
         print(f"training {cfg.model}{source} ({size}) with the recipe of step {step.name}", flush=True)
     run_dir, history = train_run(cfg, out=args.out, data_dir=args.data_dir, device=args.device, name=name,
-                                 progress=False if args.no_progress else None, threads=args.threads)
-    print(f"{_held_out_line(history)}; run directory: {run_dir}")
+                                 progress=_progress(args), threads=args.threads)
+    print(f"{held_out_line(history)}; run directory: {run_dir}")
     return 0
 
 
-def _held_out_line(history: list[dict]) -> str:
-    """The best and last held-out accuracy of a run: test, or validation for a run that holds images out (it never
-    reads the test set)."""
-    from .check import held_out
-
-    metric = held_out(history)
-    what, note = (("test", "") if metric == "test_acc"
-                  else ("validation", " (a validation run: the test set is not read)"))
-    best = max(history, key=lambda r: r[metric])
-    return (f"best {what} accuracy {best[metric]:.2f}% (epoch {best['epoch']}); final {history[-1][metric]:.2f}%"
-            f"{note}")
-
-
 def cmd_resume(args: argparse.Namespace) -> int:
+    from .check import held_out_line
     from .runs import resume_run
 
-    run_dir, history = resume_run(args.run_dir, data_dir=args.data_dir, threads=args.threads,
-                                  progress=False if args.no_progress else None)
-    print(f"{_held_out_line(history)} after epoch {history[-1]['epoch']}; run directory: {run_dir}")
+    run_dir, history = resume_run(args.run_dir, data_dir=args.data_dir, threads=args.threads, models=args.models,
+                                  progress=_progress(args))
+    print(f"{held_out_line(history)} after epoch {history[-1]['epoch']}; run directory: {run_dir}")
     return 0
 
 
@@ -422,63 +396,23 @@ def cmd_experiments(args: argparse.Namespace) -> int:
 
     for s in STEPS:
         params = s.config.build_model().num_params()
-        print(f"{s.name:<14}{s.config.model:<9}{params:>8,} params  {s.config.epochs:>2} epochs  {s.title}")
+        print(f"{s.name:<14}{s.config.model:<9}{params:>8,} params  {s.config.epochs:>2} epochs  {s.heading}")
     return 0
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from .report import reproduce
 
-    from .device import pick_device
-    from .experiments import STEPS
-    from .parallel import plan
-    from .report import collect_run
-    from .runs import new_run_dir, train_many
-
-    steps = [s for s in STEPS if s.name in (args.only or [s.name for s in STEPS])]
-    workers, threads = plan(len(steps), args.jobs, args.threads, pick_device(args.device).type)
-    runs = []
-    for s in steps:
-        run_dir = new_run_dir(s.name, args.runs)
-        run_dir.mkdir(parents=True)
-        runs.append((s.name, s.config, run_dir, s.name))
-
-    def done(o) -> None:
-        dest = collect_run(Path(o.result["run_dir"]), o.label, Path(args.results))
-        print(f"{o.label}: {_held_out_line(o.result['history'])}, results in {dest}", flush=True)
-
-    print(f"reproduce: {len(steps)} steps, {workers} at a time with {threads} thread(s) each", flush=True)
-    outcomes = train_many(runs, workers, threads, args.data_dir, args.device, on_done=done,
-                          progress=False if args.no_progress else None, desc="reproduce")
-    _report_pages(args.root, args.results)
-    failed = [o.label for o in outcomes if not o.ok]
-    if failed:
-        raise TinyMnistError(f"{len(failed)} of {len(steps)} steps failed: {', '.join(failed)}")
+    reproduce(args.only, args.results, args.root, args.runs, jobs=args.jobs, threads=args.threads,
+              data_dir=args.data_dir, device=args.device, progress=_progress(args))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from .report import regenerate
 
-    from .experiments import STEPS
-    from .report import replot, replot_checks, replot_frontier, step_result
-
-    for s in STEPS:
-        if step_result(s, Path(args.results)) is not None:
-            replot(s, Path(args.results))
-    replot_checks(Path(args.results))
-    replot_frontier(Path(args.results))
-    _report_pages(args.root, args.results)
+    regenerate(args.results, args.root)
     return 0
-
-
-def _report_pages(root: str, results: str) -> None:
-    from pathlib import Path
-
-    from .report import update_pages
-
-    changed = update_pages(Path(root), Path(results))
-    print(f"regenerated {'; '.join(changed) if changed else 'nothing (every page already up to date)'}")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -493,7 +427,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     step = get_step(args.step) if args.step else answer()
     cfg = _recipe_for(step, args)
     evidence = run_check(step.name, args.seeds, args.last, data_dir=args.data_dir, device=args.device,
-                         out_root=args.runs, progress=False if args.no_progress else None, threads=args.threads,
+                         out_root=args.runs, progress=_progress(args), threads=args.threads,
                          jobs=args.jobs, recipe=cfg, max_params=args.max_params)
     if args.json:
         write_json(args.json, evidence)
@@ -519,7 +453,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     from .screen import run_screen
 
     run_screen(args.file, args.results, jobs=args.jobs, threads=args.threads, data_dir=args.data_dir,
-               device=args.device, runs=args.runs, progress=False if args.no_progress else None)
+               device=args.device, runs=args.runs, progress=_progress(args))
     return 0
 
 
@@ -605,11 +539,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .experiments import answer
     from .fileio import write_json
 
+    model = _user_model(args, args.model)
     device = pick_device(args.device)
     configure_threads(args.threads)
     cfg = replace(answer().config, batch_size=args.batch_size, precision=args.precision)
     data = load_mnist(args.data_dir, device=device)
-    result = run_bench(data, args.model or cfg.model, cfg, steps=args.steps, repeats=args.repeats,
+    result = run_bench(data, model or cfg.model, cfg, steps=args.steps, repeats=args.repeats,
                        epoch=not args.no_epoch, workers=args.workers, data_dir=args.data_dir,
                        concurrency=args.concurrency)
     if args.train_runs:

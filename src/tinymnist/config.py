@@ -143,11 +143,9 @@ class TrainConfig:
     @property
     def user_model(self) -> bool:
         """The model is the user's own: a class of a models file, or one registered with register_model."""
-        from .model import list_builtin_models
-        from .usermodels import registered_class
+        from .model import is_user_model
 
-        return bool(self.models_file) or (self.model not in list_builtin_models()
-                                          and registered_class(self.model) is not None)
+        return is_user_model(self.model, self.models_file)
 
     def build_model(self):
         """The untrained network this recipe trains: its model class, dropout and layout, or the user's class."""

@@ -23,6 +23,8 @@ import torch
 
 from .errors import TinyMnistError
 
+DEFAULT_PORT = 8000
+
 MAX_BODY = 1 << 20  # bytes: a 280x280 canvas as PNG is a few kilobytes
 IDLE_TIMEOUT = 20  # seconds a connection may stall (no request, or a body that stops arriving) before it is dropped
 DRAIN_LIMIT = 16 << 20  # a larger body is not even read before the 413
@@ -198,7 +200,7 @@ class DemoServer(ThreadingHTTPServer):
         print(f"tinymnist demo: {client_address[0]}:{client_address[1]}: {why}", file=sys.stderr, flush=True)
 
 
-def make_server(checkpoint: Path, host: str = "127.0.0.1", port: int = 8000,
+def make_server(checkpoint: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                 models: Optional[str] = None) -> ThreadingHTTPServer:
     """A ready server (bound, not yet serving); a busy port or a bad checkpoint is one TinyMnistError. A
     checkpoint of a user's model needs its models file, `models`."""
@@ -213,7 +215,7 @@ def make_server(checkpoint: Path, host: str = "127.0.0.1", port: int = 8000,
     return server
 
 
-def serve(checkpoint: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000,
+def serve(checkpoint: Optional[str] = None, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
           models: Optional[str] = None) -> None:
     """Serve the page until Ctrl-C."""
     path = find_checkpoint(checkpoint)

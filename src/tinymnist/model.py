@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -11,13 +12,48 @@ from torch import nn
 
 from .errors import TinyMnistError
 
-_REGISTRY: dict[str, type["Net"]] = {}
+_REGISTRY: dict[str, type["Net"]] = {}  # tinymnist's own models, Model_1 ... Model_N
+_REGISTERED: dict[str, type] = {}  # a user's classes, from @register_model (this process only)
+
+# The registry of every model this process can build by name: tinymnist's own (@register) and a user's
+# (@register_model). Loading a user's models file is usermodels.py's concern; it builds on this module.
 
 
 def register(cls: type["Net"]) -> type["Net"]:
-    """Class decorator: make a model available by its class name."""
+    """Class decorator: make one of tinymnist's models available by its class name."""
     _REGISTRY[cls.__name__] = cls
     return cls
+
+
+def needs_arguments(cls: type) -> str:
+    """Why `cls()` cannot work ('' if it can): the constructor's required parameters."""
+    try:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return ""
+    required = [p.name for p in params if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return f"its constructor needs {', '.join(required)}" if required else ""
+
+
+def register_model(cls: type) -> type:
+    """Class decorator, as in timm: make an nn.Module class (constructor without arguments) trainable, checkable and
+    summarisable by its name in this process. Names of tinymnist's own models are refused."""
+    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
+        raise TinyMnistError(f"register_model takes an nn.Module class, got {cls!r}")
+    why = needs_arguments(cls)
+    if why:
+        raise TinyMnistError(f"cannot register {cls.__name__}: {why} (a model is built with no arguments)")
+    if cls.__name__ in _REGISTRY:
+        raise TinyMnistError(f"{cls.__name__} is one of tinymnist's models: give yours another name")
+    _REGISTERED[cls.__name__] = cls
+    return cls
+
+
+def is_user_model(name: Optional[str], models_file: str = "") -> bool:
+    """The one test of whether a model is the user's own: a class of a models file, or one registered with
+    register_model. Not one of tinymnist's models, whose dropout and layout a recipe may change."""
+    return bool(models_file) or (name is not None and name not in _REGISTRY and name in _REGISTERED)
 
 
 def list_builtin_models() -> list[str]:
@@ -27,9 +63,7 @@ def list_builtin_models() -> list[str]:
 
 def list_models() -> list[str]:
     """Every model name this process knows: tinymnist's own, then those registered with register_model."""
-    from .usermodels import registered_models
-
-    return list_builtin_models() + registered_models()
+    return list_builtin_models() + list(_REGISTERED)
 
 
 def model_class(name: str) -> type["Net"]:
@@ -43,12 +77,10 @@ def model_class(name: str) -> type["Net"]:
 def create_model(name: str, dropout: Optional[float] = None, layout: Optional[str] = None) -> nn.Module:
     """Build a model by name: one of ours (`dropout` overrides its default, a `layout` string replaces its layout),
     or a class registered with register_model (built with no arguments)."""
-    from .usermodels import registered_class
-
-    if name not in _REGISTRY and registered_class(name) is not None:
+    if is_user_model(name):
         if dropout is not None or layout:
             raise TinyMnistError(f"{name} is your own model: dropout and layout apply to tinymnist's models only")
-        return registered_class(name)()
+        return _REGISTERED[name]()
     return model_class(name)(dropout=dropout, layout=layout or None)
 
 
@@ -247,7 +279,7 @@ class Model_6(Net):
 
 @register
 class Model_7(Net):
-    """Model_6 with the last 324 parameters of the budget spent on a wider transition (10 channels, not 8)."""
+    """Model_6 with 324 parameters more, spent on a wider transition (10 channels, not 8)."""
 
     # (N,16,24,24) RF 5 | (N,10,12,12) RF 6 | (N,16,6,6) RF 18 | GAP + 1x1 (N,10,1,1) RF 28
     layout = "c8 c16 P c10/1 c16 c16 c16 G o"

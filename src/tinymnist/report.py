@@ -7,12 +7,12 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .check import final_accuracy_stats, worst_of_last
+from .check import proof, worst_of_last
 from .errors import TinyMnistError
 from .experiments import STEPS, Step
 from .fileio import atomic_path, read_json
 from .summary import format_summary, summarize
-from .target import LAST, budget_words
+from .target import LAST, THRESHOLD, budget_words
 
 RESULTS = Path("results")
 RUN_FILES = ("history.json", "config.json", "curves.png")
@@ -87,11 +87,11 @@ def _check_section(step: Step, results: Path) -> list[str]:
         return []
     ev = read_json(path)
     histories = [s["history"] for s in ev["seeds"]]
-    mean, std = final_accuracy_stats(histories)
-    k = ev["last"]
+    k, pr = ev["last"], proof(ev)
+    mean, std = pr.mean, pr.std
     out = [f"### Proof over {len(histories)} seeds: `{step.name}`", "",
            f"`tinymnist check {step.name} --seeds {len(histories)} --last {k} --json results/{path.name}` trained the "
-           f"step's recipe once per seed. Verdict: **{'PASS' if ev['passed'] else 'FAIL'}**.", "",
+           f"step's recipe once per seed. Verdict: **{pr.verdict}**.", "",
            f"| seed | last {k} test accuracies (%) | min | final |", "| ---: | --- | ---: | ---: |"]
     for s in ev["seeds"]:
         tail = [r["test_acc"] for r in s["history"][-k:]]
@@ -123,7 +123,7 @@ def _selection_lines(step: Step, ev: dict, results: Path) -> list[str]:
         raise TinyMnistError(f"{path} has no complete trial {number}, which chose step {step.name!r}")
     held = _space_fixed(results, study).get("val", 0)
     k = ev["last"]
-    worst_test = min(worst_of_last(s["history"], k) for s in ev["seeds"])
+    worst_test = proof(ev).worst
     searches = step.searches or (study,)  # the searches behind this step, all judged on the same budget
     every = [r["objective"] for q in searches for r in read_json(results / f"sweep-{q}" / "trials.json")["trials"]]
     rank = 1 + sum(v > row["objective"] for v in every)
@@ -268,11 +268,11 @@ def render(results: Path = RESULTS) -> str:
         macs = summarize(s.config.build_model()).macs
         if r is None:
             params = s.config.build_model().num_params()
-            out.append(f"| [{s.name}](#{_anchor(s.title)}) | {s.config.model} | {params:,} | {macs:,} | not run | "
+            out.append(f"| [{s.name}](#{_anchor(s.heading)}) | {s.config.model} | {params:,} | {macs:,} | not run | "
                        "not run | not run | not run |")
         else:
             per_epoch = r["seconds"] / r["epochs"]
-            out.append(f"| [{s.name}](#{_anchor(s.title)}) | {r['model']} | {r['params']:,} | {macs:,} | "
+            out.append(f"| [{s.name}](#{_anchor(s.heading)}) | {r['model']} | {r['params']:,} | {macs:,} | "
                        f"{per_epoch:.0f} | {r['best_train']:.2f}% | {r['best_test']:.2f}% | {r['min_last']:.2f}% |")
     out += ["", "Seconds per epoch (training plus the test pass) are as recorded by each run, on the machine and "
                 "thread count its `config.json` names; runs that shared a machine with others are slower. MACs "
@@ -284,7 +284,7 @@ def render(results: Path = RESULTS) -> str:
         r = res[s.name]
         model = s.config.build_model()
         summ = summarize(model)
-        out += [f"### {s.title}", "", f"**Target.** {s.target}", ""]
+        out += [f"### {s.heading}", "", f"**Target.** {fill(s.target, s, results)}", ""]
         cfg = s.config
         aug = cfg.aug
         aug_text = (f"rotate ±{aug.rotate:g}°, shift ±{aug.translate:g}, zoom ±{aug.scale:g}"
@@ -314,7 +314,7 @@ def render(results: Path = RESULTS) -> str:
         out += ["<details><summary>Model summary</summary>", "", "```text",
                 format_summary(summ, title=s.config.model), "```", "", "</details>", ""]
         if s.analysis:
-            out += [f"**Analysis.** {s.analysis}", ""]
+            out += [f"**Analysis.** {fill(s.analysis, s, results)}", ""]
     out.append(END)
     return "\n".join(out)
 
@@ -511,16 +511,62 @@ def _checked_steps(results: Path):
             yield s, read_json(path)
 
 
+# A step's prose (steps/<name>.md) types no number that results/ holds: it names the number, and this fills it in.
+# A name is [STEP.]what, STEP defaulting to the step whose prose it is:
+#   check.worst, check.mean, check.std    its 5-seed test check: the worst seed's worst epoch, final mean and spread
+#   check.seeds, check.passing            how many seeds the check trained, and how many held the rule
+#   check.seed_worsts                     each seed's worst epoch, in seed order
+#   params, free                          the step's parameter count, and how many its budget leaves free
+#   diff.OTHER                            how many parameters the step has more (or fewer) than step OTHER
+#   study.NAME.complete / .all / .second  a committed study's complete trials, all its trials, its second best
+PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.\-]+)\}")
+
+
+def fill(text: str, step: Step, results: Path = RESULTS) -> str:
+    """`text` with every {placeholder} replaced by the number results/ holds; an unknown name is an error."""
+    return PLACEHOLDER.sub(lambda m: _fact(m.group(1), step, results), text)
+
+
+def _fact(name: str, step: Step, results: Path) -> str:
+    from .experiments import get_step, step_names
+
+    parts = name.split(".")
+    if parts[0] == "study" and len(parts) == 3:
+        t = read_json(results / f"sweep-{parts[1]}" / "trials.json")
+        values = sorted((r["objective"] for r in t["trials"]), reverse=True)
+        facts = {"complete": str(len(values)), "all": str(sum(t["counts"].values())),
+                 "second": f"{values[1]:.2f}%" if len(values) > 1 else "—"}
+        if parts[2] in facts:
+            return facts[parts[2]]
+    if parts[0] in step_names():
+        step, parts = get_step(parts[0]), parts[1:]
+    if parts == ["params"]:
+        return f"{step.config.build_model().num_params():,}"
+    if len(parts) == 2 and parts[0] == "diff" and parts[1] in step_names():
+        other = get_step(parts[1]).config.build_model().num_params()
+        return f"{abs(step.config.build_model().num_params() - other):,}"
+    if parts == ["free"]:
+        return f"{step.budget - step.config.build_model().num_params():,}"
+    if len(parts) == 2 and parts[0] == "check":
+        path = results / CHECK_FILE.format(step=step.name)
+        if path.is_file():
+            pr = proof(read_json(path))
+            facts = {"worst": f"{pr.worst:.2f}%", "mean": f"{pr.mean:.2f}%", "std": f"{pr.std:.2f}",
+                     "seeds": str(len(pr.seed_worsts)), "passing": str(sum(w >= THRESHOLD for w in pr.seed_worsts)),
+                     "seed_worsts": ", ".join(f"{w:.2f}%" for w in pr.seed_worsts)}
+            if parts[1] in facts:
+                return facts[parts[1]]
+    raise TinyMnistError(f"steps/{step.name}.md: no number {{{name}}} in results/ (see report.PLACEHOLDER)")
+
+
 def render_headline(results: Path = RESULTS) -> str:
     """The proven results, one row per step checked over seeds: the assignment's answer and the smallest."""
     start, end = markers("headline")
     rows = []
     for s, ev in _checked_steps(results):
-        histories = [x["history"] for x in ev["seeds"]]
-        mean, std = final_accuracy_stats(histories)
-        worst = min(worst_of_last(h, ev["last"]) for h in histories)
-        rows.append(f"| [{s.name}](docs/series.md#{_anchor(s.title)}) | {s.role} | `{ev['model']}` | **{ev['params']:,}** | {ev['epochs']} | "
-                    f"{len(histories)} | {worst:.2f}% | {mean:.2f} ± {std:.2f}% | {'PASS' if ev['passed'] else 'FAIL'} |")
+        pr = proof(ev)
+        rows.append(f"| [{s.name}](docs/series.md#{_anchor(s.heading)}) | {s.role} | `{ev['model']}` | **{ev['params']:,}** | {ev['epochs']} | "
+                    f"{len(pr.seed_worsts)} | {pr.worst:.2f}% | {pr.mean:.2f} ± {pr.std:.2f}% | {pr.verdict} |")
     if not rows:
         return "\n".join([start, NOTE, "", "No step has been checked over seeds yet.", "", end])
     return "\n".join([start, NOTE, "",
@@ -540,11 +586,10 @@ def render_answer(results: Path = RESULTS) -> str:
     if not path.is_file():
         return "\n".join([start, NOTE, "", f"The answer, `{step.name}`, has no committed check yet.", "", end])
     ev = read_json(path)
-    k = ev["last"]
-    worst = min(min(r["test_acc"] for r in x["history"][-k:]) for x in ev["seeds"])
+    k, worst = ev["last"], proof(ev).worst
     return "\n".join([
         start, NOTE, "",
-        f"The answer, [`{step.name}`](docs/series.md#{_anchor(step.title)}) ({ev['params']:,} parameters), over "
+        f"The answer, [`{step.name}`](docs/series.md#{_anchor(step.heading)}) ({ev['params']:,} parameters), over "
         f"{len(ev['seeds'])} seeds: test accuracy per epoch, every seed at or above {ev['threshold']:.2f}% in each "
         f"of its last {k} epochs (worst {worst:.2f}%). From `results/{path.name}`.", "",
         f"![proof over seeds: {step.name}](results/{path.with_suffix('.png').name})", "", end])
@@ -561,8 +606,7 @@ def _frontier_rows(results: Path) -> list[dict]:
     for s, ev in _checked_steps(results):
         if ev.get("metric", "test_acc") != "test_acc":
             continue
-        k = ev["last"]
-        worst = [min(r["test_acc"] for r in x["history"][-k:]) for x in ev["seeds"]]
+        worst = list(proof(ev).seed_worsts)
         seconds = statistics.median(r["seconds"] for x in ev["seeds"] for r in x["history"])
         objective = None
         if s.chosen_by:
@@ -570,11 +614,11 @@ def _frontier_rows(results: Path) -> list[dict]:
             trials = read_json(results / f"sweep-{study}" / "trials.json")["trials"]
             objective = next(r["objective"] for r in trials if r["trial"] == number)
         tried = sum(sum(read_json(results / f"sweep-{q}" / "trials.json")["counts"].values()) for q in s.searches)
-        rows.append({"name": s.name, "title": s.title, "budget": s.budget, "params": ev["params"],
+        rows.append({"name": s.name, "title": s.heading, "budget": s.budget, "params": ev["params"],
                      "macs": summarize(s.config.build_model()).macs, "seconds": seconds,
                      "threads": ev.get("threads_per_run"), "host": _host(ev), "objective": objective, "worst": worst,
                      "passed": ev["passed"], "tried": tried, "look": ev.get("test_look", 1),
-                     "threshold": ev["threshold"], "last": k})
+                     "verdict": proof(ev).verdict, "threshold": ev["threshold"], "last": ev["last"]})
     return sorted(rows, key=lambda r: (r["params"], r["name"]))
 
 
@@ -623,7 +667,7 @@ def render_frontier(results: Path = RESULTS) -> str:
         out.append(f"| {budget} | [{r['name']}](docs/series.md#{_anchor(r['title'])}) | {r['params']:,} | "
                    f"{r['macs']:,} | {r['seconds']:.1f} ({chr(65 + hosts.index(r['host']))}) | {objective} | "
                    f"{min(r['worst']):.2f}% | "
-                   f"{'PASS' if r['passed'] else 'FAIL'}{look} | {r['tried'] or '—'} |")
+                   f"{r['verdict']}{look} | {r['tried'] or '—'} |")
     out += ["", "The validation objective is the search's: the worst validation accuracy of the last epochs, the "
                 "minimum over the trial's seeds, on 10,000 held-out training images; the test column is the check's, "
                 "after a refit on all 60,000. Seconds per epoch are the median over the check's epochs (training and "
@@ -657,13 +701,10 @@ def render_writeups(results: Path = RESULTS) -> str:
             out.append(f"| {who} | {net} | {claim} | not checked yet | | | |")
             continue
         ev = read_json(ev_path)
-        k = ev["last"]
-        histories = [x["history"] for x in ev["seeds"]]
-        mean, std = final_accuracy_stats(histories)
-        worst = [min(r["test_acc"] for r in h[-k:]) for h in histories]
-        out.append(f"| {who} | {net} | {claim} | {ev['params']:,} | {', '.join(f'{w:.2f}%' for w in worst)} "
-                   f"(last {k} of {ev['epochs']}) | {mean:.2f} ± {std:.2f}% ({len(histories)} seeds) | "
-                   f"{'PASS' if ev['passed'] else 'FAIL'} |")
+        pr = proof(ev)
+        out.append(f"| {who} | {net} | {claim} | {ev['params']:,} | {', '.join(f'{w:.2f}%' for w in pr.seed_worsts)} "
+                   f"(last {pr.last} of {ev['epochs']}) | {pr.mean:.2f} ± {pr.std:.2f}% ({len(pr.seed_worsts)} seeds) | "
+                   f"{pr.verdict} |")
     ev0 = next((read_json(results / e["evidence"]) for e in entries if (results / e["evidence"]).is_file()), None)
     if ev0 is not None:
         cfg = ev0["config"]
@@ -738,3 +779,53 @@ def generated_section(page: Path, section: str) -> str:
     start, end = markers(section)
     text = page.read_text()
     return start + text.split(start, 1)[1].split(end, 1)[0] + end
+
+
+# ---------------------------------------------------------------- the verbs that make results/ and the pages
+
+
+def regenerate(results: str | Path = RESULTS, root: str | Path = ".", log=print) -> list[str]:
+    """`tinymnist report`: redraw every plot from results/ and regenerate the README's and docs/' sections."""
+    results = Path(results)
+    for s in STEPS:
+        if step_result(s, results) is not None:
+            replot(s, results)
+    replot_checks(results)
+    replot_frontier(results)
+    return _update_and_say(root, results, log)
+
+
+def _update_and_say(root, results, log) -> list[str]:
+    changed = update_pages(Path(root), Path(results))
+    log(f"regenerated {'; '.join(changed) if changed else 'nothing (every page already up to date)'}")
+    return changed
+
+
+def reproduce(only: Optional[list[str]] = None, results: str | Path = RESULTS, root: str | Path = ".",
+              runs: str | Path = "runs", jobs: int = 0, threads: int = 0, data_dir: Optional[str] = None,
+              device: str = "auto", progress: Optional[bool] = None, log=print) -> None:
+    """`tinymnist reproduce`: train the steps (all, or `only` these), `jobs` at a time, collect each run into
+    results/ as it finishes, then regenerate the pages; a failed step is one line, and the others finish."""
+    from .check import held_out_line
+    from .device import pick_device
+    from .parallel import plan
+    from .runs import new_run_dir, train_many
+
+    steps = [s for s in STEPS if s.name in (only or [s.name for s in STEPS])]
+    workers, per = plan(len(steps), jobs, threads, pick_device(device).type)
+    planned = []
+    for s in steps:
+        run_dir = new_run_dir(s.name, runs)
+        run_dir.mkdir(parents=True)
+        planned.append((s.name, s.config, run_dir, s.name))
+
+    def done(o) -> None:
+        dest = collect_run(Path(o.result["run_dir"]), o.label, Path(results))
+        log(f"{o.label}: {held_out_line(o.result['history'])}, results in {dest}")
+
+    log(f"reproduce: {len(steps)} steps, {workers} at a time with {per} thread(s) each")
+    outcomes = train_many(planned, workers, per, data_dir, device, on_done=done, progress=progress, desc="reproduce")
+    _update_and_say(root, results, log)
+    failed = [o.label for o in outcomes if not o.ok]
+    if failed:
+        raise TinyMnistError(f"{len(failed)} of {len(steps)} steps failed: {', '.join(failed)}")

@@ -87,31 +87,43 @@ def save_checkpoint(path: Path, model: torch.nn.Module, cfg: TrainConfig) -> Non
     payload = {"format": CHECKPOINT_FORMAT, "model": cfg.model, "config": cfg.to_dict(),
                "params": count_params(model), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     if cfg.models_file:
-        from .usermodels import file_sha256
-
-        payload["models_file"] = {"path": str(Path(cfg.models_file).resolve()), "sha256": file_sha256(cfg.models_file),
-                                  "class": cfg.model}
+        payload["models_file"] = _models_file_record(cfg)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
-def _user_recipe(path: Path, payload: dict, cfg: TrainConfig, models: Optional[str]) -> TrainConfig:
-    """The recipe of a checkpoint of a user's model, with the models file the user names now (the path it saved is
-    only reported). A file whose hash differs loads after one warning line naming both hashes."""
+def _models_file_record(cfg: TrainConfig) -> dict:
+    """What a checkpoint and a run's config.json record of a user's models file: what to name again, never code to
+    run."""
+    from .usermodels import file_sha256
+
+    return {"path": str(Path(cfg.models_file).resolve()), "sha256": file_sha256(cfg.models_file), "class": cfg.model}
+
+
+def _user_recipe(path: Path, payload: dict, cfg: TrainConfig, models: Optional[str],
+                 changed: str = "warn") -> TrainConfig:
+    """The recipe of a checkpoint (or a run) of a user's model, with the models file the user names now (the path it
+    saved is only reported): tinymnist never imports a path it read from a file. A file whose hash differs loads
+    after one warning line naming both hashes (changed="warn"), or is refused in one line (changed="refuse": a run
+    that resumes must train the same code to continue the same history)."""
     saved = payload.get("models_file") if isinstance(payload.get("models_file"), dict) else {}
+    what = "checkpoint" if changed == "warn" else "run"
     if not cfg.models_file:
         if models:
             raise TinyMnistError(f"{path} holds tinymnist's {cfg.model}, not a model of a models file: drop --models")
         return cfg
     if not models:
         raise TinyMnistError(f"{path} holds {cfg.model} from your models file {saved.get('path', cfg.models_file)}: "
-                             "load it with --models FILE.py (tinymnist never imports a path read from a checkpoint)")
+                             f"name it with --models FILE.py (tinymnist never imports a path read from a {what})")
     from .usermodels import load_models_file
 
     found = load_models_file(models)
     if saved.get("sha256") and saved["sha256"] != found.sha256:
-        print(f"tinymnist: warning: {models} has SHA-256 {found.sha256[:16]}…, but {path} was trained with "
-              f"{saved['sha256'][:16]}… ({saved.get('path', '?')}); loading anyway", file=sys.stderr, flush=True)
+        text = (f"{models} has SHA-256 {found.sha256[:16]}…, but {path} was trained with {saved['sha256'][:16]}… "
+                f"({saved.get('path', '?')})")
+        if changed != "warn":
+            raise TinyMnistError(f"{text}: a resumed run must train the same code; restore that file")
+        print(f"tinymnist: warning: {text}; loading anyway", file=sys.stderr, flush=True)
     return replace(cfg, models_file=str(models))
 
 
@@ -171,6 +183,8 @@ def train_run(cfg: TrainConfig, out: Optional[str | os.PathLike] = None, data_di
             "config": cfg.to_dict(), "env": env,
             "kernels_applied": coverage(trainer.model) if cfg.kernels == "fused" else {},  # what trains in C
             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:]}
+    if cfg.models_file:
+        meta["models_file"] = _models_file_record(cfg)  # what resume needs named again, and checks
     if cfg.val:
         _, held = validation_split(data.train_labels, cfg.val)
         meta["val_split"] = {"images": cfg.val, "seed": VAL_SEED, "stratified": True,
@@ -183,13 +197,15 @@ def train_run(cfg: TrainConfig, out: Optional[str | os.PathLike] = None, data_di
 
 def resume_run(run_dir: str | os.PathLike, data_dir: Optional[str] = None, progress: Optional[bool] = None,
                verbose: bool = True, threads: int = 0, data: Optional[MNIST] = None, until: Optional[int] = None,
-               expect_epoch: Optional[int] = None) -> tuple[Path, list[dict]]:
+               expect_epoch: Optional[int] = None, models: Optional[str] = None) -> tuple[Path, list[dict]]:
     """Continue a stopped run from its last finished epoch, on the device it trained on; return its history.
 
     threads=0 uses the thread count the run recorded (a history depends on it). expect_epoch: fail unless the
-    saved state is after exactly that many epochs."""
+    saved state is after exactly that many epochs. A run of a user's model needs `models`, its models file named
+    again, unchanged (as a checkpoint does): nothing is imported from a path the run recorded."""
     run_dir = Path(run_dir)
     meta, cfg = _read_meta(run_dir)
+    cfg = _user_recipe(run_dir, meta, cfg, models, changed="refuse")
     state = _read_state(run_dir, meta)
     if expect_epoch is not None and state["epoch"] != expect_epoch:
         raise TinyMnistError(f"{run_dir}: its saved state is after epoch {state['epoch']}, expected {expect_epoch}")
@@ -288,7 +304,7 @@ def train_job(config: dict, run_dir: str, name: str, data_dir: Optional[str], de
                                    threads=threads, data=data, until=1)
         else:
             _, history = resume_run(run_dir, progress=False, verbose=False, threads=threads, data=data,
-                                    until=part + 1, expect_epoch=part)
+                                    until=part + 1, expect_epoch=part, models=cfg.models_file or None)
     return {"seed": cfg.seed, "history": history, "run_dir": run_dir}
 
 

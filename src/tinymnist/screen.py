@@ -28,7 +28,7 @@ the same command resumes a stopped screen on any machine.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 

@@ -17,6 +17,9 @@ from .errors import TinyMnistError
 from .target import LAST, MAX_PARAMS
 
 DEFAULT_VAL = 10000  # held-out training images when the space does not say
+HEARTBEAT = 60  # seconds between a running trial's heartbeats; a trial silent for 2 of them is failed and retried
+# where a reader finds the format of a space file: the help of `tinymnist sweep` and the docs say the same
+SPACE_FORMAT = "base step, [fixed], [search], seeds, max_params, objective (format: docs/searches.md)"
 # How a trial's seeds become one number, on validation. "worst": the rule itself, the lowest accuracy of the last
 # epochs, the minimum over seeds (the first frontier searches). "mean": the mean over seeds and over the last epochs,
 # which the seeds' noise moves less; the worst is still recorded beside it.

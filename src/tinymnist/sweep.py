@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import TinyMnistError, install_hint
-from .space import Space, parse_space, read_space
+from .space import HEARTBEAT, Space, parse_space, read_space
 
 try:
     import optuna
@@ -35,7 +35,6 @@ STUDY_FILE = "study.db"
 PRUNE_RULES = {"worst": "median of min(value, objective)", "mean": "median of the mean over seeds at that epoch"}
 OBJECTIVE_WORDS = {"worst": "the worst accuracy of the last epochs, min over seeds",
                    "mean": "the mean accuracy of the last epochs, mean over seeds"}
-HEARTBEAT = 60  # seconds between a running trial's heartbeats; a trial silent for 2 of them is failed and retried
 
 
 # ---------------------------------------------------------------- storage
@@ -147,6 +146,15 @@ class Objective:
         self.space, self.out, self.data, self.device, self.threads = space, out, data, device, threads
 
     def __call__(self, trial) -> float:
+        try:
+            return self._judge(trial)
+        except KeyboardInterrupt:
+            # Ctrl-C or kill: Optuna marks the trial failed (a resume retries it) and would log its traceback;
+            # the command's own line says what happened
+            optuna.logging.set_verbosity(optuna.logging.CRITICAL)
+            raise
+
+    def _judge(self, trial) -> float:
         from .check import mean_of_last, worst_of_last
         from .model import count_params
         from .runs import train_run

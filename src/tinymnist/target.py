@@ -12,6 +12,7 @@ MAX_PARAMS = _ASSIGNMENT_BOUND - 1  # the assignment's budget, inclusive like ev
 MAX_EPOCHS = 15
 THRESHOLD = 99.40  # percent, in every one of the last LAST epochs
 LAST = 5  # the rule's window: the last epochs that must all pass (evidence records the one it used)
+SEEDS = 5  # a check proves the rule over this many seeds, 0..SEEDS-1, not one lucky run
 
 
 def budget_words(max_params: int) -> str:

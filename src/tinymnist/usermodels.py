@@ -1,5 +1,5 @@
-"""A user's own models: a plain Python file of nn.Module classes (--models FILE.py), or classes registered in this
-process with @register_model.
+"""A user's own models file: a plain Python file of nn.Module classes (--models FILE.py), loaded and checked. (Classes
+registered in this process with @register_model live in model.py's registry.)
 
 A models file is written the way students of this assignment write their model.py: classes Model_1, Model_2, ...
 whose forward maps (N, 1, 28, 28) to (N, 10), logits or log-probabilities (cross-entropy of log_softmax outputs
@@ -16,15 +16,14 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 
 from .errors import TinyMnistError
+from .model import needs_arguments
 
 _FILES: dict[str, "ModelsFile"] = {}  # sha256 -> the file's classes, each file imported once per process
-_REGISTERED: dict[str, type] = {}  # name -> class, from @register_model (this process only)
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ def load_models_file(path: str | Path) -> ModelsFile:
     for attr, obj in vars(module).items():
         if not (inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == name):
             continue
-        why = _needs_arguments(obj)
+        why = needs_arguments(obj)
         if why:
             skipped[attr] = why
         else:
@@ -99,41 +98,6 @@ def load_models_file(path: str | Path) -> ModelsFile:
     found = ModelsFile(path, digest, classes, skipped)
     _FILES[digest] = found
     return found
-
-
-def _needs_arguments(cls: type) -> str:
-    """Why `cls()` cannot work ('' if it can): the constructor's required parameters."""
-    try:
-        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
-    except (TypeError, ValueError):
-        return ""
-    required = [p.name for p in params if p.default is p.empty
-                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return f"its constructor needs {', '.join(required)}" if required else ""
-
-
-def register_model(cls: type) -> type:
-    """Class decorator, as in timm: make an nn.Module class (constructor without arguments) trainable, checkable and
-    summarisable by its name in this process. Names of tinymnist's own models are refused."""
-    from .model import list_builtin_models
-
-    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
-        raise TinyMnistError(f"register_model takes an nn.Module class, got {cls!r}")
-    why = _needs_arguments(cls)
-    if why:
-        raise TinyMnistError(f"cannot register {cls.__name__}: {why} (a model is built with no arguments)")
-    if cls.__name__ in list_builtin_models():
-        raise TinyMnistError(f"{cls.__name__} is one of tinymnist's models: give yours another name")
-    _REGISTERED[cls.__name__] = cls
-    return cls
-
-
-def registered_models() -> list[str]:
-    return list(_REGISTERED)
-
-
-def registered_class(name: str) -> Optional[type]:
-    return _REGISTERED.get(name)
 
 
 def check_forward(model: nn.Module, name: str, where: str = "") -> None:
