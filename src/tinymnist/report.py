@@ -12,7 +12,7 @@ from .errors import TinyMnistError
 from .experiments import STEPS, Step
 from .fileio import atomic_path, read_json
 from .summary import format_summary, summarize
-from .target import LAST, THRESHOLD, budget_words
+from .target import LAST, SEEDS, THRESHOLD, budget_words
 
 RESULTS = Path("results")
 RUN_FILES = ("history.json", "config.json", "curves.png")
@@ -79,6 +79,23 @@ def _log_table(history: list[dict]) -> str:
         rows.append(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_acc']:.2f}% | {r['test_loss']:.4f} | "
                     f"{r['test_acc']:.2f}% | {r['lr']:.2e} | {r['seconds']:.1f} |")
     return "\n".join(rows)
+
+
+def recipe_words(cfg, dropout: Optional[float] = None) -> str:
+    """A training recipe in words: the one wording of every page. `dropout`: the model's own, when it has one."""
+    aug = cfg.aug
+    aug_text = (f"rotate ±{aug.rotate:g}°, shift ±{aug.translate:g}, zoom ±{aug.scale:g}"
+                + (f", erase p={aug.erase_p:g}" if aug.erase_p else "")) if aug.active else "none"
+    cycle = f", over the first {cfg.cycle_epochs} epochs" if cfg.cycle_epochs and cfg.cycle_epochs < cfg.epochs else ""
+    sched = {"none": "constant LR", "step": f"StepLR every {cfg.step_size} epochs ×{cfg.gamma:g}",
+             "onecycle": f"OneCycle (warm-up {cfg.pct_start:g}, start LR/{cfg.div_factor:g}, "
+                         f"end LR/{cfg.div_factor * cfg.final_div_factor:g}{cycle})"}[cfg.scheduler]
+    opt = cfg.optimizer.upper() + (f" momentum {cfg.momentum:g}{' Nesterov' if cfg.nesterov else ''}"
+                                   if cfg.optimizer == "sgd" else "")
+    return (f"{cfg.epochs} epochs, batch {cfg.batch_size}, {opt}, LR {cfg.lr:g}, {sched}, weight decay "
+            f"{cfg.weight_decay:g}{f', dropout {dropout:g}' if dropout is not None else ''}, augmentation: {aug_text}"
+            + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
+            + (f", weight EMA {cfg.ema:g} (evaluated and saved)" if cfg.ema else ""))
 
 
 def _check_section(step: Step, results: Path) -> list[str]:
@@ -285,18 +302,7 @@ def render(results: Path = RESULTS) -> str:
         model = s.config.build_model()
         summ = summarize(model)
         out += [f"### {s.heading}", "", f"**Target.** {fill(s.target, s, results)}", ""]
-        cfg = s.config
-        aug = cfg.aug
-        aug_text = (f"rotate ±{aug.rotate:g}°, shift ±{aug.translate:g}, zoom ±{aug.scale:g}"
-                    + (f", erase p={aug.erase_p:g}" if aug.erase_p else "")) if aug.active else "none"
-        sched = {"none": "constant LR", "step": f"StepLR every {cfg.step_size} epochs ×{cfg.gamma:g}",
-                 "onecycle": f"OneCycle (warm-up {cfg.pct_start:g}, start LR/{cfg.div_factor:g}, "
-                             f"end LR/{cfg.div_factor * cfg.final_div_factor:g})"}[cfg.scheduler]
-        opt = cfg.optimizer.upper() + (f" momentum {cfg.momentum:g}{' Nesterov' if cfg.nesterov else ''}"
-                                       if cfg.optimizer == "sgd" else "")
-        out += [f"**Recipe.** `{s.config.model}`, {cfg.epochs} epochs, batch {cfg.batch_size}, {opt}, LR {cfg.lr:g}, "
-                f"{sched}, weight decay {cfg.weight_decay:g}, dropout {model.dropout:g}, augmentation: {aug_text}"
-                f"{f', weight EMA {cfg.ema:g} (evaluated and saved)' if cfg.ema else ''}. "
+        out += [f"**Recipe.** `{s.config.model}`, {recipe_words(s.config, model.dropout)}. "
                 f"Run it with `tinymnist train --step {s.name}`.", ""]
         if r is None:
             out += ["**Result.** Not run yet.", ""]
@@ -382,8 +388,7 @@ def render_performance(results: Path = RESULTS) -> str:
             f"policy{'; a process of its own' if 'heap' in b['plain'] else ''}) | "
             f"{b['plain']['images_per_s']:,.0f} |"]
     if "native_kernels" in b:
-        out.append(f"| model only, kernels off | the same as model only, on {_kernels_text('native')[:-len(' and max pool')]}"
-                   " and max pool | "
+        out.append(f"| model only, kernels off | the same as model only, on {_kernels_text('native')} | "
                    f"{b['native_kernels']['images_per_s']:,.0f} |")
     out += ["", f"**ours/classic = {r['ours/classic']:.2f}×**, ours/model-only = {r['ours/model-only']:.2f}, "
                 f"**lean/plain = {r['lean/plain']:.2f}×**"
@@ -654,7 +659,7 @@ def render_frontier(results: Path = RESULTS) -> str:
         smallest += (f" Below it, {names} "
                      f"{'fails' if len(below) == 1 else 'fail'}: the curve crosses {rows[0]['threshold']:.2f}% "
                      f"between {below[-1]['params']:,} and {passing[0]['params']:,} parameters.")
-    out = [start, NOTE, "", "**The reliability frontier.** Every step checked on test over 5 seeds: each dot is one "
+    out = [start, NOTE, "", f"**The reliability frontier.** Every step checked on test over {SEEDS} seeds: each dot is one "
            f"seed's worst test accuracy of its last {rows[0]['last']} epochs, the bar the step's worst seed. "
            + smallest, "", f"![the reliability frontier](results/{FRONTIER_PNG})", "",
            "| budget | step | parameters | MACs per image | s per epoch | validation objective | test: worst seed | "
@@ -707,12 +712,12 @@ def render_writeups(results: Path = RESULTS) -> str:
                    f"{pr.verdict} |")
     ev0 = next((read_json(results / e["evidence"]) for e in entries if (results / e["evidence"]).is_file()), None)
     if ev0 is not None:
-        cfg = ev0["config"]
+        from .config import TrainConfig
+
+        cfg = TrainConfig.from_dict(ev0["config"])
         out += ["", f"Ours: `tinymnist check --models {ev0['models_file']['path']} --model {ev0['model']} --seeds "
                     f"{len(ev0['seeds'])} --json results/{entries[0]['evidence']}`, which trains the class with the "
-                    f"recipe of the step `{ev0['step']}`, the answer then ({cfg['epochs']} epochs, {cfg['optimizer'].upper()}, {cfg['scheduler']} to LR "
-                    f"{cfg['lr']:g}, weight EMA {cfg['ema']:g}, rotate ±{cfg['aug']['rotate']:g}°, shift "
-                    f"±{cfg['aug']['translate']:g}, zoom ±{cfg['aug']['scale']:g}) on "
+                    f"recipe of the step `{ev0['step']}`, the answer then ({recipe_words(cfg)}) on "
                     f"{hardware_text(ev0.get('env', {}))}. The write-up's own recipe differs (its text names a step "
                     "LR schedule and random rotation), and its claim is one run judged by eye.",
                 ""]
