@@ -89,8 +89,9 @@ def _progress(args: argparse.Namespace) -> Optional[bool]:
 
 
 def _add_models(p: argparse.ArgumentParser, what: str = "--model NAME picks one") -> None:
-    p.add_argument("--models", default=None, metavar="FILE.py",
-                   help=f"a Python file of your own nn.Module classes (forward: (N,1,28,28) -> (N,10)); {what}")
+    p.add_argument("--models", default=None, metavar="FILE.py|NOTEBOOK.ipynb",
+                   help="a Python file, or a Jupyter notebook, of your own nn.Module classes (forward: (N,1,28,28) -> "
+                        f"(N,10)); from a notebook only imports, definitions and constants are run; {what}")
 
 
 def _user_model(args: argparse.Namespace, name: Optional[str], flag: str = "--model") -> Optional[str]:
@@ -232,6 +233,9 @@ def _add_series_verbs(verb) -> None:
     p.add_argument("--seeds", type=_positive_int, default=SEEDS, help="number of seeds, 0..N-1")
     p.add_argument("--last", type=_positive_int, default=LAST, help="epochs at the end that must all pass")
     p.add_argument("--json", default=None, metavar="FILE", help="write the evidence (histories, verdict) here")
+    p.add_argument("--markdown", default=None, metavar="FILE.md",
+                   help="write a report card to paste into a README: the model's summary, the rule and the verdict, "
+                        "each seed's last accuracies and the proof plot")
     _add_recipe_overrides(p)
 
     p = verb("screen", "screen named candidates on validation, confirm the best over 5 validation seeds, and say "
@@ -324,7 +328,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         from .usermodels import check_forward, load_models_file
 
         found = load_models_file(args.models)
-        built = {name: cls() for name, cls in found.classes.items()}
+        built = {name: found.build(name) for name in found.classes}
         for name, model in built.items():
             check_forward(model, name, args.models)
     else:
@@ -334,6 +338,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.models:
         for name, why in found.skipped.items():
             print(f"{name:<10}  skipped: {why}")
+        for line in found.notebook.lines() if found.notebook else []:
+            print(line)
     return 0
 
 
@@ -432,10 +438,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, evidence)
         print(f"evidence written to {args.json}")
-    plot = Path(args.json).with_suffix(".png") if args.json else new_run_dir(f"check-{evidence['label']}", args.runs
-                                                                             ).with_suffix(".png")
+    beside = args.json or args.markdown  # the proof plot goes beside the evidence, or the card, or in runs/
+    plot = (Path(beside) if beside else new_run_dir(f"check-{evidence['label']}", args.runs)).with_suffix(".png")
     plot_proof(evidence, plot)
     print(f"proof plot written to {plot}")
+    if args.markdown:
+        from .fileio import atomic_path
+        from .report import render_card
+        from .summary import summarize
+
+        with atomic_path(args.markdown) as tmp:
+            tmp.write_text(render_card(evidence, Path(args.markdown), plot, summarize(cfg.build_model())) + "\n")
+        print(f"report card written to {args.markdown}")
     return 0 if evidence["passed"] else 1
 
 

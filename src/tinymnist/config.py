@@ -154,7 +154,7 @@ class TrainConfig:
         if self.models_file:
             from .usermodels import load_models_file
 
-            return load_models_file(self.models_file).get(self.model)()
+            return load_models_file(self.models_file).build(self.model)
         return create_model(self.model, dropout=self.dropout, layout=self.layout)
 
     def recipe(self) -> dict[str, Any]:

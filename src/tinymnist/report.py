@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from .check import proof, worst_of_last
 from .errors import TinyMnistError
 from .experiments import STEPS, Step
 from .fileio import atomic_path, read_json
 from .summary import format_summary, summarize
-from .target import LAST, SEEDS, THRESHOLD, budget_words
+from .target import LAST, MAX_EPOCHS, SEEDS, THRESHOLD, budget_phrase, budget_words
 
 RESULTS = Path("results")
 RUN_FILES = ("history.json", "config.json", "curves.png")
@@ -103,27 +104,59 @@ def _check_section(step: Step, results: Path) -> list[str]:
     if not path.is_file():
         return []
     ev = read_json(path)
-    histories = [s["history"] for s in ev["seeds"]]
-    k, pr = ev["last"], proof(ev)
-    mean, std = pr.mean, pr.std
-    out = [f"### Proof over {len(histories)} seeds: `{step.name}`", "",
-           f"`tinymnist check {step.name} --seeds {len(histories)} --last {k} --json results/{path.name}` trained the "
-           f"step's recipe once per seed. Verdict: **{pr.verdict}**.", "",
-           f"| seed | last {k} test accuracies (%) | min | final |", "| ---: | --- | ---: | ---: |"]
+    n, k = len(ev["seeds"]), ev["last"]
+    out = [f"### Proof over {n} seeds: `{step.name}`", "",
+           f"`tinymnist check {step.name} --seeds {n} --last {k} --json results/{path.name}` trained the "
+           f"step's recipe once per seed. Verdict: **{proof(ev).verdict}**.", ""]
+    plot = f"results/{path.with_suffix('.png').name}" if path.with_suffix(".png").is_file() else None
+    out += proof_lines(ev, plot, f"proof over seeds: {step.name}", extra=_selection_lines(step, ev, results))
+    return out + [""] + _errors_section(step, results)
+
+
+def proof_lines(ev: dict, plot: Optional[str], alt: str, extra: Sequence[str] = ()) -> list[str]:
+    """The body of a proof over seeds, as the series' pages and a student's report card both show it: each seed's
+    last accuracies, the final mean ± std, each rule with its verdict, `extra` lines, the hardware, the plot."""
+    pr = proof(ev)
+    k, n = pr.last, len(ev["seeds"])
+    what = "test" if pr.metric == "test_acc" else "validation"
+    out = [f"| seed | last {k} {what} accuracies (%) | min | final |", "| ---: | --- | ---: | ---: |"]
     for s in ev["seeds"]:
-        tail = [r["test_acc"] for r in s["history"][-k:]]
+        tail = [r[pr.metric] for r in s["history"][-k:]]
         out.append(f"| {s['seed']} | {', '.join(f'{a:.2f}' for a in tail)} | {min(tail):.2f} | {tail[-1]:.2f} |")
-    out += ["", f"Final-epoch test accuracy: **{mean:.2f} ± {std:.2f}%** (mean ± sample std over "
-                f"{len(histories)} seeds).", ""]
+    out += ["", f"Final-epoch {what} accuracy: **{pr.mean:.2f} ± {pr.std:.2f}%** (mean ± sample std over "
+                f"{n} seeds).", ""]
     out += [f"- {'✅' if r['passed'] else '❌'} {r['rule']}" for r in ev["rules"]]
-    out += _selection_lines(step, ev, results)
+    out += list(extra)
     env = ev.get("env", {})
     if env:
         out += ["", f"Measured with torch {env.get('torch')} on {env.get('device')}, {hardware_text(env)}, "
                     f"{env.get('threads')} thread(s) per run, {env.get('platform')}."]
-    if path.with_suffix(".png").is_file():
-        out += ["", f"![proof over seeds: {step.name}](results/{path.with_suffix('.png').name})"]
-    return out + [""] + _errors_section(step, results)
+    if plot:
+        out += ["", f"![{alt}]({plot})"]
+    return out
+
+
+def render_card(ev: dict, card: Path, plot: Optional[Path], summary) -> str:
+    """A student's report card, to paste into a README: the model's summary, the rule and the verdict, each seed's
+    last accuracies and the proof plot (linked relative to the card), from the check's evidence alone."""
+    from .config import TrainConfig
+
+    pr = proof(ev)
+    cfg = TrainConfig.from_dict(ev["config"])
+    source = ev.get("models_file", {}).get("path")
+    name = f"`{ev['model']}`" + (f" from `{Path(source).name}`" if source else "")
+    link = os.path.relpath(plot, card.parent).replace(os.sep, "/") if plot else None
+    what = "test" if pr.metric == "test_acc" else "validation"
+    return "\n".join([
+        f"### Report card: {name}", "",
+        "| parameters | receptive field | MACs per image | epochs | seeds | verdict |",
+        "| ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| {ev['params']:,} | {summary.rf}×{summary.rf} | {summary.macs:,} | {ev['epochs']} | {len(ev['seeds'])} | "
+        f"**{pr.verdict}** |", "",
+        f"The rule: at least {ev['threshold']:.2f}% {what} accuracy in every one of the last {pr.last} epochs, "
+        f"within {MAX_EPOCHS} epochs, with {budget_phrase(ev['budget'])} parameters, for every seed. Each seed trained "
+        f"with the recipe of tinymnist's step `{ev['step']}`: {recipe_words(cfg)}.", "",
+        *proof_lines(ev, link, f"{ev['model']}: {what} accuracy per epoch, every seed"), ""])
 
 
 def _selection_lines(step: Step, ev: dict, results: Path) -> list[str]:

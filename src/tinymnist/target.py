@@ -20,6 +20,11 @@ def budget_words(max_params: int) -> str:
     return f"< {max_params + 1:,}" if max_params == MAX_PARAMS else f"≤ {max_params:,}"
 
 
+def budget_phrase(max_params: int) -> str:
+    """The same in words: "fewer than 8,000" for the assignment's budget, "at most N" for any other."""
+    return f"fewer than {max_params + 1:,}" if max_params == MAX_PARAMS else f"at most {max_params:,}"
+
+
 def within(params: int, max_params: int = MAX_PARAMS) -> bool:
     """The parameter rule."""
     return params <= max_params

@@ -12,16 +12,20 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import multiprocessing as mp
 import sys
 import traceback
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .errors import TinyMnistError
 from .model import needs_arguments
+from .notebook import NotebookReport, load_notebook, where
 
 _FILES: dict[str, "ModelsFile"] = {}  # sha256 -> the file's classes, each file imported once per process
 
@@ -34,6 +38,7 @@ class ModelsFile:
     sha256: str
     classes: dict = field(default_factory=dict)  # name -> class, in the order the file defines them
     skipped: dict = field(default_factory=dict)  # name -> why it cannot be built without arguments
+    notebook: Optional[NotebookReport] = None  # for a notebook: what was taken from it, and what was left unrun
 
     def choices(self) -> str:
         """The valid names, and those skipped with why: what an error about a name lists."""
@@ -44,6 +49,32 @@ class ModelsFile:
         if name not in self.classes:
             raise TinyMnistError(f"{self.path} has no model {name!r} ({self.choices()})")
         return self.classes[name]
+
+    def build(self, name: str) -> nn.Module:
+        """A new instance of class `name`; a constructor that raises (a name a skipped import would have defined,
+        a wrong shape) is one TinyMnistError naming the file's line, or the notebook's cell and line."""
+        cls = self.get(name)
+        try:
+            return cls()
+        except Exception as e:  # noqa: BLE001 - the user's constructor may raise anything
+            raise TinyMnistError(f"{self.path}: {name}() fails{_location(e, self.path)}: {e.__class__.__name__}"
+                                 + (f": {_first_line(e)}" if _first_line(e) else "")) from None
+
+
+def _location(e: BaseException, path: Path) -> str:
+    """' at cell N, line L' or ' at line L': the innermost frame of the user's file in the traceback of `e`."""
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        cell = where(frame.filename, frame.lineno)
+        if cell:
+            return f" at {cell}"
+        if Path(frame.filename) == path:
+            return f" at line {frame.lineno}"
+    return ""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -64,6 +95,16 @@ def load_models_file(path: str | Path) -> ModelsFile:
     if digest in _FILES:
         return _FILES[digest]
     name = f"tinymnist_user_models_{digest[:16]}"
+    if path.suffix == ".ipynb":
+        module = types.ModuleType(name)
+        module.__file__ = str(path)
+        sys.modules[name] = module
+        try:
+            report = load_notebook(path, source, module, log=_note if mp.parent_process() is None else None)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return _collect(path, digest, module, report)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise TinyMnistError(f"{path}: not a Python file that can be imported")
@@ -83,9 +124,19 @@ def load_models_file(path: str | Path) -> ModelsFile:
         text = str(e).strip().splitlines()
         raise TinyMnistError(f"{path}: does not import: {where}{e.__class__.__name__}"
                              + (f": {text[0]}" if text else "")) from None
+    return _collect(path, digest, module)
+
+
+def _note(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _collect(path: Path, digest: str, module: types.ModuleType,
+             report: Optional[NotebookReport] = None) -> ModelsFile:
+    """The usable nn.Module classes the file (or notebook) defines, and those it skipped with why."""
     classes, skipped = {}, {}
     for attr, obj in vars(module).items():
-        if not (inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == name):
+        if not (inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__):
             continue
         why = needs_arguments(obj)
         if why:
@@ -95,7 +146,7 @@ def load_models_file(path: str | Path) -> ModelsFile:
     if not classes:
         detail = f" (skipped: {', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""
         raise TinyMnistError(f"{path}: no usable model: no nn.Module class whose constructor needs no argument{detail}")
-    found = ModelsFile(path, digest, classes, skipped)
+    found = ModelsFile(path, digest, classes, skipped, report)
     _FILES[digest] = found
     return found
 

@@ -1,0 +1,193 @@
+"""A student's Jupyter notebook as a models file: only what defines the model is taken from it, and nothing else runs.
+
+The write-ups of this assignment keep their `Net` between cells that install packages (`!pip install ...`), set up
+plots (`%matplotlib inline`), download MNIST, build DataLoaders and train for 15 epochs. From the code cells, this
+takes, in order:
+  - imports (one that fails, such as a package that is not installed here, is skipped with one line naming it);
+  - class and function definitions;
+  - plain constant assignments whose names a kept class or function uses (`dropout_value = 0.1`).
+Everything else is left unrun and counted: shell lines (`!...`), magics (`%...`, and whole `%%` cells), and every
+other statement (a training loop, a download, a DataLoader, a plot, a call). A class that needs a skipped name fails
+when it is built, in one line naming the name, the cell and the line.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import traceback
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .errors import TinyMnistError
+
+CELL_TAG = "#cell"  # code compiled from cell N has the file name "<path>#cellN", so errors can name the cell
+
+
+@dataclass
+class NotebookReport:
+    """What was taken from a notebook, and what was left unrun."""
+
+    code_cells: int = 0
+    cells_used: int = 0  # code cells that gave at least one definition
+    statements_kept: int = 0
+    statements_left: int = 0  # statements not run: loops, calls, downloads, non-constant assignments ...
+    shell_and_magic_lines: int = 0  # !... and %... lines, and the lines of %% cells
+    skipped_imports: list = field(default_factory=list)  # (statement text, cell, line, why)
+
+    def lines(self) -> list[str]:
+        """The report as `tinymnist models` prints it after the classes."""
+        out = [f"taken from the notebook: {self.statements_kept} statements (imports, definitions, constants) from "
+               f"{self.cells_used} of {self.code_cells} code cells",
+               f"left unrun: {self.statements_left} other statements and {self.shell_and_magic_lines} shell or "
+               "magic lines"]
+        out += [f"skipped import: {text} (cell {cell}, line {line}): {why}"
+                for text, cell, line, why in self.skipped_imports]
+        return out
+
+
+def where(filename: str, lineno: int) -> Optional[str]:
+    """'cell N, line L' for a frame of code compiled from a notebook cell, else None."""
+    if CELL_TAG not in filename:
+        return None
+    return f"cell {filename.rsplit(CELL_TAG, 1)[1]}, line {lineno}"
+
+
+def code_cells(path: Path, raw: bytes) -> list[tuple[int, str]]:
+    """(cell number, source) of each code cell, numbered from 1 among all the notebook's cells, as Jupyter shows
+    them; a file that is not a notebook is one TinyMnistError."""
+    try:
+        nb = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise TinyMnistError(f"{path}: not a Jupyter notebook (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise TinyMnistError(f"{path}: not a Jupyter notebook (not JSON: line {e.lineno}: {e.msg})") from None
+    cells = nb.get("cells") if isinstance(nb, dict) else None
+    if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
+        raise TinyMnistError(f"{path}: JSON, but not a Jupyter notebook (no list of cells)")
+    out = []
+    for number, cell in enumerate(cells, start=1):
+        if cell.get("cell_type") != "code":
+            continue
+        source = cell.get("source", "")
+        if isinstance(source, list):
+            source = "".join(s for s in source if isinstance(s, str))
+        if not isinstance(source, str):
+            raise TinyMnistError(f"{path}: cell {number} has no source text")
+        out.append((number, source))
+    if not out:
+        raise TinyMnistError(f"{path}: the notebook has no code cell")
+    return out
+
+
+def _python_lines(source: str) -> tuple[str, int]:
+    """The cell's source with shell lines and line magics blanked (line numbers stay), and how many were blanked;
+    a %% cell magic makes the whole cell not Python."""
+    lines = source.split("\n")
+    if source.lstrip().startswith("%%"):
+        return "", sum(1 for s in lines if s.strip())
+    kept, dropped = [], 0
+    for line in lines:
+        if line.lstrip().startswith(("!", "%")):
+            kept.append("")
+            dropped += 1
+        else:
+            kept.append(line)
+    return "\n".join(kept), dropped
+
+
+_DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _constant(node: ast.AST) -> bool:
+    """A plain constant: a literal, a tuple or list of them, or arithmetic on them (`0.1`, `-1`, `(1, 2)`, `2 ** 3`)."""
+    if isinstance(node, ast.Constant):
+        return True
+    if isinstance(node, (ast.Tuple, ast.List)):
+        return all(_constant(e) for e in node.elts)
+    if isinstance(node, ast.UnaryOp):
+        return _constant(node.operand)
+    if isinstance(node, ast.BinOp):
+        return _constant(node.left) and _constant(node.right)
+    return False
+
+
+def _assigned_names(node: ast.stmt) -> Optional[list[str]]:
+    """The names a plain constant assignment binds, or None if `node` is not one."""
+    if isinstance(node, ast.Assign) and _constant(node.value) and all(isinstance(t, ast.Name) for t in node.targets):
+        return [t.id for t in node.targets]
+    if isinstance(node, ast.AnnAssign) and node.value is not None and _constant(node.value) \
+            and isinstance(node.target, ast.Name):
+        return [node.target.id]
+    return None
+
+
+def load_notebook(path: Path, raw: bytes, module: types.ModuleType, log=None) -> NotebookReport:
+    """Run into `module` what defines the model in the notebook `raw` (see the module's docstring); return what was
+    taken and left. A syntax error is one TinyMnistError naming the cell and the line."""
+    report = NotebookReport()
+    parsed = []
+    for number, source in code_cells(path, raw):
+        report.code_cells += 1
+        text, dropped = _python_lines(source)
+        report.shell_and_magic_lines += dropped
+        try:
+            tree = ast.parse(text, filename=f"{path}{CELL_TAG}{number}")
+        except SyntaxError as e:
+            raise TinyMnistError(f"{path}: cell {number}, line {e.lineno}: SyntaxError: {e.msg}") from None
+        parsed.append((number, tree))
+    used = set()  # every name a definition reads: the constants worth keeping
+    for _, tree in parsed:
+        for node in tree.body:
+            if isinstance(node, _DEFINITIONS):
+                used |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+    for number, tree in parsed:
+        kept_here = 0
+        for node in tree.body:
+            names = _assigned_names(node)
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                kept_here += _import(path, number, node, module, report, log)
+            elif isinstance(node, _DEFINITIONS) or (names and set(names) & used):
+                _run(path, number, node, module)
+                kept_here += 1
+            else:
+                report.statements_left += 1
+        report.statements_kept += kept_here
+        report.cells_used += kept_here > 0
+    return report
+
+
+def _compile(path: Path, number: int, node: ast.stmt):
+    return compile(ast.Module(body=[node], type_ignores=[]), f"{path}{CELL_TAG}{number}", "exec")
+
+
+def _run(path: Path, number: int, node: ast.stmt, module: types.ModuleType) -> None:
+    """A definition or a constant: one that raises as it is defined (a decorator, a default argument, a class
+    body) is one TinyMnistError naming the cell and the line."""
+    try:
+        exec(_compile(path, number, node), module.__dict__)  # noqa: S102 - the user's own definitions, by design
+    except Exception as e:  # noqa: BLE001 - a user's code may raise anything
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if where(f.filename, f.lineno)]
+        at = where(frames[-1].filename, frames[-1].lineno) if frames else f"cell {number}, line {node.lineno}"
+        raise TinyMnistError(f"{path}: {at}: {e.__class__.__name__}: {_first_line(e)}") from None
+
+
+def _import(path: Path, number: int, node: ast.stmt, module: types.ModuleType, report: NotebookReport, log) -> int:
+    """Run one import; one that fails (a package not installed here) is skipped with one line naming it."""
+    try:
+        exec(_compile(path, number, node), module.__dict__)  # noqa: S102
+        return 1
+    except Exception as e:  # noqa: BLE001 - ImportError, or whatever a package raises as it loads
+        text = ast.unparse(node)
+        why = f"{e.__class__.__name__}: {_first_line(e)}"
+        report.skipped_imports.append((text, number, node.lineno, why))
+        if log is not None:
+            log(f"tinymnist: note: {path}: skipped `{text}` (cell {number}, line {node.lineno}): {why}")
+        return 0
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
