@@ -39,3 +39,15 @@ def test_every_check_file_becomes_a_proof_picture(tmp_path):
     shutil.copy(Path(__file__).resolve().parent / "data" / "check-final.json", tmp_path / "check-final.json")
     drawn = replot_checks(tmp_path)
     assert drawn == [tmp_path / "check-final.png"] and drawn[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_errors_never_writes_into_the_package(tmp_path):
+    from pathlib import Path
+
+    import tinymnist
+    from tinymnist.mistakes import PACKAGED_OUT, default_out
+
+    shipped = Path(tinymnist.__file__).resolve().parent / "assets" / "model.pt"
+    assert default_out(shipped) == PACKAGED_OUT and not PACKAGED_OUT.is_absolute()  # under the current directory
+    run = tmp_path / "runs" / "final-1" / "model.pt"
+    assert default_out(run) == run.parent  # a run's own directory, as before

@@ -231,9 +231,9 @@ def test_an_unknown_model_lists_the_valid_names(capsys):
 
 def test_register_model_makes_a_notebook_class_trainable_and_checkable(data_dir, tmp_path, monkeypatch):
     import tinymnist
-    from tinymnist import usermodels
+    from tinymnist import model
 
-    monkeypatch.setattr(usermodels, "_REGISTERED", {})  # registered for this test only
+    monkeypatch.setattr(model, "_REGISTERED", {})  # registered for this test only
 
     @tinymnist.register_model
     class TinyNotebookNet(nn.Module):

@@ -16,7 +16,12 @@ EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit code 2."""
+    """argparse, but a usage error is one line on stderr and exit code 2, and an option is spelt in full (a prefix
+    such as --seed for --seeds is refused, not guessed)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -280,12 +285,15 @@ def _add_use_verbs(verb) -> None:
     p = verb("errors", "the test images a checkpoint gets wrong: a picture grid, the confusion matrix and errors.json",
              cmd_errors, "data", "device")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's model.pt")
-    p.add_argument("--out", default=None, metavar="DIR", help="where to write (default: the checkpoint's directory)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where to write (default: the checkpoint's directory; for the model shipped in the package, "
+                        "./errors-shipped/, never the package itself)")
     _add_models(p, "needed for a checkpoint of one of its models")
 
     p = verb("demo", "a local web page: draw a digit and see what the model says", cmd_demo)
     p.add_argument("checkpoint", nargs="?", default=None, metavar="CHECKPOINT",
-                   help="a run's model.pt (default: the newest under runs/, else the trained model in the package)")
+                   help="a run's model.pt (default: your newest run of the answer's recipe under runs/, else the answer "
+                        "trained and shipped in the package)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: only this machine)")
     p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TCP port (0 = any free one)")
     _add_models(p, "needed for a checkpoint of one of its models")

@@ -93,10 +93,22 @@ def plot_confusion(result: dict, path: str | os.PathLike, title: str = "") -> No
     plt.close(fig)
 
 
+PACKAGED_OUT = Path("errors-shipped")  # where a packaged checkpoint's errors go by default: under the current directory
+
+
+def default_out(checkpoint: str | os.PathLike) -> Path:
+    """Where `errors` writes without --out: beside the checkpoint, except for one inside the installed package (the
+    shipped model), whose directory may be site-packages: then ./errors-shipped/."""
+    here = Path(__file__).resolve().parent
+    where = Path(checkpoint).resolve().parent
+    return PACKAGED_OUT if where == here or here in where.parents else Path(checkpoint).parent
+
+
 def run_errors(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] = None, data_dir: Optional[str] = None,
                device: str = "cpu", progress: bool = True, models: Optional[str] = None) -> tuple[Path, dict]:
     """Evaluate a checkpoint on the test set and write errors.json, misclassified.png and confusion.png into `out`
-    (default: the checkpoint's directory). The model runs in the memory format it was trained in."""
+    (default: the checkpoint's directory; ./errors-shipped/ for a checkpoint inside the package). The model runs in
+    the memory format it was trained in."""
     from .data import load_mnist
     from .device import pick_device
     from .runs import load_checkpoint
@@ -108,7 +120,7 @@ def run_errors(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] =
     data = load_mnist(data_dir, device=dev, progress=progress)
     result = collect_errors(model, data, fmt)
     result = {"checkpoint": str(checkpoint), "model": cfg.model, "layout": cfg.layout or None, **result}
-    out = Path(out) if out else Path(checkpoint).parent
+    out = Path(out) if out else default_out(checkpoint)
     write_json(out / ERRORS_FILE, result)
     name = cfg.model if not cfg.layout else f"{cfg.model} ({cfg.layout})"
     plot_misclassified(data.test_images, result, out / GRID_FILE, title=name)

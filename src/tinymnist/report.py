@@ -214,10 +214,12 @@ def _errors_section(step: Step, results: Path) -> list[str]:
         pairs[(m["true"], m["predicted"])] = pairs.get((m["true"], m["predicted"]), 0) + 1
     common = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
     rel = f"results/{step.name}/errors"  # as the README links it, wherever results/ was read from
+    # the checkpoint as a reader can name it: runs/ is not committed, so a run's path becomes its placeholder
+    shown = "runs/<run>/model.pt" if Path(e["checkpoint"]).parts[:1] == ("runs",) else e["checkpoint"]
     about = (f" (run `{run.get('name')}`, seed {run.get('seed')}, trained on {hardware_text(run.get('env', {}))})"
              if run else "")
     return [f"#### What `{step.name}` gets wrong", "",
-            f"`tinymnist errors {e['checkpoint']}`{about} misclassifies **{e['errors']}** of "
+            f"`tinymnist errors {shown} --out <dir>`{about} misclassifies **{e['errors']}** of "
             f"{e['test_images']:,} test images (test accuracy {e['test_acc']:.2f}%). The most frequent confusions: "
             + ", ".join(f"{t}→{p} ({n}×)" for (t, p), n in common) + f". Every error is listed in "
             f"`{rel}/{ERRORS_FILE}`; the run's `config.json` and `history.json` are beside it.", "",
@@ -257,7 +259,7 @@ def _search_section(t: dict, path: Path, results: Path) -> list[str]:
     d = Path("results") / path.parent.name  # as the README links it, wherever results/ was read from
     fixed = ", ".join(f"{name}={_short(v)}" for name, v in _space_fixed(results, t["study"]).items())
     out = [f"### Search: `{t['study']}`", "",
-           f"`tinymnist sweep spaces/{t['study']}.toml` tried **{sum(c.values())} recipes**: {c.get('complete', 0)} "
+           f"The study `{t['study']}` (`tinymnist sweep` of `spaces/{t['study']}.toml`) tried **{sum(c.values())} recipes**: {c.get('complete', 0)} "
            f"complete, {c.get('pruned', 0)} pruned by the median rule or rejected over the parameter budget "
            f"({t['rejected_over_budget']} rejected), {c.get('fail', 0)} failed (stopped mid-trial)"
            + (f", {c['running']} running when the study was last exported" if c.get("running") else "")
