@@ -1,7 +1,6 @@
 """Every `tinymnist ...` command in README.md and docs/*.md, as a user would type it, parses with the CLI's own
 parser (flags, choices, arity), and every file it reads exists in the repository or is a visible placeholder."""
 
-import argparse
 import re
 import shlex
 from pathlib import Path

@@ -13,25 +13,39 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .fileio import atomic_path  # noqa: E402
 
 
-def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
-    """Write a two-panel PNG (loss, accuracy) of a history.json list, atomically."""
+def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "", averaged: bool = False,
+                threshold: float = 99.4, last: int = 5) -> None:
+    """Write a three-panel PNG of a history.json list, atomically: loss; accuracy over every epoch; and the held-out
+    accuracy of the last `last` epochs, zoomed to the band where the rule is judged. `averaged`: the held-out
+    accuracy is measured on the averaged weights (EMA) and train accuracy on the raw ones; the legend says so."""
     epochs = [r["epoch"] for r in history]
     # the held-out sets the history carries: a validation run never reads the test set
     held = [s for s in ("val", "test") if history and f"{s}_acc" in history[0]]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    names = {"train": "train (raw weights)" if averaged else "train",
+             "val": "validation (averaged weights)" if averaged else "validation",
+             "test": "test (averaged weights)" if averaged else "test"}
+    fig, (ax_loss, ax_acc, ax_rule) = plt.subplots(1, 3, figsize=(14, 3.8))
     for split in ["train", *held]:
-        label = "validation" if split == "val" else split
-        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], "o-", label=label, ms=3)
-        ax_acc.plot(epochs, [r[f"{split}_acc"] for r in history], "o-", label=label, ms=3)
+        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], "o-", label=names[split], ms=3)
+        ax_acc.plot(epochs, [r[f"{split}_acc"] for r in history], "o-", label=names[split], ms=3)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss", yscale="log")
-    ax_acc.axhline(99.4, color="grey", ls="--", lw=1, label="99.4%")
+    ax_acc.axhline(threshold, color="grey", ls="--", lw=1, label=f"{threshold:g}%")
     # zoom on where the runs differ: the first epoch (often far lower) may leave the axis
     later = history[1:] or history
     lo = min(min(r[f"{s}_acc"] for s in ["train", *held]) for r in later) if later else 0
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy", ylim=(max(lo - 0.3, 0), 100))
-    for ax in (ax_loss, ax_acc):
+    # the rule's band: the held-out accuracy of the judged epochs, on an axis that shows hundredths
+    tail = history[-last:]
+    for split in held:
+        ax_rule.plot([r["epoch"] for r in tail], [r[f"{split}_acc"] for r in tail], "o-", ms=4, label=names[split],
+                     color=f"C{1 + held.index(split)}")  # the colours of the other panels
+    values = [r[f"{s}_acc"] for r in tail for s in held] + [threshold]
+    ax_rule.axhline(threshold, color="grey", ls="--", lw=1, label=f"{threshold:g}%: the rule")
+    ax_rule.set(xlabel="epoch", ylabel="accuracy (%)", title=f"The last {len(tail)} epochs, judged by the rule",
+                ylim=(min(values) - 0.1, max(values) + 0.1))
+    for ax in (ax_loss, ax_acc, ax_rule):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -40,13 +54,20 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "
     plt.close(fig)
 
 
-def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathLike) -> None:
-    """Parameters against the rule's number: for every checked step, each seed's worst of the last epochs (dots)
-    and the step's minimum (a bar), the threshold as a line, passing steps filled. `points` are dicts with name,
-    params, worst (one number per seed) and passed."""
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    curve = sorted((p["params"], min(p["worst"])) for p in points)
-    ax.plot([c[0] for c in curve], [c[1] for c in curve], ":", color="#555", lw=1, zorder=2)
+def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathLike,
+                  validation: Sequence[dict] = ()) -> None:
+    """Parameters against the rule's number: for every step checked on test, each seed's worst of the last epochs
+    (dots) and the step's minimum (a bar), the threshold as a line, passing steps in green. No line joins the steps:
+    they are different networks, not a trend. `validation`: 5-seed validation checks (of a yardstick, or of a
+    candidate that has not earned a look at test), drawn as hollow diamonds, each seed's worst and the minimum.
+    Points are dicts with name, params, worst (one number per seed) and passed."""
+    fig, ax = plt.subplots(figsize=(8, 5.0))
+    for v in validation:
+        ax.scatter([v["params"]] * len(v["worst"]), v["worst"], s=22, marker="D", facecolors="none",
+                   edgecolors="#2255aa", alpha=0.7, zorder=3)
+        ax.scatter([v["params"]], [min(v["worst"])], s=120, marker="_", color="#2255aa", linewidths=1.5, zorder=4)
+        ax.annotate(v["name"], (v["params"], min(v["worst"])), textcoords="offset points", xytext=(0, -12),
+                    ha="center", fontsize=7, color="#2255aa")
     points = sorted(points, key=lambda p: p["params"])
     near = max(1, (points[-1]["params"] - points[0]["params"]) * 0.04)  # labels closer than this would overlap
     for i, p in enumerate(points):
@@ -68,14 +89,17 @@ def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathL
     ax.scatter([], [], s=120, marker="_", color="grey", linewidths=2.5, label="the step's worst seed")
     ax.scatter([], [], s=40, color="#2a7f3f", label="passes over every seed")
     ax.scatter([], [], s=40, color="#b22", label="fails")
-    worst = [w for p in points for w in p["worst"]]
-    ax.set(xlabel="parameters", ylabel="test accuracy (%)", title="The reliability frontier: parameters against the "
+    if validation:
+        ax.scatter([], [], s=22, marker="D", facecolors="none", edgecolors="#2255aa",
+                   label="validation check, 5 seeds (reads lower than test)")
+    worst = [w for p in [*points, *validation] for w in p["worst"]]
+    ax.set(xlabel="parameters", ylabel="accuracy (%): test, or validation", title="The reliability frontier: parameters against the "
            "worst seed", ylim=(min(worst + [threshold]) - 0.12, max(worst + [threshold]) + 0.12))
-    xs = [p["params"] for p in points]
+    xs = [p["params"] for p in [*points, *validation]]
     pad = max(200, (max(xs) - min(xs)) * 0.08)
     ax.set_xlim(min(xs) - pad, max(xs) + pad)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)  # clear of points
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)

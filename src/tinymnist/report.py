@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import statistics
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -13,7 +14,7 @@ from .errors import TinyMnistError
 from .experiments import STEPS, Step
 from .fileio import atomic_path, read_json
 from .summary import format_summary, summarize
-from .target import LAST, MAX_EPOCHS, SEEDS, THRESHOLD, budget_phrase, budget_words
+from .target import LAST, MAX_EPOCHS, MAX_PARAMS, SEEDS, THRESHOLD, budget_phrase, budget_words
 
 RESULTS = Path("results")
 RUN_FILES = ("history.json", "config.json", "curves.png")
@@ -56,7 +57,8 @@ def replot(step: Step, results: Path = RESULTS) -> None:
     d = results / step.name
     meta = read_json(d / "config.json")
     plot_curves(read_json(d / "history.json"), d / "curves.png",
-                title=f"{step.name} ({meta['model']}, {meta['params']:,} params)")
+                title=f"{step.name} ({meta['model']}, {meta['params']:,} params)",
+                averaged=bool(meta["config"].get("ema")))
 
 
 def step_result(step: Step, results: Path = RESULTS) -> Optional[dict]:
@@ -105,7 +107,7 @@ def _check_section(step: Step, results: Path) -> list[str]:
         return []
     ev = read_json(path)
     n, k = len(ev["seeds"]), ev["last"]
-    out = [f"### Proof over {n} seeds: `{step.name}`", "",
+    out = [f"#### Proof over {n} seeds: `{step.name}`", "",
            f"`tinymnist check {step.name} --seeds {n} --last {k} --json results/{path.name}` trained the "
            f"step's recipe once per seed. Verdict: **{proof(ev).verdict}**.", ""]
     plot = f"results/{path.with_suffix('.png').name}" if path.with_suffix(".png").is_file() else None
@@ -243,7 +245,48 @@ def _search_sections(results: Path) -> list[str]:
         out += _search_section(t, path, results)
     if len(studies) > 1:
         out += [f"In all, {len(studies)} searches tried **{sum(studies.values())} recipes** on validation.", ""]
+    out += _screen_sections(results)
     return out + (_validation_bars(results) if out else [])
+
+
+def _screen_sections(results: Path) -> list[str]:
+    """Every committed screen (results/screen-*/screen.json): its candidates on 2 seeds, its confirmations over 5,
+    and the gate, which decides whether a candidate earned a look at test."""
+    paths = sorted(results.glob("screen-*/screen.json"))
+    if not paths:
+        return []
+    out = ["### Screens", "",
+           "`tinymnist screen SCREEN.toml` trains named candidates (a step's recipe with one idea changed) on "
+           "validation only, ranks them by the mean over seeds and last epochs, checks the best few over 5 validation "
+           "seeds, and compares each with the validation bar above.", ""]
+    for path in paths:
+        sc = read_json(path)
+        d = Path("results") / path.parent.name
+        out += [f"#### Screen: `{sc['screen']}`", "",
+                f"`screens/{sc['screen']}.toml`: the step `{sc['step']}` with one change per candidate, at most "
+                f"{sc['max_params']:,} parameters, {sc['seeds']} seeds each on {sc['val']:,} held-out images; every "
+                f"check's evidence is in `{d.as_posix()}/`.", "",
+                f"| candidate | changes | parameters | mean of last {sc['last']} (objective) | worst | per seed |",
+                "| --- | --- | ---: | ---: | ---: | --- |"]
+        rows = {r["name"]: r for r in sc["candidates"]}
+        for name in sc["ranked"]:
+            r = rows[name]
+            changes = ", ".join(f"{k}={_short(v)}" for k, v in r["changes"].items()) or "(the step as it is)"
+            out.append(f"| {name} | {changes} | {r['params']:,} | {r['objective']:.3f}% | {r['worst']:.2f}% | "
+                       f"{', '.join(f'{w:.2f}' for w in r['seed_worsts'])} |")
+        for r in sc["candidates"]:
+            if r.get("rejected"):
+                out.append(f"| {r['name']} | {', '.join(f'{k}={_short(v)}' for k, v in r['changes'].items())} | "
+                           "over the budget | — | — | — |")
+        if sc["confirmed"]:
+            out += ["", f"| confirmed over 5 validation seeds | worst seed | mean of the seeds' worsts | per seed | "
+                        "look at test |", "| --- | ---: | ---: | --- | --- |"]
+            for c in sc["confirmed"]:
+                out.append(f"| {c['name']} | {c['worst']:.2f}% | {c['mean_worst']:.2f}% | "
+                           f"{', '.join(f'{w:.2f}' for w in c['seed_worsts'])} | "
+                           f"{'earned' if c['earns_test_look'] else 'not earned'}: {c['why']} |")
+        out.append("")
+    return out
 
 
 def _search_section(t: dict, path: Path, results: Path) -> list[str]:
@@ -279,9 +322,81 @@ def _search_section(t: dict, path: Path, results: Path) -> list[str]:
                    f"{row['objective']:.2f}% | {per_seed} |")
     for name in ("history", "importances"):
         png = d / f"{t['study']}-{name}.png"
-        if (path.parent / png.name).is_file():
+        if name == "importances" and c.get("complete", 0) < MIN_TRIALS_FOR_IMPORTANCES:
+            out += ["", f"(Parameter importances are not shown: {c.get('complete', 0)} complete trials are too few "
+                        f"to rank parameters; below {MIN_TRIALS_FOR_IMPORTANCES} they are noise.)"]
+        elif (path.parent / png.name).is_file():
             out += ["", f"![{t['study']} {name}]({png.as_posix()})"]
     return out + [""]
+
+
+MIN_TRIALS_FOR_IMPORTANCES = 10  # fANOVA over fewer complete trials ranks parameters by noise
+YARDSTICK = "valcheck-final.json"  # the 5-seed validation check of a step that passes on test: the validation bar
+
+
+def _study_rows(results: Path) -> list[dict]:
+    """Each committed sweep and screen as one row of the searches' summary, in the order they ran."""
+    rows = []
+    found = [(read_json(path), path) for path in results.glob("sweep-*/trials.json")]
+    for t, path in sorted(found, key=lambda tp: (tp[0].get("started") or "", tp[1].name)):
+        space, trials = _space(results, t["study"]), t["trials"]
+        objectives = [r["objective"] for r in trials]
+        pairs = [r["val_worst"] for r in trials if len(r.get("val_worst") or []) > 1]
+        fed = [s.name for s in STEPS if t["study"] in (s.searches or ()) or (s.chosen_by or ("",))[0] == t["study"]]
+        rows.append({"name": t["study"], "kind": "sweep", "link": f"#search-{t['study']}",
+                     "budget": int(space.get("max_params", MAX_PARAMS)),
+                     "seeds": max((len(r.get("val_worst") or []) for r in trials), default=1),
+                     "complete": len(trials), "total": sum(t["counts"].values()),
+                     "best": max(objectives) if objectives else None, "objective": "worst",
+                     "spread": statistics.mean(max(v) - min(v) for v in pairs) if pairs else None,
+                     "top": objectives[0] - objectives[min(5, len(objectives) - 1)] if len(objectives) > 1 else None,
+                     "fed": fed})
+    for path in sorted(results.glob("screen-*/screen.json")):
+        sc = read_json(path)
+        ranked = [r for r in sc["candidates"] if not r.get("rejected")]
+        rows.append({"name": sc["screen"], "kind": "screen", "link": "#screens", "budget": sc["max_params"],
+                     "seeds": sc["seeds"], "complete": len(ranked), "total": len(sc["candidates"]),
+                     "best": max((r["objective"] for r in ranked), default=None), "objective": "mean",
+                     "spread": statistics.mean(max(r["seed_worsts"]) - min(r["seed_worsts"]) for r in ranked)
+                     if ranked and sc["seeds"] > 1 else None,
+                     "top": sc.get("top_range"),
+                     "fed": [f"{c['name']} (earned a test look)" if c["earns_test_look"] else f"{c['name']} (no test look)"
+                             for c in sc["confirmed"]]})
+    return rows
+
+
+def render_search_summary(results: Path = RESULTS) -> str:
+    """The searches page's first table: every search in one row, with the seeds' own spread beside the spread of its
+    best trials, and the validation bar a candidate has to clear."""
+    start, end = markers("search-summary")
+    rows = _study_rows(results)
+    out = [start, NOTE, ""]
+    yard = results / YARDSTICK
+    if yard.is_file():
+        ev = read_json(yard)
+        pr = proof(ev)
+        test = results / CHECK_FILE.format(step=ev["step"])
+        on_test = f", which passes on test (worst seed {proof(read_json(test)).worst:.2f}%)" if test.is_file() else ""
+        out += [f"**The validation bar.** `{ev['step']}`{on_test}, checked over {len(pr.seed_worsts)} seeds on the "
+                f"{ev['config']['val']:,} held-out images (`results/{YARDSTICK}`): worst seed **{pr.worst:.2f}%**, "
+                f"mean of the seeds' worsts **{statistics.mean(pr.seed_worsts):.2f}%**. Validation reads lower than "
+                "test for the same recipe, so a candidate earns its one look at test when its own 5-seed validation "
+                "check stands at least this high, worst seed and mean, or passes 99.40% outright.", ""]
+    if not rows:
+        return "\n".join(out + ["No search has been committed yet.", "", end])
+    out += ["| search | budget | seeds per trial | complete of all | best score | seeds' own spread | spread of the "
+            "top 6 | fed |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        best = f"{r['best']:.2f}% ({r['objective']})" if r["best"] is not None else "—"
+        spread = f"{r['spread']:.3f}" if r["spread"] is not None else "— (1 seed)"
+        top = f"{r['top']:.3f}" if r["top"] is not None else "—"
+        out.append(f"| [{r['name']}]({r['link']}) ({r['kind']}) | {budget_words(r['budget'])} | {r['seeds']} | "
+                   f"{r['complete']} of {r['total']} | {best} | {spread} | {top} | {', '.join(r['fed']) or '—'} |")
+    out += ["", "A score is validation accuracy over the last 5 epochs: *worst* is the rule's (the lowest epoch, the "
+            "lowest seed), *mean* the screens' (over epochs and seeds). The seeds' own spread is the mean gap between "
+            "a trial's best and worst seed; where the best trials lie closer together than that, their order is "
+            "seed noise, not a ranking.", "", end]
+    return "\n".join(out)
 
 
 def _validation_bars(results: Path) -> list[str]:
@@ -330,8 +445,6 @@ def render(results: Path = RESULTS) -> str:
                 "thread count its `config.json` names; runs that shared a machine with others are slower. MACs "
                 "count one forward pass. The searches that chose the later recipes are on "
                 "[the searches page](docs/searches.md).", ""]
-    for s in STEPS:  # the proof of every step that was checked over seeds: the assignment's answer, the smallest
-        out += _check_section(s, results)
     for s in STEPS:
         r = res[s.name]
         model = s.config.build_model()
@@ -356,6 +469,7 @@ def render(results: Path = RESULTS) -> str:
                 format_summary(summ, title=s.config.model), "```", "", "</details>", ""]
         if s.analysis:
             out += [f"**Analysis.** {fill(s.analysis, s, results)}", ""]
+        out += _check_section(s, results)  # the proof over seeds, beside its step
     out.append(END)
     return "\n".join(out)
 
@@ -675,8 +789,24 @@ def replot_frontier(results: Path = RESULTS) -> Optional[Path]:
     rows = _frontier_rows(results)
     if not rows:
         return None
-    plot_frontier(rows, rows[0]["threshold"], results / FRONTIER_PNG)
+    plot_frontier(rows, rows[0]["threshold"], results / FRONTIER_PNG, validation=_validation_points(results))
     return results / FRONTIER_PNG
+
+
+def _validation_points(results: Path) -> list[dict]:
+    """The frontier's validation evidence: the yardstick's 5-seed validation check, and each screen's confirmed
+    candidates (their own 5-seed validation checks), so a budget that has not earned a look at test has a point."""
+    found = [(f"{read_json(p)['step']} (validation)", p) for p in sorted(results.glob("valcheck-*.json"))]
+    for path in sorted(results.glob("screen-*/screen.json")):
+        sc = read_json(path)
+        found += [(f"{sc['screen']}: {c['name']}", path.parent / f"confirm-{c['name']}.json") for c in sc["confirmed"]]
+    points = []
+    for name, path in found:
+        if path.is_file():
+            ev = read_json(path)
+            points.append({"name": name, "params": ev["params"], "worst": list(proof(ev).seed_worsts),
+                           "passed": ev["passed"]})
+    return points
 
 
 def render_frontier(results: Path = RESULTS) -> str:
@@ -762,11 +892,11 @@ def render_writeups(results: Path = RESULTS) -> str:
     return "\n".join(out + ["", end])
 
 
-SECTIONS = {"headline": render_headline, "answer": render_answer, "frontier": render_frontier, "experiments": render,
+SECTIONS = {"search-summary": render_search_summary, "headline": render_headline, "answer": render_answer, "frontier": render_frontier, "experiments": render,
             "searches": render_searches, "performance": render_performance, "writeups": render_writeups}
 # Where each generated section lives, relative to the checkout: the README is the front page, docs/ the evidence.
 PAGES = {"README.md": ("headline", "answer", "frontier"), "docs/series.md": ("experiments",),
-         "docs/searches.md": ("searches",), "docs/performance.md": ("performance",), "docs/usage.md": ("writeups",)}
+         "docs/searches.md": ("search-summary", "searches"), "docs/performance.md": ("performance",), "docs/usage.md": ("writeups",)}
 
 
 def relink(text: str, page: str) -> str:

@@ -268,7 +268,7 @@ def _advance(run_dir: Path, meta: dict, trainer: Trainer, until: Optional[int], 
     if trainer.done:
         save_checkpoint(run_dir / "model.pt", trainer.final, cfg)
         plot_curves(trainer.history, run_dir / "curves.png",
-                    title=f"{meta['name']} ({cfg.model}, {meta['params']:,} params)")
+                    title=f"{meta['name']} ({cfg.model}, {meta['params']:,} params)", averaged=bool(cfg.ema))
         (run_dir / STATE_FILE).unlink(missing_ok=True)
     return list(trainer.history)
 
