@@ -1,4 +1,5 @@
-"""The models of the experiment series, Model_1 ... Model_N, built from one block helper and a layout."""
+"""The models of the series (Model_1, Model_2 and on), built from one block helper and a layout, and the registry of
+every model a process can build by name: tinymnist's own and those a user registers with register_model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loss and accuracy curves, train against test."""
+"""Pictures of runs and checks: a run's loss and accuracy curves, and the reliability frontier."""
 
 from __future__ import annotations
 

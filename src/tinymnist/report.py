@@ -1,4 +1,5 @@
-"""results/ -> the README's generated sections. Nothing here types a number; every one is read from a file."""
+"""results/ -> the generated sections of the README and docs/, and the verbs that make them (report, reproduce); nothing
+here types a number that a file holds: every one is read from results/."""
 
 from __future__ import annotations
 
@@ -73,6 +74,12 @@ def step_result(step: Step, results: Path = RESULTS) -> Optional[dict]:
             "epochs": len(history), "best_train": max(r["train_acc"] for r in history),
             "best_test": max(r["test_acc"] for r in history), "last": tail, "min_last": worst_of_last(history),
             "seconds": sum(r["seconds"] for r in history)}
+
+
+def seconds_per_epoch(histories: list[list[dict]]) -> float:
+    """The one definition of seconds per epoch on every page: the median over the epochs (training and the
+    held-out pass) of the given runs."""
+    return statistics.median(r["seconds"] for h in histories for r in h)
 
 
 def _log_table(history: list[dict]) -> str:
@@ -438,11 +445,13 @@ def render(results: Path = RESULTS) -> str:
             out.append(f"| [{s.name}](#{_anchor(s.heading)}) | {s.config.model} | {params:,} | {macs:,} | not run | "
                        "not run | not run | not run |")
         else:
-            per_epoch = r["seconds"] / r["epochs"]
             out.append(f"| [{s.name}](#{_anchor(s.heading)}) | {r['model']} | {r['params']:,} | {macs:,} | "
-                       f"{per_epoch:.0f} | {r['best_train']:.2f}% | {r['best_test']:.2f}% | {r['min_last']:.2f}% |")
-    out += ["", "Seconds per epoch (training plus the test pass) are as recorded by each run, on the machine and "
-                "thread count its `config.json` names; runs that shared a machine with others are slower. MACs "
+                       f"{seconds_per_epoch([r['history']]):.1f} | {r['best_train']:.2f}% | {r['best_test']:.2f}% | "
+                       f"{r['min_last']:.2f}% |")
+    out += ["", "Seconds per epoch are the median over the run's epochs (training plus the test pass), as the run "
+                "recorded them, on the machine and thread count its `config.json` names; runs that shared a machine "
+                "with others are slower. (The README's frontier table takes the same median over every epoch of a "
+                "check's seeds, so a step's two numbers differ by what its seeds and hosts differ.) MACs "
                 "count one forward pass. The searches that chose the later recipes are on "
                 "[the searches page](docs/searches.md).", ""]
     for s in STEPS:
@@ -628,6 +637,58 @@ def _wait(rec: dict) -> str:
     return text
 
 
+def render_codemap(results: Path = RESULTS) -> str:
+    """The map of the code: every module of the package with the first sentence of its own docstring, so that the
+    map changes when the code does."""
+    import ast
+
+    start, end = markers("codemap")
+    out = [start, NOTE, "", "| module | what it is |", "| --- | --- |"]
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        text = " ".join(doc.split())
+        first = text.split(". ")[0].rstrip(".") + "." if text else "(no docstring)"
+        out.append(f"| `{path.name}` | {first.replace('|', '/')} |")
+    return "\n".join(out + ["", end])
+
+
+def render_performance_first(results: Path = RESULTS) -> str:
+    """What a user needs before the evidence: how long a run and a check take, what --jobs gains, and the one setting
+    to leave alone; every number from the timed checks and results/bench.json."""
+    start, end = markers("performance-first")
+    out = [start, NOTE, ""]
+    by_jobs = {}
+    for f in sorted(results.glob("check-*-jobs*.json")):
+        ev = read_json(f)
+        by_jobs[ev["jobs"]] = (f, ev)
+    if by_jobs:
+        f, ev = by_jobs[min(by_jobs)]
+        per = seconds_per_epoch([x["history"] for x in ev["seeds"]])
+        out.append(f"- **A run** of `{ev['step']}` ({ev['epochs']} epochs) takes about "
+                   f"**{per * ev['epochs'] / 60:.1f} min** with {ev['threads_per_run']} threads on "
+                   f"{hardware_text(ev['env'])}: {per:.1f} s per epoch, training and the test pass "
+                   f"(`results/{f.name}`).")
+    if len(by_jobs) > 1:
+        (f1, one), (fn, most) = by_jobs[min(by_jobs)], by_jobs[max(by_jobs)]
+        out.append(f"- **A check over {len(one['seeds'])} seeds** took {one['wall_s'] / 60:.1f} min with `--jobs "
+                   f"{one['jobs']}` and **{most['wall_s'] / 60:.1f} min with `--jobs {most['jobs']}`** "
+                   f"({most['wall_s'] / one['wall_s']:.2f}×): `--jobs 0`, the default, runs one job per core, and "
+                   "every history stays the same whatever the number of jobs.")
+    bench = results / BENCH_FILE
+    if bench.is_file():
+        b = read_json(bench)
+        if "single_run_spinning" in b:
+            ratio = b["single_run_spinning"]["images_per_s"] / b["single_run"]["images_per_s"]
+            out.append(f"- **Leave `OMP_WAIT_POLICY` and `GOMP_SPINCOUNT` unset**: tinymnist sets a wait that spins "
+                       f"briefly, then sleeps; with `OMP_WAIT_POLICY=ACTIVE` a run alone ran at {ratio:.2f}× its "
+                       f"speed (`results/{bench.name}`, {hardware_text(b['env'])}).")
+    if len(out) == 3:
+        out.append("Nothing has been timed yet.")
+    out.append("- Hosts of one kind differ in speed (each figure here names its host, as every results file "
+               "records it): compare ratios measured on one host, not seconds across hosts.")
+    return "\n".join(out + ["", end])
+
+
 def _timed_checks(results: Path) -> list[str]:
     """The wall time of the same check with one job and with one per core, when both were committed."""
     files = sorted(results.glob("check-*-jobs*.json"))
@@ -761,7 +822,7 @@ def _frontier_rows(results: Path) -> list[dict]:
         if ev.get("metric", "test_acc") != "test_acc":
             continue
         worst = list(proof(ev).seed_worsts)
-        seconds = statistics.median(r["seconds"] for x in ev["seeds"] for r in x["history"])
+        seconds = seconds_per_epoch([x["history"] for x in ev["seeds"]])
         objective = None
         if s.chosen_by:
             study, number = s.chosen_by
@@ -892,11 +953,11 @@ def render_writeups(results: Path = RESULTS) -> str:
     return "\n".join(out + ["", end])
 
 
-SECTIONS = {"search-summary": render_search_summary, "headline": render_headline, "answer": render_answer, "frontier": render_frontier, "experiments": render,
+SECTIONS = {"codemap": render_codemap, "performance-first": render_performance_first, "search-summary": render_search_summary, "headline": render_headline, "answer": render_answer, "frontier": render_frontier, "experiments": render,
             "searches": render_searches, "performance": render_performance, "writeups": render_writeups}
 # Where each generated section lives, relative to the checkout: the README is the front page, docs/ the evidence.
 PAGES = {"README.md": ("headline", "answer", "frontier"), "docs/series.md": ("experiments",),
-         "docs/searches.md": ("search-summary", "searches"), "docs/performance.md": ("performance",), "docs/usage.md": ("writeups",)}
+         "docs/searches.md": ("search-summary", "searches"), "docs/performance.md": ("performance-first", "performance"), "docs/usage.md": ("writeups", "codemap")}
 
 
 def relink(text: str, page: str) -> str:
