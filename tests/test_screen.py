@@ -100,3 +100,17 @@ def test_a_bad_screen_file_is_one_error_naming_what_is_wrong(tmp_path, text, mes
     path.write_text(text)
     with pytest.raises(TinyMnistError, match=message.replace("[", r"\[")):
         read_screen(path)
+
+
+def test_a_candidate_may_be_a_class_of_a_models_file(tmp_path):
+    from pathlib import Path
+
+    models = Path(__file__).resolve().parent / "data" / "seed_style_models.py"
+    path = tmp_path / "w.toml"
+    path.write_text(f"[screen]\nstep = 'final'\nmax_params = 7999\n[[candidate]]\nname = 'theirs'\n"
+                    f"models_file = {str(models)!r}\nmodel = 'Model_1'\n[[candidate]]\nname = 'ours'\n")
+    screen = read_screen(path)
+    theirs, ours = (screen.recipe(c) for c in screen.candidates)
+    assert theirs.user_model and theirs.models_file == str(models) and theirs.dropout is None and theirs.val == 10000
+    assert not ours.user_model and ours.model == "Model_7"
+    assert theirs.recipe() | {"model": "Model_7", "models_file": "", "dropout": ours.dropout} == ours.recipe()

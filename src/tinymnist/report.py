@@ -637,6 +637,25 @@ def _wait(rec: dict) -> str:
     return text
 
 
+FIRST_COMMAND = "first-command-time.json"  # scripts/time_first_command.py writes it
+
+
+def render_setup_time(results: Path = RESULTS) -> str:
+    """How long the README's first command took from a fresh clone, install included, and where."""
+    start, end = markers("setup-time")
+    path = results / FIRST_COMMAND
+    if not path.is_file():
+        return "\n".join([start, NOTE, "", "The first command has not been timed yet "
+                           "(`python scripts/time_first_command.py`).", "", end])
+    t = read_json(path)
+    minutes, seconds = divmod(round(t["seconds"]), 60)
+    data = "MNIST read from `TINYMNIST_DATA`" if t["data"].startswith("from") else "MNIST downloaded"
+    return "\n".join([start, NOTE, "",
+                      f"From a fresh clone, the first command took **{minutes} min {seconds:02d} s**, install and "
+                      f"training included, on {hardware_text(t)} with Python {t['python']} and {data} "
+                      f"(`results/{FIRST_COMMAND}`, made by `scripts/time_first_command.py`).", "", end])
+
+
 def render_codemap(results: Path = RESULTS) -> str:
     """The map of the code: every module of the package with the first sentence of its own docstring, so that the
     map changes when the code does."""
@@ -953,10 +972,10 @@ def render_writeups(results: Path = RESULTS) -> str:
     return "\n".join(out + ["", end])
 
 
-SECTIONS = {"codemap": render_codemap, "performance-first": render_performance_first, "search-summary": render_search_summary, "headline": render_headline, "answer": render_answer, "frontier": render_frontier, "experiments": render,
+SECTIONS = {"setup-time": render_setup_time, "codemap": render_codemap, "performance-first": render_performance_first, "search-summary": render_search_summary, "headline": render_headline, "answer": render_answer, "frontier": render_frontier, "experiments": render,
             "searches": render_searches, "performance": render_performance, "writeups": render_writeups}
 # Where each generated section lives, relative to the checkout: the README is the front page, docs/ the evidence.
-PAGES = {"README.md": ("headline", "answer", "frontier"), "docs/series.md": ("experiments",),
+PAGES = {"README.md": ("setup-time", "headline", "answer", "frontier"), "docs/series.md": ("experiments",),
          "docs/searches.md": ("search-summary", "searches"), "docs/performance.md": ("performance-first", "performance"), "docs/usage.md": ("writeups", "codemap")}
 
 

@@ -67,8 +67,13 @@ class Screen:
         from .config import override
         from .experiments import get_step
 
+        from .config import for_user_model
+
         values = nest_fields({**dict(self.fixed), **dict(candidate.changes)})  # override() merges aug.* in
-        return override(get_step(self.step).config, {**values, "val": self.val}).validate()
+        base = get_step(self.step).config
+        if values.get("models_file"):  # a class of a models file: the step's training recipe, without our dropout
+            base = for_user_model(base, values.pop("model", base.model), values.pop("models_file"))
+        return override(base, {**values, "val": self.val}).validate()
 
 
 def read_screen(path: str | Path) -> Screen:
