@@ -46,6 +46,7 @@ def main(argv=None) -> int:
         env["TINYMNIST_DATA"] = str(Path(args.data_dir).resolve())
     with tempfile.TemporaryDirectory() as tmp:
         clone = Path(tmp) / "tinymnist"
+        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         t0 = time.perf_counter()
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
         done = subprocess.run(["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True)
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
         return 1
     result = {"command": command, "seconds": round(seconds, 1), "commit": commit,
               "data": "from TINYMNIST_DATA (no download)" if args.data_dir else "downloaded",
-              "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "started": started,
               "python": platform.python_version(), "hardware": cpu_info(),
               "last_line": done.stdout.strip().splitlines()[-1]}
     write_json(args.out, result)
