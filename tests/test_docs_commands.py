@@ -104,3 +104,13 @@ def test_commands_are_found_in_code_blocks_continuations_and_inline_spans():
             "tinymnist sweep spaces/frontier-7000.toml \\\n    --trials 4   # resumes\n```\n")
     assert commands(text) == [(1, "tinymnist check final --seeds 2"), (3, ".venv/bin/tinymnist train"),
                               (4, "tinymnist sweep spaces/frontier-7000.toml --trials 4   # resumes")]
+
+
+def test_docs_and_messages_give_one_install_hint():
+    from tinymnist.errors import install_hint
+
+    for page in PAGES:
+        for extra in re.findall(r"pip install -e '\.\[(\w+)\]'", page.read_text()):
+            assert install_hint(extra) in page.read_text(), (page.name, extra)
+    helps = {a.dest: a.help for a in build_parser()._subparsers._group_actions[0]._choices_actions}
+    assert install_hint("sweep") in helps["sweep"] and install_hint("onnx") in helps["export"]
