@@ -82,6 +82,9 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
         "results": parent("results", "--results", default="results", help="results directory"),
         "root": parent("root", "--root", default=".",
                        help="checkout whose README.md and docs/ pages are regenerated"),
+        "study": parent("study", "--study", default=None, metavar="NAME",
+                        help="the Optuna study (default: for sweep, the space file's name; for sweep-report, the only "
+                             "study in the storage)"),
         "model": parent("model", "--model", default=None, metavar="NAME",
                         help="the model to train with the step's recipe: one of tinymnist's (tinymnist models lists "
                              "them), or a class of --models"),
@@ -250,22 +253,20 @@ def _add_series_verbs(verb) -> None:
                                                         "evidence goes to <results>/screen-<name>/")
 
     p = verb("sweep", f"search recipes on validation with Optuna (needs {install_hint('sweep')})", cmd_sweep,
-             "jobs", "data", "device", "threads")
+             "study", "jobs", "data", "device", "threads")
     p.add_argument("space", metavar="SPACE.toml", help=f"the search space: {SPACE_FORMAT}")
     p.add_argument("--trials", type=_positive_int, required=True,
                    help="complete trials the study should hold; the same command again resumes it")
     p.add_argument("--storage", default=None, metavar="URL",
                    help="Optuna storage, e.g. postgresql://user:pass@host/db for workers on several machines "
                         "(default: sqlite in --out)")
-    p.add_argument("--study", default=None, metavar="NAME", help="study name (default: the space file's name)")
     p.add_argument("--out", default="sweeps", help="directory for the SQLite study and every trial's run directory")
     p.add_argument("--heartbeat", type=_positive_int, default=HEARTBEAT, metavar="SECONDS",
                    help="a running trial's heartbeat; one silent for twice this is marked failed and queued again")
     _add_models(p, "the space's model (fixed or searched) names its classes")
 
-    p = verb("sweep-report", "the best trials of a study, and its plots", cmd_sweep_report)
+    p = verb("sweep-report", "the best trials of a study, and its plots", cmd_sweep_report, "study")
     p.add_argument("target", metavar="DIR_OR_STORAGE", help="a sweep's --out directory, or a storage URL")
-    p.add_argument("--study", default=None, metavar="NAME", help="study name (default: the only study there)")
     p.add_argument("--top", type=_positive_int, default=10, help="how many trials to list")
     p.add_argument("--show-test", action="store_true",
                    help="also show the test accuracy that trials recorded before validation runs stopped reading "
