@@ -82,7 +82,14 @@ def test_a_screen_ranks_confirms_resumes_and_never_reads_the_test_set(tmp_path, 
     assert "check " not in capsys.readouterr().out  # no run started
     assert before == {p: p.stat().st_mtime_ns for p in (results / "screen-s").glob("*-*.json")}
     again = json.loads((results / "screen-s" / "screen.json").read_text())
-    assert again["yardstick"]["worst"] == 0.0 and again["confirmed"][0]["earns_test_look"]
+    assert again["yardstick"]["worst"] == 0.0 and again["confirmed"][0]["earns_test_look"] and again["done"]
+    # a running screen's progress, written without training: a candidate with no evidence yet is pending
+    (results / "screen-s" / f"screen-{ranked[1]}.json").unlink()
+    assert main(args + ["--no-train"]) == 0
+    snap = json.loads((results / "screen-s" / "screen.json").read_text())
+    assert {r["name"]: r.get("pending") for r in snap["candidates"]}[ranked[1]] and not snap["done"]
+    assert snap["ranked"] == [ranked[0]] and snap["confirmed"] == []  # no confirmation before every candidate is in
+    assert not (results / "screen-s" / f"screen-{ranked[1]}.json").exists()
 
 
 @pytest.mark.parametrize("text, message", [

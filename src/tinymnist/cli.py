@@ -251,6 +251,9 @@ def _add_series_verbs(verb) -> None:
              "results", "runs", "progress", "jobs", "data", "device", "threads")
     p.add_argument("file", metavar="SCREEN.toml", help="the base step and its candidates (format: docs/searches.md); "
                                                         "evidence goes to <results>/screen-<name>/")
+    p.add_argument("--no-train", action="store_true",
+                   help="train nothing: write screen.json from the evidence already there, to commit a running "
+                        "screen's progress")
 
     p = verb("sweep", f"search recipes on validation with Optuna (needs {install_hint('sweep')})", cmd_sweep,
              "study", "jobs", "data", "device", "threads")
@@ -476,7 +479,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     from .screen import run_screen
 
     run_screen(args.file, args.results, jobs=args.jobs, threads=args.threads, data_dir=args.data_dir,
-               device=args.device, runs=args.runs, progress=_progress(args))
+               device=args.device, runs=args.runs, progress=_progress(args), train=not args.no_train)
     return 0
 
 

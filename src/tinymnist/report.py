@@ -269,10 +269,12 @@ def _screen_sections(results: Path) -> list[str]:
     for path in paths:
         sc = read_json(path)
         d = Path("results") / path.parent.name
+        progress = "" if sc.get("done", True) else (" **In progress**: this is as far as it got; the same command "
+                                                        "(`tinymnist screen screens/" + sc["screen"] + ".toml`) resumes it.")
         out += [f"#### Screen: `{sc['screen']}`", "",
                 f"`screens/{sc['screen']}.toml`: the step `{sc['step']}` with one change per candidate, at most "
                 f"{sc['max_params']:,} parameters, {sc['seeds']} seeds each on {sc['val']:,} held-out images; every "
-                f"check's evidence is in `{d.as_posix()}/`.", "",
+                f"check's evidence is in `{d.as_posix()}/`.{progress}", "",
                 f"| candidate | changes | parameters | mean of last {sc['last']} (objective) | worst | per seed |",
                 "| --- | --- | ---: | ---: | ---: | --- |"]
         rows = {r["name"]: r for r in sc["candidates"]}
@@ -282,9 +284,9 @@ def _screen_sections(results: Path) -> list[str]:
             out.append(f"| {name} | {changes} | {r['params']:,} | {r['objective']:.3f}% | {r['worst']:.2f}% | "
                        f"{', '.join(f'{w:.2f}' for w in r['seed_worsts'])} |")
         for r in sc["candidates"]:
-            if r.get("rejected"):
+            if r.get("rejected") or r.get("pending"):
                 out.append(f"| {r['name']} | {', '.join(f'{k}={_short(v)}' for k, v in r['changes'].items())} | "
-                           "over the budget | — | — | — |")
+                           f"{'over the budget' if r.get('rejected') else 'not screened yet'} | — | — | — |")
         if sc["confirmed"]:
             out += ["", f"| confirmed over 5 validation seeds | worst seed | mean of the seeds' worsts | per seed | "
                         "look at test |", "| --- | ---: | ---: | --- | --- |"]
@@ -360,7 +362,7 @@ def _study_rows(results: Path) -> list[dict]:
                      "fed": fed})
     for path in sorted(results.glob("screen-*/screen.json")):
         sc = read_json(path)
-        ranked = [r for r in sc["candidates"] if not r.get("rejected")]
+        ranked = [r for r in sc["candidates"] if "objective" in r]
         rows.append({"name": sc["screen"], "kind": "screen", "link": "#screens", "budget": sc["max_params"],
                      "seeds": sc["seeds"], "complete": len(ranked), "total": len(sc["candidates"]),
                      "best": max((r["objective"] for r in ranked), default=None), "objective": "mean",

@@ -39,6 +39,7 @@ from .space import DEFAULT_VAL, check_field, nest_fields
 from .target import LAST, THRESHOLD
 
 CONFIRM_SEEDS = 5
+PENDING = "pending"  # a stage whose evidence is not there yet, when nothing may train
 _SCREEN_KEYS = {"step", "seeds", "val", "max_params", "last", "confirm", "confirm_seeds", "yardstick", "fixed"}
 
 
@@ -150,8 +151,10 @@ def earns_test_look(confirmed: dict, yardstick: Optional[dict]) -> tuple[bool, s
 
 def run_screen(path: str | Path, results: str | Path = "results", jobs: int = 0, threads: int = 0,
                data_dir: Optional[str] = None, device: str = "auto", runs: str = "runs",
-               progress: Optional[bool] = None, log=print) -> dict:
-    """Run (or resume) the screen, the confirmation and the gate; return the summary written to screen.json."""
+               progress: Optional[bool] = None, log=print, train: bool = True) -> dict:
+    """Run (or resume) the screen, the confirmation and the gate; return the summary written to screen.json. With
+    train=False nothing trains: screen.json is written from the evidence already there (a stage not yet run is
+    pending), to commit a running screen's progress."""
     from .config import TrainConfig
     from .model import count_params
 
@@ -174,6 +177,8 @@ def run_screen(path: str | Path, results: str | Path = "results", jobs: int = 0,
                 return ev  # done before: the screen resumes
             raise TinyMnistError(f"{file} holds another recipe than candidate {cand.name!r} has now: give the "
                                  "changed candidate a new name")
+        if not train:
+            return PENDING
         params = count_params(cfg.build_model())
         if params > screen.max_params:
             log(f"{cand.name}: {params:,} parameters > max_params {screen.max_params:,}: rejected, not trained")
@@ -186,27 +191,42 @@ def run_screen(path: str | Path, results: str | Path = "results", jobs: int = 0,
         write_json(file, ev)
         return ev
 
-    rows = []
+    def save(rows: list, confirmed: list, done: bool) -> dict:
+        """screen.json as far as the screen got: written after every candidate, so a stopped screen's progress is
+        evidence (committed as it grows), and the same command resumes it."""
+        ranked = sorted((r for r in rows if "objective" in r), key=lambda r: -r["objective"])
+        spread = [r["seed_spread"] for r in ranked]
+        summary = {"screen": screen.name, "step": screen.step, "max_params": screen.max_params, "seeds": screen.seeds,
+                   "val": screen.val, "last": screen.last, "objective": "mean over seeds of the mean validation "
+                   "accuracy of the last epochs", "yardstick": {"file": screen.yardstick, **yard} if yard else None,
+                   "done": done, "candidates": rows, "ranked": [r["name"] for r in ranked],
+                   "median_seed_spread": round(statistics.median(spread), 4) if spread else None,
+                   "top_range": round(ranked[0]["objective"] - ranked[min(len(ranked), 3) - 1]["objective"], 4)
+                   if ranked else None, "confirmed": confirmed}
+        write_json(out / "screen.json", summary)
+        return summary
+
+    rows: list = []
     for cand in screen.candidates:
         ev = stage("screen", cand, screen.seeds)
         rows.append({"name": cand.name, "changes": dict(cand.changes),
-                     **(summarize_evidence(ev, screen.last) if ev else {"rejected": True})})
-    ranked = sorted((r for r in rows if not r.get("rejected")), key=lambda r: -r["objective"])
-    confirmed = []
-    for r in ranked[:screen.confirm]:
-        cand = next(c for c in screen.candidates if c.name == r["name"])
-        row = {"name": cand.name, **summarize_evidence(stage("confirm", cand, screen.confirm_seeds), screen.last)}
-        row["earns_test_look"], row["why"] = earns_test_look(row, yard)
-        confirmed.append(row)
-    spread = [r["seed_spread"] for r in ranked]
-    summary = {"screen": screen.name, "step": screen.step, "max_params": screen.max_params, "seeds": screen.seeds,
-               "val": screen.val, "last": screen.last, "objective": "mean over seeds of the mean validation accuracy "
-               "of the last epochs", "yardstick": {"file": screen.yardstick, **yard} if yard else None,
-               "candidates": rows, "ranked": [r["name"] for r in ranked],
-               "median_seed_spread": round(statistics.median(spread), 4) if spread else None,
-               "top_range": round(ranked[0]["objective"] - ranked[min(len(ranked), 3) - 1]["objective"], 4)
-               if ranked else None, "confirmed": confirmed}
-    write_json(out / "screen.json", summary)
+                     **({"pending": True} if ev is PENDING else summarize_evidence(ev, screen.last) if ev
+                        else {"rejected": True})})
+        save(rows, [], done=False)
+    ranked = sorted((r for r in rows if "objective" in r), key=lambda r: -r["objective"])
+    confirmed: list = []
+    if not any(r.get("pending") for r in rows):  # the best are known only once every candidate is in
+        for r in ranked[:screen.confirm]:
+            cand = next(c for c in screen.candidates if c.name == r["name"])
+            ev = stage("confirm", cand, screen.confirm_seeds)
+            if ev is PENDING:
+                break
+            row = {"name": cand.name, **summarize_evidence(ev, screen.last)}
+            row["earns_test_look"], row["why"] = earns_test_look(row, yard)
+            confirmed.append(row)
+            save(rows, confirmed, done=False)
+    finished = len(confirmed) == min(screen.confirm, len(ranked)) and not any(r.get("pending") for r in rows)
+    summary = save(rows, confirmed, done=finished)
     log(format_screen(summary))
     return summary
 
@@ -223,6 +243,8 @@ def format_screen(summary: dict) -> str:
     for r in summary["candidates"]:
         if r.get("rejected"):
             lines.append(f"  rejected (over the budget)  {r['name']}")
+        elif r.get("pending"):
+            lines.append(f"  not screened yet  {r['name']}")
     if summary["median_seed_spread"] is not None:
         lines.append(f"the seeds' own spread (median of the candidates' std of the worst): "
                      f"{summary['median_seed_spread']:.3f}; the top 3 lie within {summary['top_range']:.3f}")
