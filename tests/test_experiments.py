@@ -157,7 +157,7 @@ def test_a_page_without_its_markers_is_one_clear_error(tmp_path):
     for page in PAGES:
         (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / page).write_text("# no markers\n")
-    with pytest.raises(TinyMnistError, match="has no <!-- headline:start -->"):
+    with pytest.raises(TinyMnistError, match="README.md has no <!-- setup-time:start -->"):
         update_pages(tmp_path, ROOT / "results")
 
 
