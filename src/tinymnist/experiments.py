@@ -26,6 +26,8 @@ class Step:
     #                                              this recipe; the test set confirms it once, with `tinymnist check`
     budget: int = MAX_PARAMS  # the most parameters this step was allowed (inclusive): the assignment's, or smaller
     searches: tuple[str, ...] = ()  # every committed study whose trials led to this recipe (chosen_by's among them)
+    screened_by: Optional[tuple[str, str]] = None  # (screen, candidate) whose 5-seed validation check earned this
+    #                                               recipe its look at test (results/screen-<screen>/confirm-<cand>)
 
     @property
     def number(self) -> int:

@@ -168,8 +168,36 @@ def render_card(ev: dict, card: Path, plot: Optional[Path], summary) -> str:
         *proof_lines(ev, link, f"{ev['model']}: {what} accuracy per epoch, every seed"), ""])
 
 
+def _screened_lines(step: Step, ev: dict, results: Path) -> list[str]:
+    """The 5-seed validation check that earned a screened step its look at test, beside the yardstick's and the test
+    check that followed."""
+    screen, cand = step.screened_by
+    d = results / f"screen-{screen}"
+    path = d / f"confirm-{cand}.json"
+    if not path.is_file():
+        raise TinyMnistError(f"step {step.name!r} was earned by candidate {cand!r} of screen {screen!r}, but {path} "
+                             "is missing")
+    val, k = proof(read_json(path)), ev["last"]
+    rows = [f"| validation: candidate `{cand}` of screen `{screen}`, confirmed | 50,000 (10,000 held out) | the "
+            f"10,000 held-out training images | {len(val.seed_worsts)} | {val.worst:.2f}% "
+            f"(mean {statistics.mean(val.seed_worsts):.2f}%) |"]
+    yard = results / YARDSTICK
+    if yard.is_file():
+        y = proof(read_json(yard))
+        rows.append(f"| validation bar: `{read_json(yard)['step']}` (`results/{YARDSTICK}`) | 50,000 (10,000 held "
+                    f"out) | the 10,000 held-out training images | {len(y.seed_worsts)} | {y.worst:.2f}% "
+                    f"(mean {statistics.mean(y.seed_worsts):.2f}%) |")
+    return ["", "Earned on validation, confirmed on test once:", "",
+            f"| evidence | trained on | judged on | seeds | worst of the last {k} epochs |",
+            "| --- | --- | --- | ---: | ---: |", *rows,
+            f"| test: this check | all 60,000 | the 10,000 test images | {len(ev['seeds'])} | "
+            f"{proof(ev).worst:.2f}% (mean {statistics.mean(proof(ev).seed_worsts):.2f}%) |"]
+
+
 def _selection_lines(step: Step, ev: dict, results: Path) -> list[str]:
     """The validation result that chose a searched step's recipe, beside the test result that confirmed it."""
+    if step.screened_by is not None:
+        return _screened_lines(step, ev, results)
     if step.chosen_by is None:
         return []
     study, number = step.chosen_by
@@ -767,7 +795,9 @@ def _fact(name: str, step: Step, results: Path) -> str:
     from .experiments import get_step, step_names
 
     parts = name.split(".")
-    if parts[0] == "study" and len(parts) == 3:
+    if parts[0] == "study" and len(parts) == 3 and parts[2] in ("complete", "all", "second"):
+        if not (results / f"sweep-{parts[1]}" / "trials.json").is_file():
+            return "[not searched yet]"
         t = read_json(results / f"sweep-{parts[1]}" / "trials.json")
         values = sorted((r["objective"] for r in t["trials"]), reverse=True)
         facts = {"complete": str(len(values)), "all": str(sum(t["counts"].values())),
@@ -783,15 +813,16 @@ def _fact(name: str, step: Step, results: Path) -> str:
         return f"{abs(step.config.build_model().num_params() - other):,}"
     if parts == ["free"]:
         return f"{step.budget - step.config.build_model().num_params():,}"
-    if len(parts) == 2 and parts[0] == "check":
+    check_facts = ("worst", "mean", "std", "seeds", "passing", "seed_worsts")
+    if len(parts) == 2 and parts[0] == "check" and parts[1] in check_facts:
         path = results / CHECK_FILE.format(step=step.name)
-        if path.is_file():
-            pr = proof(read_json(path))
-            facts = {"worst": f"{pr.worst:.2f}%", "mean": f"{pr.mean:.2f}%", "std": f"{pr.std:.2f}",
-                     "seeds": str(len(pr.seed_worsts)), "passing": str(sum(w >= THRESHOLD for w in pr.seed_worsts)),
-                     "seed_worsts": ", ".join(f"{w:.2f}%" for w in pr.seed_worsts)}
-            if parts[1] in facts:
-                return facts[parts[1]]
+        if not path.is_file():  # a results/ without the check (a fresh reproduce): the prose says so
+            return "[not checked yet]"
+        pr = proof(read_json(path))
+        facts = {"worst": f"{pr.worst:.2f}%", "mean": f"{pr.mean:.2f}%", "std": f"{pr.std:.2f}",
+                 "seeds": str(len(pr.seed_worsts)), "passing": str(sum(w >= THRESHOLD for w in pr.seed_worsts)),
+                 "seed_worsts": ", ".join(f"{w:.2f}%" for w in pr.seed_worsts)}
+        return facts[parts[1]]
     raise TinyMnistError(f"steps/{step.name}.md: no number {{{name}}} in results/ (see report.PLACEHOLDER)")
 
 
@@ -850,6 +881,10 @@ def _frontier_rows(results: Path) -> list[dict]:
             trials = read_json(results / f"sweep-{study}" / "trials.json")["trials"]
             objective = next(r["objective"] for r in trials if r["trial"] == number)
         tried = sum(sum(read_json(results / f"sweep-{q}" / "trials.json")["counts"].values()) for q in s.searches)
+        if s.screened_by:  # the 5-seed validation check's worst seed, and the screen's candidates
+            screen, cand = s.screened_by
+            objective = proof(read_json(results / f"screen-{screen}" / f"confirm-{cand}.json")).worst
+            tried += len(read_json(results / f"screen-{screen}" / "screen.json")["candidates"])
         rows.append({"name": s.name, "title": s.heading, "budget": s.budget, "params": ev["params"],
                      "macs": summarize(s.config.build_model()).macs, "seconds": seconds,
                      "threads": ev.get("threads_per_run"), "host": _host(ev), "objective": objective, "worst": worst,
