@@ -139,9 +139,15 @@ def test_concurrent_requests(server, test_digits):
 # ---------------------------------------------------------------- the command
 
 
+def _sigint_default():
+    # a shell without job control starts background jobs with SIGINT ignored (`nohup pytest &`), and a Python that
+    # starts with SIGINT ignored installs no KeyboardInterrupt: give the demo the disposition a terminal gives it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def demo_process(*args, cwd=None):
     return subprocess.Popen([sys.executable, "-m", "tinymnist.cli", "demo", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd)
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, preexec_fn=_sigint_default)
 
 
 def raw_request(url: str, data: bytes, read: bool = True) -> bytes:
