@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from .config import MACHINE_FIELDS as RESOLVED  # recipe fields that "auto" resolves per machine
 from .errors import TinyMnistError
-from .target import LAST, MAX_EPOCHS, MAX_PARAMS, THRESHOLD, budget_words, within
+from .target import LAST, MAX_EPOCHS, MAX_PARAMS, THRESHOLD, budget_words, verdict_word, within
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Proof:
 
     @property
     def verdict(self) -> str:
-        return "PASS" if self.passed else "FAIL"
+        return verdict_word(self.passed)
 
 
 def proof(ev: dict) -> Proof:
@@ -203,7 +203,7 @@ def _evidence(step, label: str, base, results: list, last: int, metric: str, max
     rules = verdict(params, base.epochs, histories, last, metric=metric, max_params=budget)
     mean, std = final_accuracy_stats(histories, metric)
     for rule in rules:
-        print(f"{'PASS' if rule.passed else 'FAIL'}  {rule.text}")
+        print(f"{verdict_word(rule.passed)}  {rule.text}")
     print(f"final-epoch {metric.split('_')[0]} accuracy over {len(results)} seeds: {mean:.2f} +- {std:.2f}%")
     earlier = (earlier_test_looks(step.name, step.budget, results_dir)
                if metric == "test_acc" and label == step.name else [])

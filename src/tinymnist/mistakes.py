@@ -12,6 +12,7 @@ import torch
 from .data import MNIST, normalize
 from .device import torch_memory_format
 from .fileio import atomic_path, write_json
+from .target import verdict_word
 
 ERRORS_FILE, GRID_FILE, CONFUSION_FILE = "errors.json", "misclassified.png", "confusion.png"
 
@@ -149,7 +150,7 @@ def plot_proof(evidence: dict, path: str | os.PathLike) -> None:
     ax.set(xlabel="epoch", ylabel=f"{metric.split('_')[0]} accuracy (%)",
            ylim=(min(min(tail), threshold) - 0.25, max(max(tail), threshold) + 0.15),
            title=f"{evidence.get('label', evidence['step'])} ({evidence['params']:,} params): {len(evidence['seeds'])} seeds, "
-                 f"{'PASS' if evidence['passed'] else 'FAIL'}")
+                 f"{verdict_word(evidence['passed'])}")
     ax.set_xlim(0.5, epochs + 0.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="lower right")

@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .fileio import atomic_path  # noqa: E402
+from .target import verdict_word  # noqa: E402
 
 
 def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "", averaged: bool = False,
@@ -82,7 +83,7 @@ def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathL
             ha, dx = "right", -6
         else:
             ha, dx = "center", 0
-        ax.annotate(f"{p['name']}\n{'PASS' if p['passed'] else 'FAIL'}", (p["params"], max(p["worst"])),
+        ax.annotate(f"{p['name']}\n{verdict_word(p['passed'])}", (p["params"], max(p["worst"])),
                     textcoords="offset points", xytext=(dx, 6), ha=ha, fontsize=8, color=color)
     ax.axhline(threshold, color="grey", ls="--", lw=1, label=f"{threshold:.2f}%: every seed's last epochs must reach it")
     ax.scatter([], [], s=18, color="grey", label="one seed's worst of its last epochs")

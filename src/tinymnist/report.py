@@ -316,7 +316,7 @@ def _screen_sections(results: Path) -> list[str]:
                 out.append(f"| {r['name']} | {', '.join(f'{k}={_short(v)}' for k, v in r['changes'].items())} | "
                            f"{'over the budget' if r.get('rejected') else 'not screened yet'} | — | — | — |")
         if sc["confirmed"]:
-            out += ["", f"| confirmed over 5 validation seeds | worst seed | mean of the seeds' worsts | per seed | "
+            out += ["", f"| confirmed over {len(sc['confirmed'][0]['seed_worsts'])} validation seeds | worst seed | mean of the seeds' worsts | per seed | "
                         "look at test |", "| --- | ---: | ---: | --- | --- |"]
             for c in sc["confirmed"]:
                 out.append(f"| {c['name']} | {c['worst']:.2f}% | {c['mean_worst']:.2f}% | "
@@ -718,7 +718,7 @@ def render_performance_first(results: Path = RESULTS) -> str:
                    f"{hardware_text(ev['env'])}: {per:.1f} s per epoch, training and the test pass "
                    f"(`results/{f.name}`).")
     if len(by_jobs) > 1:
-        (f1, one), (fn, most) = by_jobs[min(by_jobs)], by_jobs[max(by_jobs)]
+        (_, one), (_, most) = by_jobs[min(by_jobs)], by_jobs[max(by_jobs)]
         out.append(f"- **A check over {len(one['seeds'])} seeds** took {one['wall_s'] / 60:.1f} min with `--jobs "
                    f"{one['jobs']}` and **{most['wall_s'] / 60:.1f} min with `--jobs {most['jobs']}`** "
                    f"({most['wall_s'] / one['wall_s']:.2f}×): `--jobs 0`, the default, runs one job per core, and "
@@ -867,7 +867,6 @@ FRONTIER_PNG = "frontier.png"
 
 def _frontier_rows(results: Path) -> list[dict]:
     """Every step with a committed test check, smallest first, with what the frontier shows of it."""
-    import statistics
 
     rows = []
     for s, ev in _checked_steps(results):

@@ -28,3 +28,8 @@ def budget_phrase(max_params: int) -> str:
 def within(params: int, max_params: int = MAX_PARAMS) -> bool:
     """The parameter rule."""
     return params <= max_params
+
+
+def verdict_word(passed: bool) -> str:
+    """A verdict as every page, plot and line prints it."""
+    return "PASS" if passed else "FAIL"
