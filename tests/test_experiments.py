@@ -296,3 +296,17 @@ def test_an_unknown_placeholder_is_one_error_naming_the_step():
 
     with pytest.raises(TinyMnistError, match=r"steps/final.md: no number \{check.luck\}"):
         fill("the {check.luck} of it", get_step("final"), ROOT / "results")
+
+
+def test_a_screened_step_trains_its_candidates_recipe_on_all_the_images():
+    from dataclasses import replace
+
+    from tinymnist.screen import read_screen
+
+    for s in STEPS:
+        if s.screened_by:
+            screen_name, cand = s.screened_by
+            screen = read_screen(ROOT / "screens" / f"{screen_name}.toml")
+            chosen = screen.recipe(next(c for c in screen.candidates if c.name == cand))
+            assert replace(chosen, val=0).recipe() == s.config.recipe()
+            assert (ROOT / "results" / f"screen-{screen_name}" / f"confirm-{cand}.json").is_file()

@@ -412,9 +412,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_experiments(args: argparse.Namespace) -> int:
     from .experiments import STEPS
 
+    width = max(len(s.name) for s in STEPS) + 2
     for s in STEPS:
         params = s.config.build_model().num_params()
-        print(f"{s.name:<14}{s.config.model:<9}{params:>8,} params  {s.config.epochs:>2} epochs  {s.heading}")
+        print(f"{s.name:<{width}}{s.config.model:<9}{params:>8,} params  {s.config.epochs:>2} epochs  {s.heading}")
     return 0
 
 

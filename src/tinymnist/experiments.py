@@ -160,6 +160,15 @@ STEPS: tuple[Step, ...] = (
         budget=5000,
         searches=("frontier-5000",),
     ),
+    Step(
+        name="budget-5000-batch32",
+        title="At most 5,000 parameters, earned on 5 validation seeds: batch 32",
+        # candidate batch-32 of screens/frontier-5000.toml, refit on all 60,000 images
+        config=replace(_FINAL, model="Model_11", lr=0.1, ema=0.998, weight_decay=0.0, batch_size=32),
+        role="the frontier: at most 5,000 parameters, earned on 5 validation seeds",
+        budget=5000,
+        screened_by=("frontier-5000", "batch-32"),
+    ),
 )
 
 
