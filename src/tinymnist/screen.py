@@ -168,7 +168,8 @@ def run_screen(path: str | Path, results: str | Path = "results", jobs: int = 0,
         log(f"no yardstick yet at {yard_path} (a step's 5-seed validation check: tinymnist check STEP --val "
             f"{screen.val} --json FILE): only a candidate that passes on validation earns a look at test")
 
-    def stage(kind: str, cand: Candidate, seeds: int) -> Optional[dict]:
+    def stage(kind: str, cand: Candidate, seeds: int):
+        """The stage's evidence (run now if need be), None for a candidate over the budget, or PENDING."""
         cfg = screen.recipe(cand)
         file = out / f"{kind}-{cand.name}.json"
         if file.is_file():
@@ -177,12 +178,12 @@ def run_screen(path: str | Path, results: str | Path = "results", jobs: int = 0,
                 return ev  # done before: the screen resumes
             raise TinyMnistError(f"{file} holds another recipe than candidate {cand.name!r} has now: give the "
                                  "changed candidate a new name")
-        if not train:
-            return PENDING
         params = count_params(cfg.build_model())
         if params > screen.max_params:
             log(f"{cand.name}: {params:,} parameters > max_params {screen.max_params:,}: rejected, not trained")
             return None
+        if not train:
+            return PENDING
         log(f"{kind} {cand.name} ({params:,} parameters; {', '.join(f'{k}={v}' for k, v in cand.changes) or 'as the step'})")
         ev = run_check(screen.step, seeds, screen.last, data_dir=data_dir, device=device, out_root=runs,
                        progress=progress, threads=threads, jobs=jobs, recipe=cfg, max_params=screen.max_params,
