@@ -62,29 +62,37 @@ def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathL
     they are different networks, not a trend. `validation`: 5-seed validation checks (of a yardstick, or of a
     candidate that has not earned a look at test), drawn as hollow diamonds, each seed's worst and the minimum.
     Points are dicts with name, params, worst (one number per seed) and passed."""
-    fig, ax = plt.subplots(figsize=(8, 5.0))
-    for v in validation:
-        ax.scatter([v["params"]] * len(v["worst"]), v["worst"], s=22, marker="D", facecolors="none",
-                   edgecolors="#2255aa", alpha=0.7, zorder=3)
-        ax.scatter([v["params"]], [min(v["worst"])], s=120, marker="_", color="#2255aa", linewidths=1.5, zorder=4)
-        ax.annotate(v["name"], (v["params"], min(v["worst"])), textcoords="offset points", xytext=(0, -12),
-                    ha="center", fontsize=7, color="#2255aa")
+    fig, ax = plt.subplots(figsize=(8, 5.4))
     points = sorted(points, key=lambda p: p["params"])
-    near = max(1, (points[-1]["params"] - points[0]["params"]) * 0.04)  # labels closer than this would overlap
+    span = max(p["params"] for p in [*points, *validation]) - min(p["params"] for p in [*points, *validation])
+    dx = max(1.0, span * 0.018)  # checks of one parameter count stand side by side, this far apart
+    near = max(1, span * 0.04)  # labels closer than this would overlap
+    shown: dict = {}  # parameter count -> how many checks already stand there
     for i, p in enumerate(points):
+        k = shown[p["params"]] = shown.get(p["params"], -1) + 1
+        x = p["params"] + k * dx
         color = "#2a7f3f" if p["passed"] else "#b22"
-        xs = [p["params"]] * len(p["worst"])
-        ax.scatter(xs, p["worst"], s=18, color=color, alpha=0.6, zorder=3)
-        ax.scatter([p["params"]], [min(p["worst"])], s=120, marker="_", color=color, linewidths=2.5, zorder=4)
-        # a step close to its left neighbour is labelled to the right, one close to its right neighbour to the left
+        ax.scatter([x] * len(p["worst"]), p["worst"], s=18, color=color, alpha=0.6, zorder=3)
+        ax.scatter([x], [min(p["worst"])], s=120, marker="_", color=color, linewidths=2.5, zorder=4)
+        # a step close to its left neighbour is labelled to the right, one close to its right neighbour to the left;
+        # a second check of the same count is labelled a line higher
         if i and p["params"] - points[i - 1]["params"] < near:
-            ha, dx = "left", 6
+            ha, off = "left", 6
         elif i + 1 < len(points) and points[i + 1]["params"] - p["params"] < near:
-            ha, dx = "right", -6
+            ha, off = "right", -6
         else:
-            ha, dx = "center", 0
-        ax.annotate(f"{p['name']}\n{verdict_word(p['passed'])}", (p["params"], max(p["worst"])),
-                    textcoords="offset points", xytext=(dx, 6), ha=ha, fontsize=8, color=color)
+            ha, off = "center", 0
+        ax.annotate(f"{p['name']}\n{verdict_word(p['passed'])}", (x, max(p["worst"])), textcoords="offset points",
+                    xytext=(off, 6 + 20 * k), ha=ha, fontsize=8, color=color)
+    for j, v in enumerate(sorted(validation, key=lambda v: v["params"])):  # to the left of the test checks
+        same = [w for w in validation if w["params"] == v["params"]]
+        k = same.index(v)
+        x = v["params"] - (k + 1) * dx
+        ax.scatter([x] * len(v["worst"]), v["worst"], s=22, marker="D", facecolors="none", edgecolors="#2255aa",
+                   alpha=0.7, zorder=3)
+        ax.scatter([x], [min(v["worst"])], s=120, marker="_", color="#2255aa", linewidths=1.5, zorder=4)
+        ax.annotate(v["name"], (x, min(v["worst"])), textcoords="offset points", xytext=(0, -11 - 9 * k),
+                    ha="center", fontsize=6.5, color="#2255aa")
     ax.axhline(threshold, color="grey", ls="--", lw=1, label=f"{threshold:.2f}%: every seed's last epochs must reach it")
     ax.scatter([], [], s=18, color="grey", label="one seed's worst of its last epochs")
     ax.scatter([], [], s=120, marker="_", color="grey", linewidths=2.5, label="the step's worst seed")
@@ -96,11 +104,11 @@ def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathL
     worst = [w for p in [*points, *validation] for w in p["worst"]]
     ax.set(xlabel="parameters", ylabel="accuracy (%): test, or validation", title="The reliability frontier: parameters against the "
            "worst seed", ylim=(min(worst + [threshold]) - 0.12, max(worst + [threshold]) + 0.12))
-    xs = [p["params"] for p in [*points, *validation]]
+    xs = [p["params"] for p in [*points, *validation]] + [min(v["params"] for v in validation) - 3 * dx] * bool(validation)
     pad = max(200, (max(xs) - min(xs)) * 0.08)
     ax.set_xlim(min(xs) - pad, max(xs) + pad)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)  # clear of points
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)  # clear of points
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)

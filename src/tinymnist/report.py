@@ -955,7 +955,8 @@ def render_frontier(results: Path = RESULTS) -> str:
                    f"{min(r['worst']):.2f}% | "
                    f"{r['verdict']}{look} | {r['tried'] or '—'} |")
     out += ["", "The validation objective is the search's: the worst validation accuracy of the last epochs, the "
-                "minimum over the trial's seeds, on 10,000 held-out training images; the test column is the check's, "
+                "minimum over the trial's seeds, on 10,000 held-out training images (for a step a screen earned, the "
+                "worst seed of its 5-seed validation check); the test column is the check's, "
                 "after a refit on all 60,000. Seconds per epoch are the median over the check's epochs (training and "
                 "the test pass), each run with the threads and code its evidence records, on the host the letter names "
                 "(compare within one check only): " + "; ".join(f"{chr(65 + i)}: {h}" for i, h in enumerate(hosts))
