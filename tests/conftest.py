@@ -96,3 +96,17 @@ def untrained_checkpoint(tmp_path) -> Path:
     path = tmp_path / "model.pt"
     save_checkpoint(path, create_model(cfg.model, dropout=cfg.dropout), cfg)
     return path
+
+
+@pytest.fixture(scope="module")
+def learnable_dir(tmp_path_factory):
+    """Small MNIST-format files a good recipe learns quickly (a bright band whose row gives the label)."""
+    root = tmp_path_factory.mktemp("mnist")
+    synthetic_mnist(root, n_train=512, n_test=256, learnable=True)
+    return root
+
+
+@pytest.fixture
+def no_verify(monkeypatch):
+    """Made-up data has no known MD5: skip the check for this test."""
+    monkeypatch.setenv("TINYMNIST_VERIFY", "0")

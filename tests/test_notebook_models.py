@@ -66,15 +66,13 @@ def seeds_style(tmp_path: Path, net: str = NET) -> Path:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mnist")
-    synthetic_mnist(root, n_train=256, n_test=128, learnable=True)
-    return root
+def data_dir(learnable_dir):
+    return learnable_dir
 
 
 @pytest.fixture(autouse=True)
-def _no_verify(monkeypatch):
-    monkeypatch.setenv("TINYMNIST_VERIFY", "0")
+def _no_verify(no_verify):
+    """Every test here trains on made-up data."""
 
 
 def test_models_lists_what_was_taken_and_what_was_left(tmp_path, capsys):

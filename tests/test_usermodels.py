@@ -20,15 +20,13 @@ FAST = ["--epochs", "2", "--limit-batches", "3", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mnist")
-    synthetic_mnist(root, n_train=512, n_test=256, learnable=True)
-    return root
+def data_dir(learnable_dir):
+    return learnable_dir
 
 
 @pytest.fixture(autouse=True)
-def _no_verify(monkeypatch):
-    monkeypatch.setenv("TINYMNIST_VERIFY", "0")  # made-up data has no known MD5
+def _no_verify(no_verify):
+    """Every test here trains on made-up data."""
 
 
 @pytest.fixture(scope="module")
