@@ -51,6 +51,24 @@ def test_the_gate_compares_worst_and_mean_with_the_yardstick():
     assert not earns_test_look(summarize_evidence(_ev([99.39, 99.50]), 2), None)[0]
 
 
+def test_a_margin_of_the_yardsticks_own_spread_turns_a_tie_away():
+    yard = summarize_evidence(_ev([99.30, 99.34, 99.38]), last=2)  # mean 99.34, seed spread 0.04
+    tie = summarize_evidence(_ev([99.32, 99.35, 99.36]), 2)  # mean 99.343: as high as the yardstick, not above it
+    assert earns_test_look(tie, yard, margin_spreads=0)[0]
+    ok, why = earns_test_look(tie, yard, margin_spreads=1)
+    assert not ok and "99.380%" in why  # 99.34 + 1 x 0.04
+    assert earns_test_look(summarize_evidence(_ev([99.36, 99.38, 99.40]), 2), yard, margin_spreads=1)[0]  # at the bar
+    assert not earns_test_look(summarize_evidence(_ev([99.36, 99.38, 99.40]), 2), yard, margin_spreads=1.5)[0]
+
+
+@pytest.mark.parametrize("value", ["-1", '"one"', "true"])
+def test_a_bad_margin_is_one_error(tmp_path, value):
+    path = tmp_path / "s.toml"
+    path.write_text(SCREEN.replace('yardstick = "yard.json"', f'yardstick = "yard.json"\nmargin_spreads = {value}'))
+    with pytest.raises(TinyMnistError, match="margin_spreads"):
+        read_screen(path)
+
+
 def test_a_screen_ranks_confirms_resumes_and_never_reads_the_test_set(tmp_path, capsys):
     synthetic_mnist(tmp_path / "d", n_train=512, n_test=64, learnable=True)
     screen = tmp_path / "s.toml"

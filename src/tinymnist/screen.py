@@ -21,7 +21,8 @@ moves less than it moves the worst (recorded beside it, with the spread between 
 the best `confirm` candidates are checked on validation over `confirm_seeds` seeds, the rule itself judged on the
 held-out images. Stage 3 is the gate, no training: a candidate earns its one look at test when its validation check
 stands at least as high as the yardstick's (a step that passes on test, checked on validation the same way), worst
-seed and mean, or passes 99.40% outright. Every stage writes its evidence under results/screen-<name>/ as it goes, so
+seed and mean, or passes 99.40% outright; with `margin_spreads = k` the mean must beat the yardstick's by k times the
+yardstick's own seed spread, since a tie is no margin on new seeds. Every stage writes its evidence under results/screen-<name>/ as it goes, so
 the same command resumes a stopped screen on any machine.
 """
 
@@ -40,7 +41,8 @@ from .target import LAST, THRESHOLD
 
 CONFIRM_SEEDS = 5
 PENDING = "pending"  # a stage whose evidence is not there yet, when nothing may train
-_SCREEN_KEYS = {"step", "seeds", "val", "max_params", "last", "confirm", "confirm_seeds", "yardstick", "fixed"}
+_SCREEN_KEYS = {"step", "seeds", "val", "max_params", "last", "confirm", "confirm_seeds", "yardstick", "margin_spreads",
+                "fixed"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Screen:
     confirm: int = 3
     confirm_seeds: int = CONFIRM_SEEDS
     yardstick: str = ""  # a validation check's evidence file, relative to results/
+    margin_spreads: float = 0.0  # the gate's margin over the yardstick's mean, in units of the yardstick's seed spread
     fixed: tuple = ()  # (flat recipe name, value) pairs every candidate shares, before its own changes
 
     def recipe(self, candidate: Candidate):
@@ -118,12 +121,20 @@ def read_screen(path: str | Path) -> Screen:
         candidates.append(Candidate(name, changes_of(c, f"{path} candidate {name!r}", own=True)))
     screen = Screen(path.stem, head["step"], tuple(candidates), int(head["max_params"]), int(head.get("seeds", 2)),
                     int(head.get("val", DEFAULT_VAL)), int(head.get("last", LAST)), int(head.get("confirm", 3)),
-                    int(head.get("confirm_seeds", CONFIRM_SEEDS)), str(head.get("yardstick", "")), fixed)
-    if screen.val <= 0 or screen.seeds < 1 or screen.confirm < 0 or screen.confirm_seeds < 1:
-        raise TinyMnistError(f"{path} [screen]: val, seeds and confirm_seeds must be positive, confirm >= 0")
+                    int(head.get("confirm_seeds", CONFIRM_SEEDS)), str(head.get("yardstick", "")),
+                    _number(head.get("margin_spreads", 0.0), f"{path} [screen] margin_spreads"), fixed)
+    if screen.val <= 0 or screen.seeds < 1 or screen.confirm < 0 or screen.confirm_seeds < 1 or screen.margin_spreads < 0:
+        raise TinyMnistError(f"{path} [screen]: val, seeds and confirm_seeds must be positive, confirm and "
+                             "margin_spreads >= 0")
     for c in screen.candidates:
         screen.recipe(c)  # every candidate is a recipe that trains, before anything does
     return screen
+
+
+def _number(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TinyMnistError(f"{where}: a number, not {value!r}")
+    return float(value)
 
 
 def summarize_evidence(ev: dict, last: int) -> dict:
@@ -137,16 +148,20 @@ def summarize_evidence(ev: dict, last: int) -> dict:
             "params": ev["params"], "passed": ev["passed"]}
 
 
-def earns_test_look(confirmed: dict, yardstick: Optional[dict]) -> tuple[bool, str]:
-    """The gate: a validation check at least as high as the yardstick's, worst seed and mean of the seeds' worsts,
-    or one that passes the rule outright on validation."""
+def earns_test_look(confirmed: dict, yardstick: Optional[dict], margin_spreads: float = 0.0) -> tuple[bool, str]:
+    """The gate: a validation check at least as high as the yardstick's worst seed, and whose mean of the seeds'
+    worsts beats the yardstick's by `margin_spreads` times the yardstick's own seed spread (0: a tie is enough); or
+    one that passes the rule outright on validation."""
     if confirmed["worst"] >= THRESHOLD:
         return True, f"passes on validation (worst seed {confirmed['worst']:.2f}% >= {THRESHOLD:.2f}%)"
     if yardstick is None:
         return False, f"worst seed {confirmed['worst']:.2f}% < {THRESHOLD:.2f}%, and no yardstick to compare with"
-    ok = confirmed["worst"] >= yardstick["worst"] and confirmed["mean_worst"] >= yardstick["mean_worst"]
-    return ok, (f"worst seed {confirmed['worst']:.2f}% and mean {confirmed['mean_worst']:.2f}% against the "
-                f"yardstick's {yardstick['worst']:.2f}% and {yardstick['mean_worst']:.2f}%")
+    bar = round(yardstick["mean_worst"] + margin_spreads * yardstick["seed_spread"], 4)  # as mean_worst is rounded
+    ok = confirmed["worst"] >= yardstick["worst"] and confirmed["mean_worst"] >= bar
+    margin = (f" + {margin_spreads:g} x its seed spread {yardstick['seed_spread']:.3f} = {bar:.3f}%"
+              if margin_spreads else "")
+    return ok, (f"worst seed {confirmed['worst']:.2f}% and mean {confirmed['mean_worst']:.3f}% against the "
+                f"yardstick's {yardstick['worst']:.2f}% and {yardstick['mean_worst']:.3f}%{margin}")
 
 
 def run_screen(path: str | Path, results: str | Path = "results", jobs: int = 0, threads: int = 0,
@@ -198,7 +213,7 @@ def run_screen(path: str | Path, results: str | Path = "results", jobs: int = 0,
         ranked = sorted((r for r in rows if "objective" in r), key=lambda r: -r["objective"])
         spread = [r["seed_spread"] for r in ranked]
         summary = {"screen": screen.name, "step": screen.step, "max_params": screen.max_params, "seeds": screen.seeds,
-                   "val": screen.val, "last": screen.last, "objective": "mean over seeds of the mean validation "
+                   "val": screen.val, "last": screen.last, "margin_spreads": screen.margin_spreads, "objective": "mean over seeds of the mean validation "
                    "accuracy of the last epochs", "yardstick": {"file": screen.yardstick, **yard} if yard else None,
                    "done": done, "candidates": rows, "ranked": [r["name"] for r in ranked],
                    "median_seed_spread": round(statistics.median(spread), 4) if spread else None,
@@ -223,7 +238,7 @@ def run_screen(path: str | Path, results: str | Path = "results", jobs: int = 0,
             if ev is PENDING:
                 break
             row = {"name": cand.name, **summarize_evidence(ev, screen.last)}
-            row["earns_test_look"], row["why"] = earns_test_look(row, yard)
+            row["earns_test_look"], row["why"] = earns_test_look(row, yard, screen.margin_spreads)
             confirmed.append(row)
             save(rows, confirmed, done=False)
     finished = len(confirmed) == min(screen.confirm, len(ranked)) and not any(r.get("pending") for r in rows)
