@@ -93,6 +93,23 @@ def test_a_screen_ranks_confirms_resumes_and_never_reads_the_test_set(tmp_path, 
     assert [c["name"] for c in summary["confirmed"]] == ranked[:1]
     confirm = json.loads((results / "screen-s" / f"confirm-{ranked[0]}.json").read_text())
     assert len(confirm["seeds"]) == 3
+    # the confirmation took the screen's 2 seeds as they were and trained only seed 2: 2 + 2 + 1 runs in all
+    assert confirm["reused"]["seeds"] == [0, 1] and confirm["reused"]["file"] == f"screen-{ranked[0]}.json"
+    assert confirm["seeds"][:2] == ev["seeds"] and confirm["seeds"][2]["seed"] == 2
+    assert len(list((tmp_path / "runs").iterdir())) == 5
+    # ... and it is the check that trains all 3 seeds afresh, history for history
+    from tinymnist.check import run_check
+    from tinymnist.config import TrainConfig
+
+    afresh = run_check("budget-5000", 3, 2, data_dir=str(tmp_path / "d"), out_root=str(tmp_path / "fresh"),
+                       progress=False, threads=1, jobs=2, recipe=TrainConfig.from_dict(confirm["config"]))
+    timeless = lambda e: [[{k: v for k, v in r.items() if k != "seconds"} for r in s["history"]] for s in e["seeds"]]
+    assert timeless(afresh) == timeless(confirm) and "reused" not in afresh
+    other = TrainConfig.from_dict({**confirm["config"], "lr": confirm["config"]["lr"] / 2})
+    with pytest.raises(TinyMnistError, match="another recipe"):
+        run_check("budget-5000", 3, 2, data_dir=str(tmp_path / "d"), out_root=str(tmp_path / "fresh"),
+                  progress=False, threads=1, jobs=2, recipe=other, reuse=confirm)
+    capsys.readouterr()
     # the yardstick arrives: the same command trains nothing more, and the gate now compares with it
     (results / "yard.json").write_text(json.dumps(_ev([0.0, 0.0])))
     before = {p: p.stat().st_mtime_ns for p in (results / "screen-s").glob("*-*.json")}

@@ -138,14 +138,19 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
               device: str = "auto", out_root: str = "runs", progress: Optional[bool] = None, threads: int = 0,
               jobs: int = 0, overrides: Optional[dict] = None, results_dir: str | Path = "results",
               model: Optional[str] = None, models_file: Optional[str] = None, recipe=None,
-              max_params: Optional[int] = None) -> dict:
+              max_params: Optional[int] = None, reuse: Optional[dict] = None) -> dict:
     """Train a step's recipe (default: the series' answer) with seeds 0..seeds-1, `jobs` at a time; return the
     evidence object that --json writes.
 
     `model`, `models_file` and `overrides` make the recipe as check_recipe says; with a `val` among the overrides,
     every seed holds out that many training images and the rule is judged on validation accuracy. `recipe` (a
     TrainConfig) replaces all of that. `max_params`: the parameter rule, inclusive (default: the step's own budget
-    for the step itself, the assignment's for any other model)."""
+    for the step itself, the assignment's for any other model).
+
+    `reuse`: the evidence of an earlier check of the same recipe (a screen's, over fewer seeds). Its seeds are taken
+    as they are and only the others train: a seed's history is a function of the recipe, the seed, the device and the
+    threads per run (the same on any number of parallel runs), so training it again would only repeat it. The
+    evidence says which seeds came from where, with that check's environment."""
     from .device import pick_device
     from .experiments import answer, get_step
     from .parallel import plan
@@ -163,9 +168,16 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
               "(a models file trains in parallel)", flush=True)
         workers, per_run = plan(1, 1, threads, pick_device(device).type)
     label = step.name if base.model == step.config.model and not base.user_model else base.model
-    print(f"check {label}: {seeds} seeds, {workers} at a time with {per_run} thread(s) each", flush=True)
+    taken = _reusable(reuse, base, seeds, metric) if reuse else {}
+    if taken:
+        print(f"check {label}: seed(s) {', '.join(map(str, sorted(taken)))} taken from an earlier check of the same "
+              f"recipe ({reuse.get('threads_per_run', '?')} thread(s) per run there)", flush=True)
+    print(f"check {label}: {seeds - len(taken)} seeds to train, {workers} at a time with {per_run} thread(s) each",
+          flush=True)
     runs = []
     for seed in range(seeds):
+        if seed in taken:
+            continue
         run_dir = new_run_dir(f"check-{label}-seed{seed}", out_root)
         run_dir.mkdir(parents=True)  # claim the name now: every seed starts within the same second
         runs.append((f"seed {seed}", replace(base, seed=seed), run_dir, f"{label}-seed{seed}"))
@@ -177,27 +189,57 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
 
     t0 = time.perf_counter()
     outcomes = train_many(runs, workers, per_run, data_dir, device, on_done=report, progress=progress,
-                          desc=f"check {label}")
+                          desc=f"check {label}") if runs else []
     wall = time.perf_counter() - t0
     failed = [o for o in outcomes if not o.ok]
     if failed:
-        raise TinyMnistError(f"{len(failed)} of {seeds} runs failed ({', '.join(o.label for o in failed)}); "
+        raise TinyMnistError(f"{len(failed)} of {len(runs)} runs failed ({', '.join(o.label for o in failed)}); "
                              "the finished runs are complete in their run directories")
     run = {"jobs": workers, "threads_per_run": per_run, "handed_out": "epochs" if workers > 1 else "runs",
            "wall_s": round(wall, 1)}
-    return _evidence(step, label, base, [o.result for o in outcomes], last, metric, max_params, results_dir, run)
+    fresh = [o.result for o in outcomes]
+    if taken:
+        run["reused"] = {"seeds": sorted(taken), "threads_per_run": reuse.get("threads_per_run"),
+                         "wall_s": reuse.get("wall_s"), "trained": reuse.get("trained"), "env": reuse.get("env")}
+    results = sorted([*fresh, *taken.values()], key=lambda r: r["seed"])
+    return _evidence(step, label, base, results, last, metric, max_params, results_dir, run, fresh or None)
+
+
+def _reusable(reuse: dict, base, seeds: int, metric: str) -> dict:
+    """The seeds of `reuse` (an earlier check's evidence) that this check can take as they are: {seed: result}. The
+    recipe must be the same one, judged on the same held-out metric; a history must be complete."""
+    from .config import TrainConfig
+
+    try:
+        same = (TrainConfig.from_dict(reuse["config"]).recipe() == base.recipe()
+                and reuse.get("metric", "test_acc") == metric)
+        taken = {s["seed"]: s for s in reuse["seeds"] if s["seed"] < seeds}
+    except (KeyError, TypeError, ValueError) as e:
+        raise TinyMnistError(f"the evidence to reuse is not a check's evidence ({e.__class__.__name__}: {e})") from None
+    if not same:
+        raise TinyMnistError("the evidence to reuse holds another recipe, or another held-out metric, than this check")
+    short = [s for s, r in taken.items() if len(r.get("history", [])) != base.epochs]
+    if short:
+        raise TinyMnistError(f"the evidence to reuse has incomplete histories (seed {short[0]})")
+    return taken
 
 
 def _evidence(step, label: str, base, results: list, last: int, metric: str, max_params: Optional[int],
-              results_dir, run: dict):
-    """Judge the finished runs, print the verdict, and assemble the evidence object."""
+              results_dir, run: dict, fresh: Optional[list] = None):
+    """Judge the finished runs, print the verdict, and assemble the evidence object. `fresh`: the results trained
+    now (default: all), whose saved config tells what 'auto' became and the environment; with none, a reused
+    check's."""
     from .fileio import read_json
     from .model import count_params
 
     params = count_params(base.build_model())
-    saved = [read_json(Path(r["run_dir"]) / "config.json") for r in results]
-    # what 'auto' became on this machine (every seed resolves it the same way)
-    trained = {k: saved[0]["config"][k] for k in RESOLVED if k in saved[0]["config"]}
+    fresh = results if fresh is None else fresh
+    if fresh:
+        saved = read_json(Path(fresh[0]["run_dir"]) / "config.json")
+        # what 'auto' became on this machine (every seed resolves it the same way)
+        trained, env = {k: saved["config"][k] for k in RESOLVED if k in saved["config"]}, saved["env"]
+    else:
+        trained, env = run["reused"]["trained"], run["reused"]["env"]
     histories = [r["history"] for r in results]
     budget = max_params or (step.budget if label == step.name else MAX_PARAMS)
     rules = verdict(params, base.epochs, histories, last, metric=metric, max_params=budget)
@@ -221,4 +263,4 @@ def _evidence(step, label: str, base, results: list, last: int, metric: str, max
             "last": last, "threshold": THRESHOLD, "metric": metric, "passed": all(r.passed for r in rules),
             "rules": [{"rule": r.text, "passed": r.passed} for r in rules],
             "final_acc_mean": round(mean, 4), "final_acc_std": round(std, 4), **run,
-            "config": base.to_dict(), "trained": trained, "env": saved[0]["env"], "seeds": results}
+            "config": base.to_dict(), "trained": trained, "env": env, "seeds": results}

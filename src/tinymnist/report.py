@@ -293,7 +293,8 @@ def _screen_sections(results: Path) -> list[str]:
     out = ["### Screens", "",
            "`tinymnist screen SCREEN.toml` trains named candidates (a step's recipe with one idea changed) on "
            "validation only, ranks them by the mean over seeds and last epochs, checks the best few over 5 validation "
-           "seeds, and compares each with the validation bar above.", ""]
+           "seeds (taking the screen's seeds as they are: the same seed gives the same history), and compares each "
+           "with the validation bar above.", ""]
     for path in paths:
         sc = read_json(path)
         d = Path("results") / path.parent.name
@@ -302,7 +303,10 @@ def _screen_sections(results: Path) -> list[str]:
         out += [f"#### Screen: `{sc['screen']}`", "",
                 f"`screens/{sc['screen']}.toml`: the step `{sc['step']}` with one change per candidate, at most "
                 f"{sc['max_params']:,} parameters, {sc['seeds']} seeds each on {sc['val']:,} held-out images; every "
-                f"check's evidence is in `{d.as_posix()}/`.{progress}", "",
+                f"check's evidence is in `{d.as_posix()}/`.{progress}"
+                + (f" Its gate, set before it trained: the mean of the seeds' worsts must beat the yardstick's by "
+                   f"{sc['margin_spreads']:g} × the yardstick's own seed spread, as a tie is no margin on new seeds."
+                   if sc.get("margin_spreads") else ""), "",
                 f"| candidate | changes | parameters | mean of last {sc['last']} (objective) | worst | per seed |",
                 "| --- | --- | ---: | ---: | ---: | --- |"]
         rows = {r["name"]: r for r in sc["candidates"]}
@@ -319,7 +323,7 @@ def _screen_sections(results: Path) -> list[str]:
             out += ["", f"| confirmed over {len(sc['confirmed'][0]['seed_worsts'])} validation seeds | worst seed | mean of the seeds' worsts | per seed | "
                         "look at test |", "| --- | ---: | ---: | --- | --- |"]
             for c in sc["confirmed"]:
-                out.append(f"| {c['name']} | {c['worst']:.2f}% | {c['mean_worst']:.2f}% | "
+                out.append(f"| {c['name']} | {c['worst']:.2f}% | {c['mean_worst']:.3f}% | "
                            f"{', '.join(f'{w:.2f}' for w in c['seed_worsts'])} | "
                            f"{'earned' if c['earns_test_look'] else 'not earned'}: {c['why']} |")
         out.append("")

@@ -19,7 +19,8 @@ Stage 1, the screen: every candidate trains `seeds` seeds holding out `val` trai
 read) and is ranked by the mean over seeds and over the last epochs of validation accuracy, which one epoch's dip
 moves less than it moves the worst (recorded beside it, with the spread between seeds). Stage 2, the confirmation:
 the best `confirm` candidates are checked on validation over `confirm_seeds` seeds, the rule itself judged on the
-held-out images. Stage 3 is the gate, no training: a candidate earns its one look at test when its validation check
+held-out images; the screen's seeds are taken as they are (the same seed gives the same history), so only the new
+seeds train. Stage 3 is the gate, no training: a candidate earns its one look at test when its validation check
 stands at least as high as the yardstick's (a step that passes on test, checked on validation the same way), worst
 seed and mean, or passes 99.40% outright; with `margin_spreads = k` the mean must beat the yardstick's by k times the
 yardstick's own seed spread, since a tie is no margin on new seeds. Every stage writes its evidence under results/screen-<name>/ as it goes, so
@@ -200,9 +201,13 @@ def run_screen(path: str | Path, results: str | Path = "results", jobs: int = 0,
         if not train:
             return PENDING
         log(f"{kind} {cand.name} ({params:,} parameters; {', '.join(f'{k}={v}' for k, v in cand.changes) or 'as the step'})")
+        earlier = out / f"screen-{cand.name}.json"  # the confirmation takes the screen's seeds as they are
+        reuse = read_json(earlier) if kind == "confirm" and earlier.is_file() else None
         ev = run_check(screen.step, seeds, screen.last, data_dir=data_dir, device=device, out_root=runs,
                        progress=progress, threads=threads, jobs=jobs, recipe=cfg, max_params=screen.max_params,
-                       results_dir=results)
+                       results_dir=results, reuse=reuse)
+        if "reused" in ev:
+            ev["reused"]["file"] = earlier.name
         ev["candidate"] = {"screen": screen.name, "name": cand.name, "changes": dict(cand.changes)}
         write_json(file, ev)
         return ev
