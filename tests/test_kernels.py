@@ -198,15 +198,18 @@ def test_use_kernels_swaps_only_what_it_can_run():
                           nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.Dropout(0.1), nn.ReLU(),  # not adjacent
                           nn.MaxPool2d(3), nn.MaxPool2d(2, ceil_mode=True),
                           nn.Conv2d(8, 8, 3, bias=False), nn.Conv2d(8, 8, 3, padding=1, bias=False),
-                          nn.Conv2d(8, 8, 3, stride=2, bias=False), nn.Conv2d(8, 8, 3, groups=8, bias=False))
-    before = model[10].weight
-    assert use_kernels(model) == 3
+                          nn.Conv2d(8, 8, 3, stride=2, bias=False), nn.Conv2d(8, 8, 3, groups=8, bias=False),
+                          nn.Conv2d(8, 16, 3, groups=8, bias=False), nn.Conv2d(8, 8, 3, groups=2, bias=False))
+    before, depthwise = model[10].weight, model[13].weight
+    assert use_kernels(model) == 4
     kinds = [type(m).__module__.split(".")[0] + "." + type(m).__name__ for m in model]
     assert kinds == ["torch.Conv2d", "tinymnist.BatchNormReLU", "torch.Identity", "tinymnist.MaxPool2x2",
                      "torch.Conv2d", "torch.BatchNorm2d", "torch.Dropout", "torch.ReLU", "torch.MaxPool2d",
-                     "torch.MaxPool2d", "tinymnist.Conv2d", "torch.Conv2d", "torch.Conv2d", "torch.Conv2d"]
+                     "torch.MaxPool2d", "tinymnist.Conv2d", "torch.Conv2d", "torch.Conv2d", "tinymnist.Conv2d",
+                     "torch.Conv2d", "torch.Conv2d"]  # a depthwise conv is swapped; a multiplier of 2, or 2 groups, not
     assert isinstance(model[3], MaxPool2x2)
-    assert model[10].weight is before  # the optimizer may already hold it
+    assert model[10].weight is before and model[13].weight is depthwise  # the optimizer may already hold them
+    assert model[13].groups == 8
 
 
 def _conv_case(n, ci, h, w, co, k, seed=0):
@@ -239,6 +242,59 @@ def test_the_convolution_kernel_matches_pytorch_in_both_directions(built, case):
     assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5)
     assert torch.allclose(xa.grad.double(), xd.grad, atol=1e-5, rtol=1e-5)
     assert torch.allclose(conv.weight.grad.double(), wd.grad, atol=1e-4, rtol=1e-5)
+
+
+# Model_11's depthwise shapes (10 and 32 channels), channel counts under and between multiples of 8, a 5x5 and a
+# 1x1 filter, a non-square map, one output pixel, and a batch below the serial threshold and one above it
+@pytest.mark.parametrize("case", [(4, 10, 12, 12, 3), (3, 32, 10, 10, 3), (2, 3, 9, 7, 3), (2, 13, 11, 11, 5),
+                                  (3, 16, 3, 3, 3), (2, 7, 4, 6, 1), (64, 32, 8, 8, 3)])
+def test_the_depthwise_kernel_matches_pytorch_in_both_directions(built, case):
+    from tinymnist.kernels import Conv2d, use_kernels
+
+    n, c, h, w, k = case
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=CL)
+    weight = torch.randn(c, 1, k, k, generator=gen) / k
+    g = torch.randn(n, c, h - k + 1, w - k + 1, generator=gen).contiguous(memory_format=CL)
+    model = nn.Sequential(nn.Conv2d(c, c, k, groups=c, bias=False))
+    assert use_kernels(model) == 1 and isinstance(model[0], Conv2d)
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    xa = x.clone().requires_grad_()
+    out = model(xa)
+    out.backward(g)
+    xd, wd = x.double().requires_grad_(), weight.double().requires_grad_()
+    ref = F.conv2d(xd, wd, groups=c)
+    ref.backward(g.double())
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=CL)
+    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(xa.grad.double(), xd.grad, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(model[0].weight.grad.double(), wd.grad, atol=1e-4, rtol=1e-5)
+    model.eval()
+    assert torch.equal(model(x), F.conv2d(x, model[0].weight, groups=c))  # evaluation is PyTorch's op
+
+
+def test_depthwise_results_do_not_depend_on_the_thread_count(built):
+    from tinymnist.kernels import use_kernels
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(128, 32, 10, 10, generator=gen).contiguous(memory_format=CL)  # above the serial threshold
+    g = torch.randn(128, 32, 8, 8, generator=gen).contiguous(memory_format=CL)
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Conv2d(32, 32, 3, groups=32, bias=False))
+            use_kernels(model)
+            xg = x.clone().requires_grad_()
+            out = model(xg)
+            out.backward(g)
+            results.append((out.detach(), xg.grad, model[0].weight.grad))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
 def test_the_convolution_kernel_skips_dx_when_the_input_needs_no_gradient(built):

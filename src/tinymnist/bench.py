@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import runtime
-from .kernels import OPS as KERNEL_OPS
 from .config import AugConfig, TrainConfig
 from .data import MEAN, MNIST, STD, Loader, load_mnist
 from .device import (autocast, available_cores, configure_threads, hardware, seed_everything, sync,
@@ -322,12 +321,12 @@ def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, r
         single, multi = results["single_run"]["images_per_s"], results["multi_run"]["images_per_s"]
         results["ratios"]["multi-run/single"] = round(multi / single, 3)
         results["ratios"]["two-runs/one"] = round(results["two_runs"]["images_per_s"] / single, 3)
-    results["env"] = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+    from .runs import environment  # versions, git commit, hardware: as every run records them
+
+    results["env"] = {**environment(device), "hardware": facts,
                       "precision": cfg.precision, "memory_format": cfg.memory_format, "kernels": cfg.kernels,
-                      "kernel_ops": list(KERNEL_OPS), "hardware": facts,
                       "classic_workers": workers, "model": model_name, "batch_size": cfg.batch_size,
                       "aug": {"rotate": cfg.aug.rotate, "translate": cfg.aug.translate, "scale": cfg.aug.scale},
-                      "python": platform.python_version(), "platform": platform.platform(),
                       "processor": platform.processor() or platform.machine(), "cpu_count": available_cores()}
     if log:
         log("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in results["ratios"].items()))

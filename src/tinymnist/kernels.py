@@ -75,6 +75,8 @@ PROTOTYPES = {
     "tm_maxpool2_backward": (_P, _P, _L, _L, _L, _I, _P, _I),
     "tm_conv_forward": (_P, _L, _L, _L, _I, _P, _I, _I, _P, _I),
     "tm_conv_backward": (_P, _L, _L, _L, _I, _P, _I, _I, _P, _P, _P, _I),
+    "tm_dwconv_forward": (_P, _L, _L, _L, _I, _P, _I, _P, _I),
+    "tm_dwconv_backward": (_P, _L, _L, _L, _I, _P, _I, _P, _P, _P, _I),
     "tm_set_spin": (_L,),
     "tm_bn_supports": (_I,),
 }
@@ -347,32 +349,65 @@ class _Conv2d(torch.autograd.Function):
         return dx, dweight
 
 
+class _DepthwiseConv2d(torch.autograd.Function):
+    """conv2d(x, weight, groups=C) with one K x K filter per channel, stride 1, no padding and no bias, on the C
+    kernels; as _Conv2d, the same at any thread count, and not bit-identical to oneDNN's."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        lib = library()[0]
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.detach().contiguous()
+        n, c, h, w = x.shape
+        k = weight.shape[-1]
+        out = torch.empty((n, c, h - k + 1, w - k + 1), memory_format=torch.channels_last)
+        _check(lib.tm_dwconv_forward(_ptr(x), n, h, w, c, _ptr(weight), k, _ptr(out), torch.get_num_threads()),
+               "depthwise convolution kernel")
+        ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        lib = library()[0]
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        n, c, h, w = x.shape
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dweight = torch.empty_like(weight)
+        _check(lib.tm_dwconv_backward(_ptr(x), n, h, w, c, _ptr(weight), weight.shape[-1], _ptr(grad),
+                                      None if dx is None else _ptr(dx), _ptr(dweight), torch.get_num_threads()),
+               "depthwise convolution kernel")
+        return dx, dweight
+
+
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (stride 1, no padding, no bias) that trains on the C kernels for float32 CPU tensors large enough
-    to hold its kernel, and is PyTorch's otherwise. Same parameter name, so checkpoints load either way."""
+    """nn.Conv2d (stride 1, no padding, no bias; one group, or one filter per channel) that trains on the C kernels
+    for float32 CPU tensors large enough to hold its kernel, and is PyTorch's otherwise. Same parameter name, so
+    checkpoints load either way."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.training and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
                 and self.weight.dtype == torch.float32 and min(x.shape[-2:]) >= self.weight.shape[-1]):
-            return _Conv2d.apply(x, self.weight)
+            return (_DepthwiseConv2d if self.groups > 1 else _Conv2d).apply(x, self.weight)
         return super().forward(x)
 
 
 def _is_plain_conv(m: nn.Module) -> bool:
-    return (type(m) is nn.Conv2d and m.bias is None and m.groups == 1 and m.stride == (1, 1)
+    depthwise = m.groups == m.in_channels == m.out_channels if isinstance(m, nn.Conv2d) else False
+    return (type(m) is nn.Conv2d and m.bias is None and (m.groups == 1 or depthwise) and m.stride == (1, 1)
             and m.dilation == (1, 1) and m.padding in ((0, 0), "valid") and m.kernel_size[0] == m.kernel_size[1])
 
 
 def _kernel_conv(old: nn.Conv2d) -> Conv2d:
-    conv = Conv2d(old.in_channels, old.out_channels, old.kernel_size, bias=False, device=old.weight.device,
-                  dtype=old.weight.dtype)
+    conv = Conv2d(old.in_channels, old.out_channels, old.kernel_size, groups=old.groups, bias=False,
+                  device=old.weight.device, dtype=old.weight.dtype)
     conv.weight = old.weight  # the same tensor: an optimizer may already hold it
     return conv.train(old.training)
 
 
 def swap_convs(model: nn.Module) -> int:
-    """Replace each stride-1, unpadded, ungrouped, bias-free square nn.Conv2d by a Conv2d, in place, keeping its
-    weight tensor; returns how many."""
+    """Replace each stride-1, unpadded, bias-free square nn.Conv2d with one group or one filter per channel
+    (depthwise) by a Conv2d, in place, keeping its weight tensor; returns how many."""
     return _swap(model, _is_plain_conv, _kernel_conv)
 
 
@@ -385,7 +420,8 @@ def use_kernels(model: nn.Module) -> int:
 def coverage(model: nn.Module) -> dict:
     """What of a model trains on the C kernels, after use_kernels: for convolutions, batch norm (+ ReLU) and 2x2 max
     pools, how many were swapped of how many there are. A network's other modules, and those the kernels do not
-    support (padded, strided or grouped convolutions, batch norm not followed by a ReLU module), stay PyTorch's."""
+    support (padded or strided convolutions, grouped ones other than depthwise, batch norm not followed by a ReLU
+    module), stay PyTorch's."""
     mods = list(model.modules())
     kinds = {"convolutions": (Conv2d, nn.Conv2d), "batch norm + ReLU": (BatchNormReLU, nn.BatchNorm2d),
              "2x2 max pools": (MaxPool2x2, nn.MaxPool2d)}

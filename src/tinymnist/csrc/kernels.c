@@ -695,3 +695,176 @@ int tm_conv_backward(const float *x, long N, long H, long W, int Ci, const float
     free(wt); free(part);
     return atomic_load(&a.failed) ? 2 : 0;
 }
+
+/* ---- depthwise 2-D convolution (groups = C: one K x K filter per channel), stride 1, no padding, no bias, on the
+ * same channels-last activations: out[n][oh][ow][c] = sum over kh, kw of x[n][oh+kh][ow+kw][c] * w[c][0][kh][kw].
+ *
+ * Why: PyTorch runs a depthwise convolution in channels-last memory through oneDNN, with a reorder of the weights
+ * around each call, and its backward as separate input and weight passes; in a training step of Model_11 at batch
+ * 32 its three depthwise layers cost about as much as its seven other convolutions' forward passes.
+ *
+ * forward:  each output pixel is C/8 vectors of 8 channels, each the sum of K*K products of an input vector with a
+ *           vector of packed weights ([kh][kw][c], c padded to up8(C) with zeros).
+ * backward: dx is the same depthwise convolution of the output gradient, zero-padded by K-1, with each filter
+ *           flipped; dw sums x * g over CHUNKS fixed slices of images in float, then the slices in order in double.
+ * A vector that would reach past a channel group's C reads the next pixel's channels (in bounds; those lanes are
+ * never stored), except at a buffer's very end, where it reads a zero-filled copy.
+ * Determinism: as for the convolutions above, every result is the same at any thread count, run after run. */
+
+INLINE v8 ld_to(const float *p, const float *end) {
+    if (p + 8 <= end) return VLD(p);
+    float t[8] = {0};
+    memcpy(t, p, sizeof(float) * (end - p));
+    return VLD(t);
+}
+INLINE void st_lanes(float *o, v8 v, int lanes) {
+    if (lanes == 8) { VST(o, v); return; }
+    float t[8];
+    VST(t, v);
+    memcpy(o, t, sizeof(float) * lanes);
+}
+
+/* w (C x 1 x K x K) -> [kh][kw][c] with c padded to up8(C); flip = 1 reverses each filter (for dx) */
+static void pack_dw(const float *w, int C, int K, int flip, float *out) {
+    const int KK = K * K, ws = up8(C);
+    memset(out, 0, sizeof(float) * KK * ws);
+    for (int c = 0; c < C; c++)
+        for (int t = 0; t < KK; t++) out[(long)(flip ? KK - 1 - t : t) * ws + c] = w[(long)c * KK + t];
+}
+
+/* One output row of OW pixels: x points at the first of the K input rows (row stride xrow, pixel stride C). */
+static void dw_row(const float *x, long xrow, int C, int K, const float *wp, int OW, float *o, const float *end) {
+    const int ws = up8(C);
+    for (int c0 = 0; c0 < C; c0 += 8) {
+        const int lanes = C - c0 < 8 ? C - c0 : 8;
+        if (K == 3) {
+            const float *w = wp + c0;
+            const v8 w0 = VLD(w), w1 = VLD(w + ws), w2 = VLD(w + 2 * ws), w3 = VLD(w + 3 * ws), w4 = VLD(w + 4 * ws),
+                     w5 = VLD(w + 5 * ws), w6 = VLD(w + 6 * ws), w7 = VLD(w + 7 * ws), w8 = VLD(w + 8 * ws);
+            for (int ow = 0; ow < OW; ow++) {
+                const float *p = x + (long)ow * C + c0, *q = p + xrow, *r = q + xrow;
+                v8 acc = ld_to(p, end) * w0 + ld_to(p + C, end) * w1 + ld_to(p + 2 * C, end) * w2
+                       + ld_to(q, end) * w3 + ld_to(q + C, end) * w4 + ld_to(q + 2 * C, end) * w5
+                       + ld_to(r, end) * w6 + ld_to(r + C, end) * w7 + ld_to(r + 2 * C, end) * w8;
+                st_lanes(o + (long)ow * C + c0, acc, lanes);
+            }
+        } else {
+            for (int ow = 0; ow < OW; ow++) {
+                v8 acc = {0};
+                for (int kh = 0; kh < K; kh++)
+                    for (int kw = 0; kw < K; kw++)
+                        acc += ld_to(x + kh * xrow + (long)(ow + kw) * C + c0, end) * VLD(wp + (long)(kh * K + kw) * ws + c0);
+                st_lanes(o + (long)ow * C + c0, acc, lanes);
+            }
+        }
+    }
+}
+
+/* One image's contribution to dw ([kh][kw][c], c stride ws = up8(C); the padding lanes collect nothing used). */
+static void dw_wgrad_image(const float *x, long xrow, int C, int K, const float *g, int OH, int OW, float *pw,
+                           const float *xend, const float *gend) {
+    const int ws = up8(C);
+    for (int c0 = 0; c0 < C; c0 += 8) {
+        if (K == 3) {
+            v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0}, a8 = {0};
+            for (int oh = 0; oh < OH; oh++)
+                for (int ow = 0; ow < OW; ow++) {
+                    const v8 gv = ld_to(g + ((long)oh * OW + ow) * C + c0, gend);
+                    const float *p = x + oh * xrow + (long)ow * C + c0, *q = p + xrow, *r = q + xrow;
+                    a0 += ld_to(p, xend) * gv; a1 += ld_to(p + C, xend) * gv; a2 += ld_to(p + 2 * C, xend) * gv;
+                    a3 += ld_to(q, xend) * gv; a4 += ld_to(q + C, xend) * gv; a5 += ld_to(q + 2 * C, xend) * gv;
+                    a6 += ld_to(r, xend) * gv; a7 += ld_to(r + C, xend) * gv; a8 += ld_to(r + 2 * C, xend) * gv;
+                }
+            float *w = pw + c0;
+            VST(w, VLD(w) + a0); VST(w + ws, VLD(w + ws) + a1); VST(w + 2 * ws, VLD(w + 2 * ws) + a2);
+            VST(w + 3 * ws, VLD(w + 3 * ws) + a3); VST(w + 4 * ws, VLD(w + 4 * ws) + a4);
+            VST(w + 5 * ws, VLD(w + 5 * ws) + a5); VST(w + 6 * ws, VLD(w + 6 * ws) + a6);
+            VST(w + 7 * ws, VLD(w + 7 * ws) + a7); VST(w + 8 * ws, VLD(w + 8 * ws) + a8);
+        } else {
+            for (int kh = 0; kh < K; kh++)
+                for (int kw = 0; kw < K; kw++) {
+                    v8 acc = {0};
+                    for (int oh = 0; oh < OH; oh++)
+                        for (int ow = 0; ow < OW; ow++)
+                            acc += ld_to(x + (oh + kh) * xrow + (long)(ow + kw) * C + c0, xend)
+                                 * ld_to(g + ((long)oh * OW + ow) * C + c0, gend);
+                    float *w = pw + (long)(kh * K + kw) * ws + c0;
+                    VST(w, VLD(w) + acc);
+                }
+        }
+    }
+}
+
+struct dwc { const float *x; long N, H, W; int C, K; const float *g; float *out, *dx, *dw; const float *wp;
+             float *part; atomic_int failed; };
+
+static void dw_fwd_task(void *arg, int tid, int n) {
+    struct dwc *a = arg;
+    const long H = a->H, W = a->W, C = a->C, OH = H - a->K + 1, OW = W - a->K + 1, rows = a->N * OH;
+    const float *end = a->x + a->N * H * W * C;
+    for (long r = lo(rows, tid, n); r < lo(rows, tid + 1, n); r++)
+        dw_row(a->x + ((r / OH * H + r % OH) * W) * C, W * C, (int)C, a->K, a->wp, (int)OW, a->out + r * OW * C, end);
+}
+
+static void dw_bwd_task(void *arg, int tid, int n) {
+    struct dwc *a = arg;
+    const long N = a->N, H = a->H, W = a->W, C = a->C, K = a->K;
+    const long OH = H - K + 1, OW = W - K + 1, PH = OH + 2 * (K - 1), PW = OW + 2 * (K - 1), ws = up8((int)C);
+    const long nw = K * K * ws, padded = a->dx ? PH * PW * C : 0;
+    if (a->dx) {
+        float *buf = malloc(sizeof(float) * (padded + 8));
+        if (!buf) atomic_store(&a->failed, 1);
+        else {
+            for (long i = lo(N, tid, n); i < lo(N, tid + 1, n); i++) {
+                const float *gn = a->g + i * OH * OW * C;
+                memset(buf, 0, sizeof(float) * padded);
+                for (long oh = 0; oh < OH; oh++)
+                    memcpy(buf + ((oh + K - 1) * PW + K - 1) * C, gn + oh * OW * C, sizeof(float) * OW * C);
+                for (long r = 0; r < H; r++)
+                    dw_row(buf + r * PW * C, PW * C, (int)C, (int)K, a->wp, (int)W, a->dx + ((i * H + r) * W) * C,
+                           buf + padded);
+            }
+            free(buf);
+        }
+    }
+    const float *xend = a->x + N * H * W * C, *gend = a->g + N * OH * OW * C;
+    for (long k = lo(CHUNKS, tid, n); k < lo(CHUNKS, tid + 1, n); k++) {
+        float *pw = a->part + k * nw;
+        memset(pw, 0, sizeof(float) * nw);
+        for (long i = N * k / CHUNKS; i < N * (k + 1) / CHUNKS; i++)
+            dw_wgrad_image(a->x + i * H * W * C, W * C, (int)C, (int)K, a->g + i * OH * OW * C, (int)OH, (int)OW, pw,
+                           xend, gend);
+    }
+    tm_barrier(n);
+    for (long e = lo(nw, tid, n); e < lo(nw, tid + 1, n); e++) {  /* e = [kh][kw][c] of the padded layout */
+        const long c = e % ws, t = e / ws;
+        if (c >= C) continue;
+        double sum = 0;
+        for (int k = 0; k < CHUNKS; k++) sum += a->part[k * nw + e];
+        a->dw[c * K * K + t] = (float)sum;
+    }
+}
+
+int tm_dwconv_forward(const float *x, long N, long H, long W, int C, const float *w, int K, float *out, int threads) {
+    const long OH = H - K + 1, OW = W - K + 1;
+    float *wp = malloc(sizeof(float) * K * K * up8(C));
+    if (!wp) return 2;
+    pack_dw(w, C, K, 0, wp);
+    struct dwc a = {x, N, H, W, C, K, NULL, out, NULL, NULL, wp, NULL, 0};
+    tm_run(dw_fwd_task, &a, N * OH * OW * C > SERIAL ? threads : 1);
+    free(wp);
+    return 0;
+}
+
+/* g: the gradient of out (N x OH x OW x C). Writes dx (N x H x W x C; skipped when dx is NULL) and dw (C x 1 x K x K). */
+int tm_dwconv_backward(const float *x, long N, long H, long W, int C, const float *w, int K, const float *g,
+                       float *dx, float *dw, int threads) {
+    const long OH = H - K + 1, OW = W - K + 1, nw = (long)K * K * up8(C);
+    float *wt = malloc(sizeof(float) * nw), *part = malloc(sizeof(float) * CHUNKS * nw);
+    if (!wt || !part) { free(wt); free(part); return 2; }
+    pack_dw(w, C, K, 1, wt);
+    struct dwc a = {x, N, H, W, C, K, g, NULL, dx, dw, wt, part, 0};
+    tm_run(dw_bwd_task, &a, N * OH * OW * C > SERIAL ? threads : 1);
+    free(wt); free(part);
+    return atomic_load(&a.failed) ? 2 : 0;
+}
