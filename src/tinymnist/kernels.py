@@ -12,7 +12,10 @@ gradient in one pass; it is exact, so it changes no result.
 
 The convolutions (stride 1, unpadded, bias-free: every conv block of the series' models) replace oneDNN's, which
 for 1-16 channels reorder activations and weights into blocked layouts around each call: 53 parallel regions per
-step of Model_7 became 34. `tinymnist bench` measures the whole step as configured against the plain one on every
+step of Model_7 became 34. Depthwise convolutions (one filter per channel, as in Model_11's body) have kernels of
+their own: in a profile of Model_11's step at batch 32 they had been 13% of the step on PyTorch's ops. With them,
+`tinymnist bench --model Model_11 --batch-size 32 --no-epoch --concurrency 0` on a 2-core AMD EPYC gave fused/native
+1.90 against 1.32 before (and 1.97 against 1.68 at batch 128): results/bench-depthwise/. `tinymnist bench` measures the whole step as configured against the plain one on every
 host (ratios["lean/plain"], ["fused/native"] and ["model-step/peak"]).
 
 Threads: the kernels run on a small thread pool of their own (csrc/kernels.c), not on PyTorch's OpenMP threads. On
