@@ -123,7 +123,7 @@ def test_a_run_stopped_after_every_epoch_and_resumed_matches_one_that_never_stop
     synthetic_mnist(tmp_path, n_train=192, n_test=64)
     data = load_mnist(tmp_path, download=False)
     cfg = TrainConfig(model="Model_7", epochs=3, batch_size=32, lr=0.05, dropout=0.1, ema=0.9, val=32,
-                      label_smoothing=0.1, aug=AugConfig(rotate=10, translate=0.1, erase_p=0.5),
+                      label_smoothing=0.1, aug=AugConfig(rotate=10, translate=0.1, erase_p=0.5), aug_epochs=2,
                       memory_format="channels_last", kernels=kernels)
     straight = Trainer(cfg, data)
     while not straight.done:
@@ -140,6 +140,27 @@ def test_a_run_stopped_after_every_epoch_and_resumed_matches_one_that_never_stop
     assert _strip_time(trainer.history) == _strip_time(straight.history)
     for a, b in zip(trainer.final.state_dict().values(), straight.final.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_aug_epochs_augments_the_first_epochs_only(tmp_path, monkeypatch):
+    import tinymnist.data as data_module
+    from tinymnist.engine import Trainer
+
+    synthetic_mnist(tmp_path, n_train=128, n_test=32)
+    data = load_mnist(tmp_path, download=False)
+    calls, real = [], data_module.augment
+    monkeypatch.setattr(data_module, "augment", lambda *a: calls.append(1) or real(*a))
+    aug = AugConfig(rotate=10, translate=0.1)
+    cfg = TrainConfig(model="Model_6", epochs=3, batch_size=32, lr=0.05, aug=aug, aug_epochs=2)
+    trainer, per_epoch = Trainer(cfg, data), []
+    while not trainer.done:
+        trainer.run_epoch(progress=False, verbose=False)
+        per_epoch.append(len(calls))
+    assert per_epoch == [4, 8, 8]  # 4 batches an epoch, augmented in epochs 1 and 2 only
+    _, every = fit(dataclasses.replace(cfg, aug_epochs=0), data, progress=False, verbose=False)
+    assert _strip_time(trainer.history)[:2] == _strip_time(every)[:2] and trainer.history[2] != every[2]
+    with pytest.raises(TinyMnistError, match="aug_epochs"):
+        dataclasses.replace(cfg, aug_epochs=-1).validate()
 
 
 def test_a_run_records_whether_its_checkout_differs_from_the_commit(tmp_path):

@@ -94,6 +94,8 @@ class TrainConfig:
                         "saved instead of the raw weights; it smooths out the epoch-to-epoch noise of SGD; 0 = off",
                         ok=_FRACTION[0], expected=_FRACTION[1])
     aug: AugConfig = field(default_factory=AugConfig, metadata={"help": "training-time augmentation"})
+    aug_epochs: int = _field(0, "augment the first this many epochs only (0 = every epoch); the last epochs then "
+                             "train on the images as they are", ok=_NON_NEGATIVE[0], expected=_NON_NEGATIVE[1])
     precision: str = _field("fp32", "bf16 autocasts forward passes to bfloat16; auto picks it only where the hardware "
                             "has it natively (AMX or AVX-512 BF16 on a CPU, compute capability 8.0+ on CUDA); a run "
                             "records what it resolved to", choices=PRECISIONS, cli=True)

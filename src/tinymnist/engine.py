@@ -253,6 +253,8 @@ class Trainer:
         cfg, epoch = self.cfg, len(self.history) + 1
         t0 = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]  # the LR at the start of the epoch
+        augmented = cfg.aug.active and not (cfg.aug_epochs and epoch > cfg.aug_epochs)
+        self.train.aug = cfg.aug if augmented else None  # after aug_epochs, the images as they are
         tr = train_epoch(self.model, self.train, self.optimizer, self.scheduler if self.per_batch else None,
                          cfg.label_smoothing, desc=f"epoch {epoch}/{cfg.epochs}", progress=progress, ema=self.ema,
                          precision=cfg.precision, memory_format=self.fmt)

@@ -95,7 +95,9 @@ def recipe_words(cfg, dropout: Optional[float] = None) -> str:
     """A training recipe in words: the one wording of every page. `dropout`: the model's own, when it has one."""
     aug = cfg.aug
     aug_text = (f"rotate ±{aug.rotate:g}°, shift ±{aug.translate:g}, zoom ±{aug.scale:g}"
-                + (f", erase p={aug.erase_p:g}" if aug.erase_p else "")) if aug.active else "none"
+                + (f", erase p={aug.erase_p:g}" if aug.erase_p else "")
+                + (f", the first {cfg.aug_epochs} epochs only" if 0 < cfg.aug_epochs < cfg.epochs else "")
+                ) if aug.active else "none"
     cycle = f", over the first {cfg.cycle_epochs} epochs" if cfg.cycle_epochs and cfg.cycle_epochs < cfg.epochs else ""
     sched = {"none": "constant LR", "step": f"StepLR every {cfg.step_size} epochs ×{cfg.gamma:g}",
              "onecycle": f"OneCycle (warm-up {cfg.pct_start:g}, start LR/{cfg.div_factor:g}, "
