@@ -78,8 +78,8 @@ PROTOTYPES = {
     "tm_maxpool2_backward": (_P, _P, _L, _L, _L, _I, _P, _I),
     "tm_conv_forward": (_P, _L, _L, _L, _I, _P, _I, _I, _P, _I),
     "tm_conv_backward": (_P, _L, _L, _L, _I, _P, _I, _I, _P, _P, _P, _I),
-    "tm_dwconv_forward": (_P, _L, _L, _L, _I, _P, _I, _P, _I),
-    "tm_dwconv_backward": (_P, _L, _L, _L, _I, _P, _I, _P, _P, _P, _I),
+    "tm_dwconv_forward": (_P, _L, _L, _L, _I, _P, _I, _I, _P, _I),
+    "tm_dwconv_backward": (_P, _L, _L, _L, _I, _P, _I, _I, _P, _P, _P, _I),
     "tm_set_spin": (_L,),
     "tm_bn_supports": (_I,),
 }
@@ -320,21 +320,24 @@ def swap_max_pools(model: nn.Module) -> int:
 
 
 class _Conv2d(torch.autograd.Function):
-    """conv2d(x, weight) with stride 1, no padding, no dilation, one group and no bias, on the C kernels: one
-    operation of their thread pool per call in each direction, no layout reorders. Its results are the same at any
-    thread count; they differ from oneDNN's in the last bits (another summation order)."""
+    """conv2d(x, weight) with stride 1, no padding, no dilation and no bias, with one group or, `depthwise`, one
+    filter per channel, on the C kernels: one operation of their thread pool per call in each direction, no layout
+    reorders. Its results are the same at any thread count; they differ from oneDNN's in the last bits (another
+    summation order)."""
 
     @staticmethod
-    def forward(ctx, x, weight):
+    def forward(ctx, x, weight, depthwise: bool):
         lib = library()[0]
         x = x.contiguous(memory_format=torch.channels_last)
         weight = weight.detach().contiguous()
         n, ci, h, w = x.shape
         co, k = weight.shape[0], weight.shape[-1]
         out = torch.empty((n, co, h - k + 1, w - k + 1), memory_format=torch.channels_last)
-        _check(lib.tm_conv_forward(_ptr(x), n, h, w, ci, _ptr(weight), co, k, _ptr(out), torch.get_num_threads()),
+        kernel = lib.tm_dwconv_forward if depthwise else lib.tm_conv_forward
+        _check(kernel(_ptr(x), n, h, w, ci, _ptr(weight), co, k, _ptr(out), torch.get_num_threads()),
                "convolution kernel")
         ctx.save_for_backward(x, weight)
+        ctx.depthwise = depthwise
         return out
 
     @staticmethod
@@ -346,41 +349,10 @@ class _Conv2d(torch.autograd.Function):
         co, k = weight.shape[0], weight.shape[-1]
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         dweight = torch.empty_like(weight)
-        _check(lib.tm_conv_backward(_ptr(x), n, h, w, ci, _ptr(weight), co, k, _ptr(grad),
-                                    None if dx is None else _ptr(dx), _ptr(dweight), torch.get_num_threads()),
-               "convolution kernel")
-        return dx, dweight
-
-
-class _DepthwiseConv2d(torch.autograd.Function):
-    """conv2d(x, weight, groups=C) with one K x K filter per channel, stride 1, no padding and no bias, on the C
-    kernels; as _Conv2d, the same at any thread count, and not bit-identical to oneDNN's."""
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        lib = library()[0]
-        x = x.contiguous(memory_format=torch.channels_last)
-        weight = weight.detach().contiguous()
-        n, c, h, w = x.shape
-        k = weight.shape[-1]
-        out = torch.empty((n, c, h - k + 1, w - k + 1), memory_format=torch.channels_last)
-        _check(lib.tm_dwconv_forward(_ptr(x), n, h, w, c, _ptr(weight), k, _ptr(out), torch.get_num_threads()),
-               "depthwise convolution kernel")
-        ctx.save_for_backward(x, weight)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        lib = library()[0]
-        x, weight = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=torch.channels_last)
-        n, c, h, w = x.shape
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        dweight = torch.empty_like(weight)
-        _check(lib.tm_dwconv_backward(_ptr(x), n, h, w, c, _ptr(weight), weight.shape[-1], _ptr(grad),
-                                      None if dx is None else _ptr(dx), _ptr(dweight), torch.get_num_threads()),
-               "depthwise convolution kernel")
-        return dx, dweight
+        kernel = lib.tm_dwconv_backward if ctx.depthwise else lib.tm_conv_backward
+        _check(kernel(_ptr(x), n, h, w, ci, _ptr(weight), co, k, _ptr(grad), None if dx is None else _ptr(dx),
+                      _ptr(dweight), torch.get_num_threads()), "convolution kernel")
+        return dx, dweight, None
 
 
 class Conv2d(nn.Conv2d):
@@ -391,7 +363,7 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.training and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
                 and self.weight.dtype == torch.float32 and min(x.shape[-2:]) >= self.weight.shape[-1]):
-            return (_DepthwiseConv2d if self.groups > 1 else _Conv2d).apply(x, self.weight)
+            return _Conv2d.apply(x, self.weight, self.groups > 1)
         return super().forward(x)
 
 

@@ -845,7 +845,11 @@ static void dw_bwd_task(void *arg, int tid, int n) {
     }
 }
 
-int tm_dwconv_forward(const float *x, long N, long H, long W, int C, const float *w, int K, float *out, int threads) {
+/* The same parameters as tm_conv_forward and tm_conv_backward, so that a caller calls either the same way; Co must
+   equal C (else 1). */
+int tm_dwconv_forward(const float *x, long N, long H, long W, int C, const float *w, int Co, int K, float *out,
+                      int threads) {
+    if (Co != C) return 1;
     const long OH = H - K + 1, OW = W - K + 1;
     float *wp = malloc(sizeof(float) * K * K * up8(C));
     if (!wp) return 2;
@@ -857,8 +861,9 @@ int tm_dwconv_forward(const float *x, long N, long H, long W, int C, const float
 }
 
 /* g: the gradient of out (N x OH x OW x C). Writes dx (N x H x W x C; skipped when dx is NULL) and dw (C x 1 x K x K). */
-int tm_dwconv_backward(const float *x, long N, long H, long W, int C, const float *w, int K, const float *g,
+int tm_dwconv_backward(const float *x, long N, long H, long W, int C, const float *w, int Co, int K, const float *g,
                        float *dx, float *dw, int threads) {
+    if (Co != C) return 1;
     const long OH = H - K + 1, OW = W - K + 1, nw = (long)K * K * up8(C);
     float *wt = malloc(sizeof(float) * nw), *part = malloc(sizeof(float) * CHUNKS * nw);
     if (!wt || !part) { free(wt); free(part); return 2; }
