@@ -51,6 +51,15 @@ def test_the_gate_compares_worst_and_mean_with_the_yardstick():
     assert not earns_test_look(summarize_evidence(_ev([99.39, 99.50]), 2), None)[0]
 
 
+def test_one_seed_spread_and_one_top_spread_for_every_page():
+    from tinymnist.check import seed_gap, top_spread
+
+    assert seed_gap([[99.30, 99.40], [99.35, 99.35, 99.39], [99.2]]) == pytest.approx(0.07)  # (0.10 + 0.04) / 2
+    assert seed_gap([[99.3], [99.4]]) is None  # one seed each: no spread to state
+    assert top_spread([99.30, 99.41, 99.38, 99.20], 3) == pytest.approx(0.11)  # 99.41 - 99.30
+    assert top_spread([99.30, 99.41], 6) == pytest.approx(0.11) and top_spread([99.3], 6) is None
+
+
 def test_a_margin_of_the_yardsticks_own_spread_turns_a_tie_away():
     yard = summarize_evidence(_ev([99.30, 99.34, 99.38]), last=2)  # mean 99.34, seed spread 0.04
     tie = summarize_evidence(_ev([99.32, 99.35, 99.36]), 2)  # mean 99.343: as high as the yardstick, not above it

@@ -48,6 +48,20 @@ def mean_of_last(history: Sequence[dict], last: int = LAST, metric: str = "test_
     return statistics.mean(r[metric] for r in history[-last:]) if len(history) >= last else float("nan")
 
 
+def seed_gap(worsts_per_trial: Sequence[Sequence[float]]) -> Optional[float]:
+    """The seeds' own spread, as every page states it: the mean gap between a trial's best and worst seed (each seed
+    scored by its worst epoch of the rule's window), over the trials with more than one seed; None if none has."""
+    gaps = [max(w) - min(w) for w in worsts_per_trial if len(w) > 1]
+    return statistics.mean(gaps) if gaps else None
+
+
+def top_spread(scores: Sequence[float], k: int) -> Optional[float]:
+    """How close the best k scores lie: the best minus the k-th best (the last, if fewer); None for fewer than 2.
+    Where it is smaller than seed_gap, the order among them is seed noise."""
+    ranked = sorted(scores, reverse=True)
+    return ranked[0] - ranked[min(k, len(ranked)) - 1] if len(ranked) > 1 else None
+
+
 def held_out(history: Sequence[dict]) -> str:
     """The held-out metric a history carries: "test_acc" for a run on all training images, "val_acc" for a
     validation run, which never reads the test set (the test set is read once per chosen recipe)."""

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .check import proof, worst_of_last
+from .check import proof, seed_gap, top_spread, worst_of_last
 from .errors import TinyMnistError
 from .experiments import STEPS, Step
 from .fileio import atomic_path, read_json
@@ -391,8 +391,7 @@ def _study_rows(results: Path) -> list[dict]:
                      "seeds": max((len(r.get("val_worst") or []) for r in trials), default=1),
                      "complete": len(trials), "total": sum(t["counts"].values()),
                      "best": max(objectives) if objectives else None, "objective": "worst",
-                     "spread": statistics.mean(max(v) - min(v) for v in pairs) if pairs else None,
-                     "top": objectives[0] - objectives[min(5, len(objectives) - 1)] if len(objectives) > 1 else None,
+                     "spread": seed_gap(pairs), "top": top_spread(objectives, 6),
                      "fed": fed})
     for path in sorted(results.glob("screen-*/screen.json")):
         sc = read_json(path)
@@ -400,9 +399,8 @@ def _study_rows(results: Path) -> list[dict]:
         rows.append({"name": sc["screen"], "kind": "screen", "link": "#screens", "budget": sc["max_params"],
                      "seeds": sc["seeds"], "complete": len(ranked), "total": len(sc["candidates"]),
                      "best": max((r["objective"] for r in ranked), default=None), "objective": "mean",
-                     "spread": statistics.mean(max(r["seed_worsts"]) - min(r["seed_worsts"]) for r in ranked)
-                     if ranked and sc["seeds"] > 1 else None,
-                     "top": sc.get("top_range"),
+                     "spread": seed_gap([r["seed_worsts"] for r in ranked]),
+                     "top": top_spread([r["objective"] for r in ranked], 6),
                      "fed": [f"{c['name']} (earned a test look)" if c["earns_test_look"] else f"{c['name']} (no test look)"
                              for c in sc["confirmed"]]})
     return rows

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .check import mean_of_last, run_check, worst_of_last
+from .check import mean_of_last, run_check, seed_gap, top_spread, worst_of_last
 from .errors import TinyMnistError
 from .fileio import read_json, read_toml, write_json
 from .space import DEFAULT_VAL, check_field, nest_fields
@@ -138,6 +138,10 @@ def _number(value, where: str) -> float:
     return float(value)
 
 
+def _rounded(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 4)
+
+
 def summarize_evidence(ev: dict, last: int) -> dict:
     """One check's validation evidence as a row: the mean (the screen's objective), the worst, and the spreads."""
     histories = [s["history"] for s in ev["seeds"]]
@@ -216,14 +220,12 @@ def run_screen(path: str | Path, results: str | Path = "results", jobs: int = 0,
         """screen.json as far as the screen got: written after every candidate, so a stopped screen's progress is
         evidence (committed as it grows), and the same command resumes it."""
         ranked = sorted((r for r in rows if "objective" in r), key=lambda r: -r["objective"])
-        spread = [r["seed_spread"] for r in ranked]
         summary = {"screen": screen.name, "step": screen.step, "max_params": screen.max_params, "seeds": screen.seeds,
                    "val": screen.val, "last": screen.last, "margin_spreads": screen.margin_spreads, "objective": "mean over seeds of the mean validation "
                    "accuracy of the last epochs", "yardstick": {"file": screen.yardstick, **yard} if yard else None,
                    "done": done, "candidates": rows, "ranked": [r["name"] for r in ranked],
-                   "median_seed_spread": round(statistics.median(spread), 4) if spread else None,
-                   "top_range": round(ranked[0]["objective"] - ranked[min(len(ranked), 3) - 1]["objective"], 4)
-                   if ranked else None, "confirmed": confirmed}
+                   "seed_gap": _rounded(seed_gap([r["seed_worsts"] for r in ranked])),
+                   "top_range": _rounded(top_spread([r["objective"] for r in ranked], 3)), "confirmed": confirmed}
         write_json(out / "screen.json", summary)
         return summary
 
@@ -266,9 +268,9 @@ def format_screen(summary: dict) -> str:
             lines.append(f"  rejected (over the budget)  {r['name']}")
         elif r.get("pending"):
             lines.append(f"  not screened yet  {r['name']}")
-    if summary["median_seed_spread"] is not None:
-        lines.append(f"the seeds' own spread (median of the candidates' std of the worst): "
-                     f"{summary['median_seed_spread']:.3f}; the top 3 lie within {summary['top_range']:.3f}")
+    if summary["seed_gap"] is not None and summary["top_range"] is not None:
+        lines.append(f"the seeds' own spread (the mean gap between a candidate's best and worst seed): "
+                     f"{summary['seed_gap']:.3f}; the top 3 lie within {summary['top_range']:.3f}")
     for c in summary["confirmed"]:
         lines.append(f"confirmed {c['name']} over {len(c['seed_worsts'])} seeds: worst {c['worst']:.2f}%, mean of "
                      f"the worsts {c['mean_worst']:.2f}%: {'earns a look at test' if c['earns_test_look'] else 'no look at test'} "
