@@ -914,18 +914,26 @@ def replot_frontier(results: Path = RESULTS) -> Optional[Path]:
 
 
 def _validation_points(results: Path) -> list[dict]:
-    """The frontier's validation evidence: the yardstick's 5-seed validation check, and each screen's confirmed
-    candidates (their own 5-seed validation checks), so a budget that has not earned a look at test has a point."""
-    found = [(f"{read_json(p)['step']} (validation)", p) for p in sorted(results.glob("valcheck-*.json"))]
+    """The frontier's validation evidence: the yardstick's 5-seed validation check, and the screens' confirmed
+    candidates (their own 5-seed validation checks), so a budget that has not earned a look at test has a point. Of
+    the confirmations at one parameter count the best by the gate's measure (the mean of the seeds' worsts) stands
+    for them all, named with how many there were; the searches page lists every one."""
+
+    def point(name: str, path: Path) -> dict:
+        ev = read_json(path)
+        return {"name": name, "params": ev["params"], "worst": list(proof(ev).seed_worsts), "passed": ev["passed"]}
+
+    points = [point(f"{read_json(p)['step']} (validation)", p) for p in sorted(results.glob("valcheck-*.json"))]
+    confirmed: dict[int, list[dict]] = {}
     for path in sorted(results.glob("screen-*/screen.json")):
         sc = read_json(path)
-        found += [(f"{sc['screen']}: {c['name']}", path.parent / f"confirm-{c['name']}.json") for c in sc["confirmed"]]
-    points = []
-    for name, path in found:
-        if path.is_file():
-            ev = read_json(path)
-            points.append({"name": name, "params": ev["params"], "worst": list(proof(ev).seed_worsts),
-                           "passed": ev["passed"]})
+        for c in sc["confirmed"]:
+            if (path.parent / f"confirm-{c['name']}.json").is_file():
+                p = point(f"{sc['screen']}: {c['name']}", path.parent / f"confirm-{c['name']}.json")
+                confirmed.setdefault(p["params"], []).append(p)
+    for group in confirmed.values():
+        best = max(group, key=lambda p: statistics.mean(p["worst"]))
+        points.append({**best, "name": best["name"] + (f"\n(best of {len(group)} confirmed)" if len(group) > 1 else "")})
     return points
 
 

@@ -261,7 +261,7 @@ def format_screen(summary: dict) -> str:
     by_name = {r["name"]: r for r in summary["candidates"]}
     for name in summary["ranked"]:
         r = by_name[name]
-        lines.append(f"  {r['objective']:.3f}%  worst {r['worst']:.2f}%  seed spread {r['seed_spread']:.3f}  "
+        lines.append(f"  {r['objective']:.3f}%  worst {r['worst']:.2f}%  seed gap {seed_gap([r['seed_worsts']]) or 0:.3f}  "
                      f"{r['params']:>6,} params  {name}")
     for r in summary["candidates"]:
         if r.get("rejected"):
