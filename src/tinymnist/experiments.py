@@ -173,7 +173,7 @@ STEPS: tuple[Step, ...] = (
         name="writeup-002",
         title="Write-up 002's network with the final recipe, earned on 5 validation seeds",
         # candidate writeup-002-7288 of screens/writeups.toml: the final step's recipe on write-up 002's network
-        config=replace(_FINAL, layout="c8 c8 c8 P c16 c16 c16 G o"),
+        config=replace(_FINAL, model="Model_12"),
         role="the write-ups' own network, under 8,000 parameters, earned on 5 validation seeds",
         screened_by=("writeups", "writeup-002-7288"),
     ),

@@ -322,3 +322,13 @@ class Model_11(Net):
     # (N,12,24,24) RF 5 | (N,10,12,12) RF 6 | dw (N,10,10,10) 1x1 (N,32,10,10) | dw (N,32,8,8) 1x1 (N,32,8,8) |
     # dw (N,32,6,6) 1x1 (N,32,6,6) RF 18 | GAP + 1x1 (N,10,1,1) RF 28
     layout = "c8 c12 P c10/1 dw c32/1 dw c32/1 dw c32/1 G o"
+
+
+@register
+class Model_12(Net):
+    """Write-up 002's network (../shared/seeds/): three 8-channel 3x3 convs, a pool, three 16-channel ones and a 1x1
+    to the 10 classes after the average pool, with no 1x1 transition (7,288 parameters). Screened on validation with
+    the final step's recipe in screens/writeups.toml, never on the test set."""
+
+    # (N,8,22,22) RF 7 | (N,8,11,11) RF 8 | (N,16,5,5) RF 20 | GAP + 1x1 (N,10,1,1) RF 28
+    layout = "c8 c8 c8 P c16 c16 c16 G o"
