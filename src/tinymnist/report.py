@@ -422,7 +422,8 @@ def render_search_summary(results: Path = RESULTS) -> str:
                 f"{ev['config']['val']:,} held-out images (`results/{YARDSTICK}`): worst seed **{pr.worst:.2f}%**, "
                 f"mean of the seeds' worsts **{statistics.mean(pr.seed_worsts):.2f}%**. Validation reads lower than "
                 "test for the same recipe, so a candidate earns its one look at test when its own 5-seed validation "
-                "check stands at least this high, worst seed and mean, or passes 99.40% outright.", ""]
+                "check stands at least this high, worst seed and mean, or passes 99.40% outright; a screen may ask for a margin "
+                "above the mean (`margin_spreads`, in multiples of the bar's own seed spread), and its section says so.", ""]
     if not rows:
         return "\n".join(out + ["No search has been committed yet.", "", end])
     out += ["| search | budget | seeds per trial | complete of all | best score | seeds' own spread | spread of the "
