@@ -631,6 +631,19 @@ static void wgrad_image(const float *x, long xrow, int Ci, int K, const float *g
     }
 }
 
+/* dw from the CHUNKS slice partials ([kh][kw][ci][co], co padded to up8(Co)): this thread's share of the elements,
+   each summed in slice order, in double. A depthwise conv's partials are the same layout with Ci = 1. */
+static void sum_slices(const float *part, long nw, int Ci, int Co, int KK, float *dw, int tid, int n) {
+    const long ws = up8(Co);
+    for (long e = lo(nw, tid, n); e < lo(nw, tid + 1, n); e++) {
+        const long co = e % ws, ci = e / ws % Ci, t = e / ws / Ci;
+        if (co >= Co) continue;
+        double sum = 0;
+        for (int k = 0; k < CHUNKS; k++) sum += part[k * nw + e];
+        dw[(co * Ci + ci) * KK + t] = (float)sum;
+    }
+}
+
 /* dx for images [i0, i1): the valid convolution of the output gradient, zero-padded by K-1, with the flipped
    kernel; then dw for the fixed image slices of this thread; a barrier; then this thread's share of the slice sums,
    in slice order, in double. */
@@ -673,13 +686,7 @@ static void conv_bwd_task(void *arg, int tid, int n) {
     }
     free(buf);
     tm_barrier(n);
-    for (long e = lo(nw, tid, n); e < lo(nw, tid + 1, n); e++) {  /* e = [kh][kw][ci][co] of the padded layout */
-        long co = e % ws, ci = e / ws % Ci, t = e / ws / Ci;
-        if (co >= Co) continue;
-        double sum = 0;
-        for (int k = 0; k < CHUNKS; k++) sum += a->part[k * nw + e];
-        a->dw[(co * Ci + ci) * KK + t] = (float)sum;
-    }
+    sum_slices(a->part, nw, Ci, Co, (int)KK, a->dw, tid, n);
 }
 
 /* g: the gradient of out (N x OH x OW x Co). Writes dx (N x H x W x Ci; skipped when dx is NULL) and dw
@@ -836,13 +843,7 @@ static void dw_bwd_task(void *arg, int tid, int n) {
                            xend, gend);
     }
     tm_barrier(n);
-    for (long e = lo(nw, tid, n); e < lo(nw, tid + 1, n); e++) {  /* e = [kh][kw][c] of the padded layout */
-        const long c = e % ws, t = e / ws;
-        if (c >= C) continue;
-        double sum = 0;
-        for (int k = 0; k < CHUNKS; k++) sum += a->part[k * nw + e];
-        a->dw[c * K * K + t] = (float)sum;
-    }
+    sum_slices(a->part, nw, 1, (int)C, (int)(K * K), a->dw, tid, n);  /* [kh][kw][c]: one input channel per filter */
 }
 
 /* The same parameters as tm_conv_forward and tm_conv_backward, so that a caller calls either the same way; Co must
