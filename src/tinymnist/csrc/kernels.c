@@ -631,6 +631,14 @@ static void wgrad_image(const float *x, long xrow, int Ci, int K, const float *g
     }
 }
 
+/* One image's output gradient g (OH x OW x C) into buf, zero-padded by K-1 on every side: what dx convolves. */
+static void pad_image(const float *g, long OH, long OW, int C, int K, float *buf) {
+    const long PW = OW + 2 * (K - 1);
+    memset(buf, 0, sizeof(float) * (OH + 2 * (K - 1)) * PW * C);
+    for (long oh = 0; oh < OH; oh++)
+        memcpy(buf + ((oh + K - 1) * PW + K - 1) * C, g + oh * OW * C, sizeof(float) * OW * C);
+}
+
 /* dw from the CHUNKS slice partials ([kh][kw][ci][co], co padded to up8(Co)): this thread's share of the elements,
    each summed in slice order, in double. A depthwise conv's partials are the same layout with Ci = 1. */
 static void sum_slices(const float *part, long nw, int Ci, int Co, int KK, float *dw, int tid, int n) {
@@ -659,10 +667,7 @@ static void conv_bwd_task(void *arg, int tid, int n) {
     if (!buf) atomic_store(&a->failed, 1);
     if (a->dx && buf)
         for (long i = lo(N, tid, n); i < lo(N, tid + 1, n); i++) {
-            const float *gn = a->g + i * OH * OW * Co;
-            memset(buf, 0, sizeof(float) * padded);
-            for (long oh = 0; oh < OH; oh++)
-                memcpy(buf + ((oh + K - 1) * PW + K - 1) * Co, gn + oh * OW * Co, sizeof(float) * OW * Co);
+            pad_image(a->g + i * OH * OW * Co, OH, OW, Co, K, buf);
             for (long r = 0; r < H; r++)
                 conv_row(buf + r * PW * Co, PW * Co, Co, K, a->wp, up8(Ci), (int)W, a->dx + ((i * H + r) * W) * Ci,
                          Ci);
@@ -823,10 +828,7 @@ static void dw_bwd_task(void *arg, int tid, int n) {
         if (!buf) atomic_store(&a->failed, 1);
         else {
             for (long i = lo(N, tid, n); i < lo(N, tid + 1, n); i++) {
-                const float *gn = a->g + i * OH * OW * C;
-                memset(buf, 0, sizeof(float) * padded);
-                for (long oh = 0; oh < OH; oh++)
-                    memcpy(buf + ((oh + K - 1) * PW + K - 1) * C, gn + oh * OW * C, sizeof(float) * OW * C);
+                pad_image(a->g + i * OH * OW * C, OH, OW, (int)C, (int)K, buf);
                 for (long r = 0; r < H; r++)
                     dw_row(buf + r * PW * C, PW * C, (int)C, (int)K, a->wp, (int)W, a->dx + ((i * H + r) * W) * C,
                            buf + padded);
