@@ -307,7 +307,7 @@ def _screen_sections(results: Path) -> list[str]:
                 f"{sc['max_params']:,} parameters, {sc['seeds']} seeds each on {sc['val']:,} held-out images; every "
                 f"check's evidence is in `{d.as_posix()}/`.{progress}"
                 + (f" Its gate, set before it trained: the mean of the seeds' worsts must beat the yardstick's by "
-                   f"{sc['margin_spreads']:g} × the yardstick's own seed spread, as a tie is no margin on new seeds."
+                   f"{sc['margin_spreads']:g} × the standard deviation of the yardstick's seeds' worsts, as a tie is no margin on new seeds."
                    if sc.get("margin_spreads") else ""), "",
                 f"| candidate | changes | parameters | mean of last {sc['last']} (objective) | worst | per seed |",
                 "| --- | --- | ---: | ---: | ---: | --- |"]
@@ -423,7 +423,7 @@ def render_search_summary(results: Path = RESULTS) -> str:
                 f"mean of the seeds' worsts **{statistics.mean(pr.seed_worsts):.2f}%**. Validation reads lower than "
                 "test for the same recipe, so a candidate earns its one look at test when its own 5-seed validation "
                 "check stands at least this high, worst seed and mean, or passes 99.40% outright; a screen may ask for a margin "
-                "above the mean (`margin_spreads`, in multiples of the bar's own seed spread), and its section says so.", ""]
+                "above the mean (`margin_spreads`, in multiples of the standard deviation of the bar's seeds' worsts), and its section says so.", ""]
     if not rows:
         return "\n".join(out + ["No search has been committed yet.", "", end])
     out += ["| search | budget | seeds per trial | complete of all | best score | seeds' own spread | spread of the "

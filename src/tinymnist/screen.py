@@ -23,8 +23,8 @@ held-out images; the screen's seeds are taken as they are (the same seed gives t
 seeds train. Stage 3 is the gate, no training: a candidate earns its one look at test when its validation check
 stands at least as high as the yardstick's (a step that passes on test, checked on validation the same way), worst
 seed and mean, or passes 99.40% outright; with `margin_spreads = k` the mean must beat the yardstick's by k times the
-yardstick's own seed spread, since a tie is no margin on new seeds. Every stage writes its evidence under results/screen-<name>/ as it goes, so
-the same command resumes a stopped screen on any machine.
+standard deviation of the yardstick's seeds' worsts, since a tie is no margin on new seeds. Every stage writes its
+evidence under results/screen-<name>/ as it goes, so the same command resumes a stopped screen on any machine.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Screen:
     confirm: int = 3
     confirm_seeds: int = CONFIRM_SEEDS
     yardstick: str = ""  # a validation check's evidence file, relative to results/
-    margin_spreads: float = 0.0  # the gate's margin over the yardstick's mean, in units of the yardstick's seed spread
+    margin_spreads: float = 0.0  # the gate's margin over the yardstick's mean, in standard deviations of its seeds' worsts
     fixed: tuple = ()  # (flat recipe name, value) pairs every candidate shares, before its own changes
 
     def recipe(self, candidate: Candidate):
@@ -155,15 +155,15 @@ def summarize_evidence(ev: dict, last: int) -> dict:
 
 def earns_test_look(confirmed: dict, yardstick: Optional[dict], margin_spreads: float = 0.0) -> tuple[bool, str]:
     """The gate: a validation check at least as high as the yardstick's worst seed, and whose mean of the seeds'
-    worsts beats the yardstick's by `margin_spreads` times the yardstick's own seed spread (0: a tie is enough); or
-    one that passes the rule outright on validation."""
+    worsts beats the yardstick's by `margin_spreads` times the standard deviation of the yardstick's seeds' worsts
+    (0: a tie is enough); or one that passes the rule outright on validation."""
     if confirmed["worst"] >= THRESHOLD:
         return True, f"passes on validation (worst seed {confirmed['worst']:.2f}% >= {THRESHOLD:.2f}%)"
     if yardstick is None:
         return False, f"worst seed {confirmed['worst']:.2f}% < {THRESHOLD:.2f}%, and no yardstick to compare with"
     bar = round(yardstick["mean_worst"] + margin_spreads * yardstick["seed_spread"], 4)  # as mean_worst is rounded
     ok = confirmed["worst"] >= yardstick["worst"] and confirmed["mean_worst"] >= bar
-    margin = (f" + {margin_spreads:g} x its seed spread {yardstick['seed_spread']:.3f} = {bar:.3f}%"
+    margin = (f" + {margin_spreads:g} x its seeds' std {yardstick['seed_spread']:.3f} = {bar:.3f}%"
               if margin_spreads else "")
     return ok, (f"worst seed {confirmed['worst']:.2f}% and mean {confirmed['mean_worst']:.3f}% against the "
                 f"yardstick's {yardstick['worst']:.2f}% and {yardstick['mean_worst']:.3f}%{margin}")
