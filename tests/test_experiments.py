@@ -313,3 +313,26 @@ def test_a_screened_step_trains_its_candidates_recipe_on_all_the_images():
             assert replace(chosen, val=0, **same).recipe() == s.config.recipe()
             assert str(chosen.build_model().net) == str(s.config.build_model().net)
             assert (ROOT / "results" / f"screen-{screen_name}" / f"confirm-{cand}.json").is_file()
+
+
+def test_the_frontier_draws_one_validation_point_per_budget_the_best_of_its_confirmations():
+    import json
+    import statistics
+
+    from tinymnist.report import _validation_points
+
+    results = ROOT / "results"
+    by_budget: dict[int, list[tuple[float, str]]] = {}
+    for path in results.glob("screen-*/screen.json"):
+        sc = json.loads(path.read_text())
+        for c in sc["confirmed"]:
+            if not (path.parent / f"confirm-{c['name']}.json").is_file():
+                continue  # a confirmation still training
+            ev = json.loads((path.parent / f"confirm-{c['name']}.json").read_text())
+            worsts = [min(s["history"][-1 - i]["val_acc"] for i in range(ev["last"])) for s in ev["seeds"]]
+            by_budget.setdefault(sc["max_params"], []).append((statistics.mean(worsts), f"{sc['screen']}: {c['name']}"))
+    points = [p for p in _validation_points(results) if "confirmed" in p["name"]]
+    assert len(points) == len(by_budget)  # one point per budget, however many confirmations it holds
+    for budget, group in by_budget.items():
+        best = max(group)[1]
+        assert any(p["name"].startswith(best + "\n") and f"≤ {budget:,}" in p["name"] for p in points), budget

@@ -917,8 +917,8 @@ def replot_frontier(results: Path = RESULTS) -> Optional[Path]:
 def _validation_points(results: Path) -> list[dict]:
     """The frontier's validation evidence: the yardstick's 5-seed validation check, and the screens' confirmed
     candidates (their own 5-seed validation checks), so a budget that has not earned a look at test has a point. Of
-    the confirmations at one parameter count the best by the gate's measure (the mean of the seeds' worsts) stands
-    for them all, named with how many there were; the searches page lists every one."""
+    the confirmations under one budget (a screen's max_params) the best by the gate's measure (the mean of the seeds'
+    worsts) stands for them all, named with its budget and how many there were; the searches page lists every one."""
 
     def point(name: str, path: Path) -> dict:
         ev = read_json(path)
@@ -931,10 +931,11 @@ def _validation_points(results: Path) -> list[dict]:
         for c in sc["confirmed"]:
             if (path.parent / f"confirm-{c['name']}.json").is_file():
                 p = point(f"{sc['screen']}: {c['name']}", path.parent / f"confirm-{c['name']}.json")
-                confirmed.setdefault(p["params"], []).append(p)
-    for group in confirmed.values():
+                confirmed.setdefault(sc["max_params"], []).append(p)
+    for budget, group in sorted(confirmed.items()):
         best = max(group, key=lambda p: statistics.mean(p["worst"]))
-        points.append({**best, "name": best["name"] + (f"\n(best of {len(group)} confirmed)" if len(group) > 1 else "")})
+        tally = f"best of {len(group)} confirmed ≤ {budget:,}" if len(group) > 1 else f"confirmed ≤ {budget:,}"
+        points.append({**best, "name": f"{best['name']}\n({tally})"})
     return points
 
 
