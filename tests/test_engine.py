@@ -179,3 +179,62 @@ def test_a_run_records_whether_its_checkout_differs_from_the_commit(tmp_path):
     assert _git_dirty(tmp_path) is False
     (tmp_path / "model.py").write_text("a = 2\n")
     assert _git_dirty(tmp_path) is True
+
+
+def test_the_distillation_loss_is_the_labels_loss_plus_the_softened_kl_to_the_teacher():
+    import torch.nn.functional as F
+
+    from tinymnist.engine import distillation_loss
+
+    torch.manual_seed(0)
+    out, other, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    ce = F.cross_entropy(out, y)
+    # a teacher that agrees with the student adds nothing: only the labels' share is left
+    assert distillation_loss(out, out, y, 0.25, 4.0) == pytest.approx(0.75 * ce.item(), rel=1e-6)
+    assert distillation_loss(out, out, y, 1.0, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    kl = F.kl_div(F.log_softmax(out / 2, 1), F.softmax(other / 2, 1), reduction="batchmean")
+    assert distillation_loss(out, other, y, 0.5, 2.0) == pytest.approx(0.5 * ce.item() + 0.5 * 4 * kl.item(), rel=1e-5)
+
+
+def test_a_distilled_run_trains_its_teacher_on_the_same_images_first_and_resumes_as_if_it_never_stopped(tmp_path):
+    from tinymnist.engine import Trainer
+
+    synthetic_mnist(tmp_path, n_train=192, n_test=64)
+    data = load_mnist(tmp_path, download=False)
+    cfg = TrainConfig(model="Model_6", epochs=2, batch_size=32, lr=0.05, ema=0.9, val=32, limit_batches=2,
+                      aug=AugConfig(rotate=10), teacher="writeup-002", distill=0.7, distill_temp=3.0)
+    straight = Trainer(cfg, data)
+    while not straight.done:
+        straight.run_epoch(progress=False, verbose=False)
+    teacher = straight.teacher_history
+    assert len(teacher) == 15  # the teacher step's own epochs, recorded beside the student's
+    assert all("val_acc" in r and "test_acc" not in r for r in teacher)  # the student's split: no test set read
+    state = None
+    for _ in range(cfg.epochs):  # stopped after every epoch: the teacher comes back from the state, not retrained
+        trainer = Trainer(cfg, data)
+        if state is not None:
+            torch.save(state, tmp_path / "s.pt")
+            trainer.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+            assert trainer.teacher is not None and _strip_time(trainer.teacher_history) == _strip_time(teacher)
+        trainer.run_epoch(progress=False, verbose=False)
+        state = trainer.state_dict()
+    assert _strip_time(trainer.history) == _strip_time(straight.history)
+    _, alone = fit(dataclasses.replace(cfg, teacher=""), data, progress=False, verbose=False)
+    assert _strip_time(alone)[0] != _strip_time(straight.history)[0]  # the teacher's outputs change the loss
+
+
+def test_a_teacher_must_be_a_step_that_trains_on_the_labels(monkeypatch):
+    from tinymnist import experiments
+    from tinymnist.engine import teacher_recipe
+
+    with pytest.raises(TinyMnistError, match="unknown step 'nobody'"):
+        teacher_recipe(TrainConfig(model="Model_6", teacher="nobody"))
+    taught = dataclasses.replace(experiments.get_step("final"), name="taught",
+                                 config=dataclasses.replace(experiments.get_step("final").config, teacher="final"))
+    monkeypatch.setattr(experiments, "STEPS", experiments.STEPS + (taught,))
+    with pytest.raises(TinyMnistError, match="itself distilled"):
+        teacher_recipe(TrainConfig(model="Model_6", teacher="taught"))
+    assert teacher_recipe(TrainConfig(model="Model_6", teacher="final", seed=3, val=100)).recipe() == \
+        dataclasses.replace(experiments.get_step("final").config, val=100).recipe()
+    with pytest.raises(TinyMnistError, match="distill must be"):
+        TrainConfig(model="Model_6", distill=0.0).validate()

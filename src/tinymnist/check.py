@@ -267,6 +267,13 @@ def _evidence(step, label: str, base, results: list, last: int, metric: str, max
         print(f"this is look {len(earlier) + 1} at the test set for the {step.budget:,}-parameter budget "
               f"(earlier: {', '.join(earlier)})")
     own = {}
+    if base.teacher:  # a track of its own: the teacher's epochs are stated beside the student's
+        from .experiments import get_step
+
+        taught = get_step(base.teacher).config.epochs
+        print(f"distilled: each seed's teacher ({base.teacher}) trained {taught} epochs before the student's "
+              f"{base.epochs}, {taught + base.epochs} in all")
+        own["teacher"] = {"step": base.teacher, "epochs": taught}
     if base.models_file:
         from .usermodels import file_sha256
 

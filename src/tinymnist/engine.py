@@ -149,11 +149,24 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
     return None, False
 
 
+def distillation_loss(out: torch.Tensor, soft: torch.Tensor, y: torch.Tensor, weight: float, temp: float,
+                      label_smoothing: float = 0.0) -> torch.Tensor:
+    """Hinton's knowledge distillation: (1 - weight) x the labels' cross-entropy + weight x temp^2 x KL(teacher's
+    softened distribution || the student's), both softened by `temp` (the temp^2 keeps the term's gradient on the
+    scale of the cross-entropy's)."""
+    hard = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+    kl = F.kl_div(F.log_softmax(out / temp, dim=1), F.log_softmax(soft / temp, dim=1), log_target=True,
+                  reduction="batchmean")
+    return (1.0 - weight) * hard + weight * temp * temp * kl
+
+
 def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler=None,
                 label_smoothing: float = 0.0, desc: str = "train", progress: Optional[bool] = None,
                 ema: Optional[EMA] = None, precision: str = "fp32",
-                memory_format: torch.memory_format = torch.contiguous_format) -> Metrics:
-    """One pass over `loader`. Counts stay on the device; the host reads them once, at the end."""
+                memory_format: torch.memory_format = torch.contiguous_format,
+                teacher: Optional[nn.Module] = None, distill: float = 0.5, distill_temp: float = 4.0) -> Metrics:
+    """One pass over `loader`. Counts stay on the device; the host reads them once, at the end. With a `teacher`
+    (a trained network in eval mode), the loss is distillation_loss on its outputs for the same augmented batch."""
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -166,7 +179,12 @@ def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimiz
         x = x.contiguous(memory_format=memory_format)  # a restride, not a copy: the batch has one channel
         with autocast(device, precision):
             out = model(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+            if teacher is None:
+                loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+            else:
+                with torch.no_grad():
+                    soft = teacher(x).float()
+                loss = distillation_loss(out.float(), soft, y, distill, distill_temp, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -238,6 +256,12 @@ class Trainer:
         self.scheduler, self.per_batch = make_scheduler(self.optimizer, cfg, len(self.train))
         self.ema = EMA(self.model, cfg.ema) if cfg.ema else None
         self.history: list[dict] = []
+        self.data = data
+        # distillation: the teacher's recipe now (an unknown or nested teacher fails before anything trains); the
+        # teacher itself trains before the first epoch, or comes back with a resumed run's state
+        self.teacher_cfg = teacher_recipe(cfg) if cfg.teacher else None
+        self.teacher: Optional[nn.Module] = None
+        self.teacher_history: list[dict] = []
 
     @property
     def final(self) -> Net:
@@ -251,13 +275,16 @@ class Trainer:
     def run_epoch(self, progress: Optional[bool] = None, verbose: bool = True) -> dict:
         """Train one epoch, evaluate, and return (and keep) its history record."""
         cfg, epoch = self.cfg, len(self.history) + 1
+        if self.teacher_cfg is not None and self.teacher is None:
+            self._train_teacher(progress, verbose)
         t0 = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]  # the LR at the start of the epoch
         augmented = cfg.aug.active and not (cfg.aug_epochs and epoch > cfg.aug_epochs)
         self.train.aug = cfg.aug if augmented else None  # after aug_epochs, the images as they are
         tr = train_epoch(self.model, self.train, self.optimizer, self.scheduler if self.per_batch else None,
                          cfg.label_smoothing, desc=f"epoch {epoch}/{cfg.epochs}", progress=progress, ema=self.ema,
-                         precision=cfg.precision, memory_format=self.fmt)
+                         precision=cfg.precision, memory_format=self.fmt, teacher=self.teacher,
+                         distill=cfg.distill, distill_temp=cfg.distill_temp)
         if verbose:
             print(f"Epoch {epoch:2d}/{cfg.epochs}: train loss {tr.loss:.4f}, train accuracy {tr.acc:.2f}%, lr {lr:.3e}")
         record = {"epoch": epoch, "train_loss": round(tr.loss, 6), "train_acc": round(tr.acc, 4)}
@@ -275,6 +302,23 @@ class Trainer:
         record.update(lr=lr, seconds=round(time.perf_counter() - t0, 3))
         self.history.append(record)
         return record
+
+    def _train_teacher(self, progress: Optional[bool], verbose: bool) -> None:
+        """Train the teacher's recipe to its end, in this process, on the same data. Every RNG is put back as it was,
+        so the student's history is the same whenever its teacher trained (or whether it came from a saved state)."""
+        if verbose:
+            print(f"teacher: {self.cfg.teacher} ({self.teacher_cfg.model}), {self.teacher_cfg.epochs} epochs first")
+        saved = (random.getstate(), np.random.get_state())
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            trainer = Trainer(self.teacher_cfg, self.data)
+            trainer.run(progress=progress, verbose=verbose)
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        self._set_teacher(trainer.final, trainer.cfg, trainer.history)
+
+    def _set_teacher(self, model: nn.Module, cfg: TrainConfig, history: list[dict]) -> None:
+        self.teacher = model.eval().requires_grad_(False)
+        self.teacher_resolved, self.teacher_history = cfg, list(history)
 
     def run(self, until: Optional[int] = None, on_epoch: Optional[Callable[[dict], None]] = None,
             progress: Optional[bool] = None, verbose: bool = True) -> list[dict]:
@@ -299,6 +343,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "ema": {"model": self.ema.model.state_dict(), "updates": self.ema.updates} if self.ema else None,
+                "teacher": {"config": self.teacher_resolved.to_dict(), "model": self.teacher.state_dict(),
+                            "history": self.teacher_history} if self.teacher is not None else None,
                 "rng": rng}
 
     def load_state_dict(self, state: dict) -> None:
@@ -310,6 +356,12 @@ class Trainer:
         if self.ema is not None:
             self.ema.model.load_state_dict(state["ema"]["model"])
             self.ema.updates = int(state["ema"]["updates"])
+        if self.teacher_cfg is not None and state.get("teacher"):
+            saved = state["teacher"]
+            cfg = TrainConfig.from_dict(saved["config"])
+            model = build_for(cfg, self.device)
+            model.load_state_dict(saved["model"])
+            self._set_teacher(model, cfg, saved["history"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(_python_rng_state(rng["python"]))
@@ -320,6 +372,20 @@ class Trainer:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.history = list(state["history"])
+
+
+def teacher_recipe(cfg: TrainConfig) -> TrainConfig:
+    """The recipe that trains `cfg`'s teacher: the teacher step's own, on the student's training images (its held-out
+    split, so a validation run's teacher never sees the held-out images either), with the student's seed and limits.
+    A teacher that is itself distilled is refused: one teacher's epochs, stated, is the whole track."""
+    from .experiments import get_step
+
+    step = get_step(cfg.teacher)
+    if step.config.teacher:
+        raise TinyMnistError(f"the teacher {cfg.teacher!r} is itself distilled (from {step.config.teacher!r}): "
+                             "choose a teacher that trains on the labels")
+    return dataclasses.replace(step.config, seed=cfg.seed, val=cfg.val, limit_batches=cfg.limit_batches,
+                               eval_batch_size=cfg.eval_batch_size).validate()
 
 
 def _python_rng_state(state):

@@ -107,7 +107,9 @@ def recipe_words(cfg, dropout: Optional[float] = None) -> str:
     return (f"{cfg.epochs} epochs, batch {cfg.batch_size}, {opt}, LR {cfg.lr:g}, {sched}, weight decay "
             f"{cfg.weight_decay:g}{f', dropout {dropout:g}' if dropout is not None else ''}, augmentation: {aug_text}"
             + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
-            + (f", weight EMA {cfg.ema:g} (evaluated and saved)" if cfg.ema else ""))
+            + (f", weight EMA {cfg.ema:g} (evaluated and saved)" if cfg.ema else "")
+            + (f", distilled from {cfg.teacher} (weight {cfg.distill:g}, temperature {cfg.distill_temp:g}; the "
+               f"teacher's own epochs train first and count beside these)" if cfg.teacher else ""))
 
 
 def _check_section(step: Step, results: Path) -> list[str]:

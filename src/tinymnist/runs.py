@@ -29,6 +29,7 @@ from .plots import plot_curves
 CHECKPOINT_FORMAT = "tinymnist-checkpoint-v1"
 STATE_FILE = "resume.pt"  # what a stopped run needs to continue: written after every epoch but the last
 STATE_FORMAT = "tinymnist-resume-v1"
+TEACHER_FILE = "teacher.json"  # a distilled run's teacher: its step, recipe, epochs and history
 
 
 def new_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
@@ -261,6 +262,11 @@ def _advance(run_dir: Path, meta: dict, trainer: Trainer, until: Optional[int], 
             with atomic_path(run_dir / STATE_FILE) as tmp:
                 torch.save({"format": STATE_FORMAT, "config": meta["config"], **trainer.state_dict()}, tmp)
         write_json(run_dir / "history.json", trainer.history)  # a crash keeps the epochs done
+        if trainer.teacher is not None and not (run_dir / TEACHER_FILE).is_file():
+            # distillation: the teacher's recipe and history, so the run states the epochs it cost
+            write_json(run_dir / TEACHER_FILE, {"step": cfg.teacher, "epochs": len(trainer.teacher_history),
+                                                "config": trainer.teacher_resolved.to_dict(),
+                                                "history": trainer.teacher_history})
         if on_epoch is not None:
             on_epoch(record)
 
