@@ -839,7 +839,10 @@ def render_headline(results: Path = RESULTS) -> str:
     rows = []
     for s, ev in _checked_steps(results):
         pr = proof(ev)
-        rows.append(f"| [{s.name}](docs/series.md#{_anchor(s.heading)}) | {s.role} | `{ev['model']}` | **{ev['params']:,}** | {ev['epochs']} | "
+        # a distilled step's teacher trained first in every run: its epochs are stated beside the student's
+        epochs = f"{ev['epochs']} + {ev['teacher']['epochs']} ({ev['teacher']['step']}, the teacher)" if ev.get(
+            "teacher") else ev["epochs"]
+        rows.append(f"| [{s.name}](docs/series.md#{_anchor(s.heading)}) | {s.role} | `{ev['model']}` | **{ev['params']:,}** | {epochs} | "
                     f"{len(pr.seed_worsts)} | {pr.worst:.2f}% | {pr.mean:.2f} ± {pr.std:.2f}% | {pr.verdict} |")
     if not rows:
         return "\n".join([start, NOTE, "", "No step has been checked over seeds yet.", "", end])
