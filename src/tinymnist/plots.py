@@ -91,7 +91,7 @@ def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathL
         ax.scatter([x] * len(v["worst"]), v["worst"], s=22, marker="D", facecolors="none", edgecolors="#2255aa",
                    alpha=0.7, zorder=3)
         ax.scatter([x], [min(v["worst"])], s=120, marker="_", color="#2255aa", linewidths=1.5, zorder=4)
-        ax.annotate(v["name"], (x, min(v["worst"])), textcoords="offset points", xytext=(0, -11 - 9 * k),
+        ax.annotate(v["name"], (x, min(v["worst"])), textcoords="offset points", xytext=(0, -16 - 9 * k),
                     ha="center", fontsize=6.5, color="#2255aa")
     ax.axhline(threshold, color="grey", ls="--", lw=1, label=f"{threshold:.2f}%: every seed's last epochs must reach it")
     ax.scatter([], [], s=18, color="grey", label="one seed's worst of its last epochs")
@@ -106,7 +106,7 @@ def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathL
            "worst seed", ylim=(min(worst + [threshold]) - 0.12, max(worst + [threshold]) + 0.12))
     xs = [p["params"] for p in [*points, *validation]] + [min(v["params"] for v in validation) - 3 * dx] * bool(validation)
     pad = max(200, (max(xs) - min(xs)) * 0.08)
-    ax.set_xlim(min(xs) - pad, max(xs) + pad)
+    ax.set_xlim(min(xs) - pad * (2 if validation else 1), max(xs) + pad)  # room for a validation label on the left
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)  # clear of points
     fig.tight_layout()
