@@ -26,6 +26,8 @@ def run(capsys, *argv):
     (["train", "--lr", "-1"], "expected a positive number"),
     (["train", "--dropout", "1.5"], "expected a number in [0, 1)"),
     (["train", "--device", "tpu"], "invalid choice: 'tpu'"),
+    (["train", "--distill", "0"], "expected a number in (0, 1]"),
+    (["check", "--distill-temp", "0"], "expected a positive number"),
     (["summary", "Model_99"], "invalid choice: 'Model_99'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "required: COMMAND"),
@@ -208,4 +210,15 @@ def test_a_one_cycle_that_cannot_warm_up_is_one_line_and_leaves_no_run(tmp_path,
     code, _, err = run(capsys, "train", "--epochs", "1", "--batch-size", "32", "--data-dir", str(tmp_path / "d"),
                        "--out", str(tmp_path / "run"), "--no-progress")
     assert code == 1 and err.count("\n") == 1 and "cannot warm up over 0.25 x 4 batches" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_that_is_no_step_is_one_line_and_no_run_directory(tmp_path, capsys):
+    from conftest import synthetic_mnist
+
+    synthetic_mnist(tmp_path / "data", n_train=64, n_test=32)
+    code, out, err = run(capsys, "train", "--teacher", "nobody", "--epochs", "1", "--out", str(tmp_path / "run"),
+                         "--data-dir", str(tmp_path / "data"), "--no-progress")
+    assert code == 1 and "unknown step 'nobody'" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()

@@ -92,11 +92,13 @@ class TrainConfig:
     label_smoothing: float = _field(0.0, "cross-entropy label smoothing", ok=_FRACTION[0], expected=_FRACTION[1])
     teacher: str = _field("", "distillation, a track of its own: the step whose network teaches. Its recipe trains "
                           "first in the same run, on the same training images (the same held-out split) and seed, "
-                          "and its epochs are recorded and stated beside the student's; '' = no teacher")
+                          "and its epochs are recorded and stated beside the student's; '' = no teacher",
+                          cli=True, convert=str, metavar="STEP")
     distill: float = _field(0.5, "with a teacher: the weight of the teacher's softened outputs in the loss (the rest "
-                            "is the labels' cross-entropy)", ok=lambda v: 0 < v <= 1, expected="a number in (0, 1]")
+                            "is the labels' cross-entropy)", ok=lambda v: 0 < v <= 1, expected="a number in (0, 1]",
+                            cli=True, convert=float)
     distill_temp: float = _field(4.0, "with a teacher: the softmax temperature of the distillation term",
-                                 ok=lambda v: v > 0, expected="a positive number")
+                                 ok=lambda v: v > 0, expected="a positive number", cli=True, convert=float)
     ema: float = _field(0.0, "decay of a moving average of the weights (and BN statistics) that is evaluated and "
                         "saved instead of the raw weights; it smooths out the epoch-to-epoch noise of SGD; 0 = off",
                         ok=_FRACTION[0], expected=_FRACTION[1])
