@@ -91,6 +91,7 @@ def test_a_screen_ranks_confirms_resumes_and_never_reads_the_test_set(tmp_path, 
     summary = json.loads((results / "screen-s" / "screen.json").read_text())
     ranked = summary["ranked"]
     assert sorted(ranked) == ["baseline", "settle"]
+    assert summary["fixed"] == {"epochs": 2, "limit_batches": 3, "batch_size": 16}  # what every candidate shares
     rows = {r["name"]: r for r in summary["candidates"]}
     assert rows["too-big"] == {"name": "too-big", "changes": {"layout": "c8 c16 P c10/1 c16 c16 c16 G o"},
                                "rejected": True}

@@ -305,7 +305,10 @@ def _screen_sections(results: Path) -> list[str]:
         progress = "" if sc.get("done", True) else (" **In progress**: this is as far as it got; the same command "
                                                         "(`tinymnist screen screens/" + sc["screen"] + ".toml`) resumes it.")
         out += [f"#### Screen: `{sc['screen']}`", "",
-                f"`screens/{sc['screen']}.toml`: the step `{sc['step']}` with one change per candidate, at most "
+                f"`screens/{sc['screen']}.toml`: the step `{sc['step']}`"
+                + (f", every candidate with {', '.join(f'{k}={_short(v)}' for k, v in sc['fixed'].items())}"
+                   if sc.get("fixed") else "")
+                + f" and one change per candidate, at most "
                 f"{sc['max_params']:,} parameters, {sc['seeds']} seeds each on {sc['val']:,} held-out images; every "
                 f"check's evidence is in `{d.as_posix()}/`.{progress}"
                 + (f" Its gate, set before it trained: the mean of the seeds' worsts must beat the yardstick's by "
@@ -316,7 +319,8 @@ def _screen_sections(results: Path) -> list[str]:
         rows = {r["name"]: r for r in sc["candidates"]}
         for name in sc["ranked"]:
             r = rows[name]
-            changes = ", ".join(f"{k}={_short(v)}" for k, v in r["changes"].items()) or "(the step as it is)"
+            changes = ", ".join(f"{k}={_short(v)}" for k, v in r["changes"].items()) or (
+                "(the shared changes only)" if sc.get("fixed") else "(the step as it is)")
             out.append(f"| {name} | {changes} | {r['params']:,} | {r['objective']:.3f}% | {r['worst']:.2f}% | "
                        f"{', '.join(f'{w:.2f}' for w in r['seed_worsts'])} |")
         for r in sc["candidates"]:

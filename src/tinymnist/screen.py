@@ -221,7 +221,8 @@ def run_screen(path: str | Path, results: str | Path = "results", jobs: int = 0,
         evidence (committed as it grows), and the same command resumes it."""
         ranked = sorted((r for r in rows if "objective" in r), key=lambda r: -r["objective"])
         summary = {"screen": screen.name, "step": screen.step, "max_params": screen.max_params, "seeds": screen.seeds,
-                   "val": screen.val, "last": screen.last, "margin_spreads": screen.margin_spreads, "objective": "mean over seeds of the mean validation "
+                   "val": screen.val, "last": screen.last, "margin_spreads": screen.margin_spreads,
+                   "fixed": dict(screen.fixed), "objective": "mean over seeds of the mean validation "
                    "accuracy of the last epochs", "yardstick": {"file": screen.yardstick, **yard} if yard else None,
                    "done": done, "candidates": rows, "ranked": [r["name"] for r in ranked],
                    "seed_gap": _rounded(seed_gap([r["seed_worsts"] for r in ranked])),
