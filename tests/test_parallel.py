@@ -240,3 +240,28 @@ def test_pieces_run_in_order_the_last_one_is_the_result_and_a_failed_piece_ends_
         for x in range(4):
             assert [line for line in lines if line.startswith(f"{x}:")] == (
                 [f"{x}:0", f"{x}:1"] if x == 2 else [f"{x}:0", f"{x}:1", f"{x}:2"])
+
+
+@pytest.mark.parametrize("where", ["chmod", "write", "replace"])
+def test_a_stop_anywhere_inside_an_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch, where):
+    # a worker's SIGTERM raises KeyboardInterrupt between any two bytecodes: after mkstemp made the file, while the
+    # data is written, or at the rename; the file being written is then as it was, and no .part file is left
+    import os as os_module
+
+    from tinymnist import fileio
+
+    target = tmp_path / "history.json"
+    target.write_text("[1]\n")
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    if where != "write":
+        monkeypatch.setattr(fileio.os, where, stop)
+    with pytest.raises(KeyboardInterrupt):
+        with fileio.atomic_path(target) as tmp:
+            tmp.write_text("[1, 2]\n")
+            if where == "write":
+                stop()
+    monkeypatch.setattr(fileio.os, "chmod", os_module.chmod)
+    assert target.read_text() == "[1]\n" and [p.name for p in tmp_path.iterdir()] == ["history.json"]
