@@ -1,4 +1,6 @@
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +240,19 @@ def test_a_teacher_must_be_a_step_that_trains_on_the_labels(monkeypatch):
         dataclasses.replace(experiments.get_step("final").config, val=100).recipe()
     with pytest.raises(TinyMnistError, match="distill must be"):
         TrainConfig(model="Model_6", distill=0.0).validate()
+
+
+def test_a_distilled_check_states_its_teachers_epochs_beside_the_students(tmp_path, capsys):
+    from tinymnist.check import run_check
+
+    synthetic_mnist(tmp_path / "d", n_train=192, n_test=64)
+    cfg = TrainConfig(model="Model_6", epochs=2, batch_size=32, lr=0.05, val=32, limit_batches=2,
+                      teacher="writeup-002")
+    ev = run_check("budget-5000", 1, 2, data_dir=str(tmp_path / "d"), out_root=str(tmp_path / "runs"),
+                   progress=False, threads=1, jobs=1, recipe=cfg)
+    assert ev["teacher"] == {"step": "writeup-002", "epochs": 15} and ev["epochs"] == 2
+    assert "teacher (writeup-002) trained 15 epochs before the student's 2, 17 in all" in capsys.readouterr().out
+    run_dir = Path(ev["seeds"][0]["run_dir"])
+    teacher = json.loads((run_dir / "teacher.json").read_text())
+    assert teacher["step"] == "writeup-002" and teacher["epochs"] == len(teacher["history"]) == 15
+    assert teacher["config"]["val"] == 32 and teacher["config"]["seed"] == 0  # the student's split and seed

@@ -268,9 +268,9 @@ def _evidence(step, label: str, base, results: list, last: int, metric: str, max
               f"(earlier: {', '.join(earlier)})")
     own = {}
     if base.teacher:  # a track of its own: the teacher's epochs are stated beside the student's
-        from .experiments import get_step
+        from .engine import teacher_recipe
 
-        taught = get_step(base.teacher).config.epochs
+        taught = teacher_recipe(base).epochs
         print(f"distilled: each seed's teacher ({base.teacher}) trained {taught} epochs before the student's "
               f"{base.epochs}, {taught + base.epochs} in all")
         own["teacher"] = {"step": base.teacher, "epochs": taught}
