@@ -164,7 +164,8 @@ def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimiz
                 label_smoothing: float = 0.0, desc: str = "train", progress: Optional[bool] = None,
                 ema: Optional[EMA] = None, precision: str = "fp32",
                 memory_format: torch.memory_format = torch.contiguous_format,
-                teacher: Optional[nn.Module] = None, distill: float = 0.5, distill_temp: float = 4.0) -> Metrics:
+                teacher: Optional[nn.Module] = None, distill: float = TrainConfig.distill,
+                distill_temp: float = TrainConfig.distill_temp) -> Metrics:
     """One pass over `loader`. Counts stay on the device; the host reads them once, at the end. With a `teacher`
     (a trained network in eval mode), the loss is distillation_loss on its outputs for the same augmented batch."""
     model.train()
