@@ -177,6 +177,15 @@ STEPS: tuple[Step, ...] = (
         role="the assignment's answer: under 8,000 parameters, the smallest that passes",
         screened_by=("writeups", "writeup-002-7288"),
     ),
+    Step(
+        name="plain-7000",
+        title="At most 7,000 parameters: write-up 002's shape narrowed, earned on 5 validation seeds",
+        # candidate c6-c15x3 of screens/plain-7000.toml: the answer's recipe on a narrower write-up 002 network
+        config=replace(_FINAL, model="Model_13"),
+        role="the frontier: at most 7,000 parameters, earned on 5 validation seeds",
+        budget=7000,
+        screened_by=("plain-7000", "c6-c15x3"),
+    ),
 )
 
 

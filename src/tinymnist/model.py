@@ -332,3 +332,13 @@ class Model_12(Net):
 
     # (N,8,22,22) RF 7 | (N,8,11,11) RF 8 | (N,16,5,5) RF 20 | GAP + 1x1 (N,10,1,1) RF 28
     layout = "c8 c8 c8 P c16 c16 c16 G o"
+
+
+@register
+class Model_13(Net):
+    """Write-up 002's shape narrowed to 6,476 parameters: a 6-channel first conv, two of 8, a pool, three 15-channel
+    convs and a 1x1 to the 10 classes after the average pool. Chosen on validation in screens/plain-7000.toml (2
+    seeds, then a 5-seed validation check past the gate), never on the test set."""
+
+    # (N,8,22,22) RF 7 | (N,8,11,11) RF 8 | (N,15,5,5) RF 20 | GAP + 1x1 (N,10,1,1) RF 28
+    layout = "c6 c8 c8 P c15 c15 c15 G o"
