@@ -290,12 +290,36 @@ def test_step_prose_names_the_numbers_results_hold_instead_of_typing_them():
     assert [s.heading.split(".")[0] for s in STEPS] == [str(i) for i in range(1, len(STEPS) + 1)]
 
 
+def test_the_validation_check_that_earned_a_look_is_named_not_typed():
+    import json
+    import statistics
+
+    from tinymnist.check import worst_of_last
+    from tinymnist.report import fill
+
+    def worsts(path):
+        ev = json.loads(path.read_text())
+        return [worst_of_last(s["history"], ev["last"], ev["metric"]) for s in ev["seeds"]]
+
+    step = get_step("writeup-002")
+    screen, cand = step.screened_by
+    val = worsts(ROOT / "results" / f"screen-{screen}" / f"confirm-{cand}.json")
+    test = worsts(ROOT / "results" / "check-writeup-002.json")
+    got = fill("{screened.worst} {screened.mean_worst} {check.mean_worst} {screen.writeups.writeup-002-7288.worst}",
+               step, ROOT / "results")
+    assert got == (f"{min(val):.2f}% {statistics.mean(val):.3f}% {statistics.mean(test):.3f}% {min(val):.2f}%")
+
+
 def test_an_unknown_placeholder_is_one_error_naming_the_step():
     from tinymnist.errors import TinyMnistError
     from tinymnist.report import fill
 
     with pytest.raises(TinyMnistError, match=r"steps/final.md: no number \{check.luck\}"):
         fill("the {check.luck} of it", get_step("final"), ROOT / "results")
+    with pytest.raises(TinyMnistError, match=r"\{screen.writeups.nobody.worst\}: no confirmation"):
+        fill("{screen.writeups.nobody.worst}", get_step("final"), ROOT / "results")
+    with pytest.raises(TinyMnistError, match=r"steps/final.md: no number \{screened.worst\}"):
+        fill("{screened.worst}", get_step("final"), ROOT / "results")  # final was not earned by a screen
 
 
 def test_a_screened_step_trains_its_candidates_recipe_on_all_the_images():

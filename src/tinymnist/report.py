@@ -794,6 +794,9 @@ def _checked_steps(results: Path):
 #   params, free                          the step's parameter count, and how many its budget leaves free
 #   diff.OTHER                            how many parameters the step has more (or fewer) than step OTHER
 #   study.NAME.complete / .all / .second  a committed study's complete trials, all its trials, its second best
+#   check.mean_worst                      the mean over the check's seeds of each seed's worst epoch
+#   screened.worst, screened.mean_worst   the same two of the 5-seed validation check that earned the step its look
+#   screen.NAME.CAND.worst / .mean_worst  the same two of a screen's confirmation of candidate CAND
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.\-]+)\}")
 
 
@@ -815,8 +818,12 @@ def _fact(name: str, step: Step, results: Path) -> str:
                  "second": f"{values[1]:.2f}%" if len(values) > 1 else "—"}
         if parts[2] in facts:
             return facts[parts[2]]
+    if parts[0] == "screen" and len(parts) == 4 and parts[3] in ("worst", "mean_worst"):
+        return _confirmed(results, parts[1], parts[2], parts[3], name)
     if parts[0] in step_names():
         step, parts = get_step(parts[0]), parts[1:]
+    if len(parts) == 2 and parts[0] == "screened" and parts[1] in ("worst", "mean_worst") and step.screened_by:
+        return _confirmed(results, *step.screened_by, parts[1], name)
     if parts == ["params"]:
         return f"{step.config.build_model().num_params():,}"
     if len(parts) == 2 and parts[0] == "diff" and parts[1] in step_names():
@@ -824,17 +831,30 @@ def _fact(name: str, step: Step, results: Path) -> str:
         return f"{abs(step.config.build_model().num_params() - other):,}"
     if parts == ["free"]:
         return f"{step.budget - step.config.build_model().num_params():,}"
-    check_facts = ("worst", "mean", "std", "seeds", "passing", "seed_worsts")
+    check_facts = ("worst", "mean", "std", "seeds", "passing", "seed_worsts", "mean_worst")
     if len(parts) == 2 and parts[0] == "check" and parts[1] in check_facts:
         path = results / CHECK_FILE.format(step=step.name)
         if not path.is_file():  # a results/ without the check (a fresh reproduce): the prose says so
             return "[not checked yet]"
         pr = proof(read_json(path))
         facts = {"worst": f"{pr.worst:.2f}%", "mean": f"{pr.mean:.2f}%", "std": f"{pr.std:.2f}",
+                 "mean_worst": f"{statistics.mean(pr.seed_worsts):.3f}%",
                  "seeds": str(len(pr.seed_worsts)), "passing": str(sum(w >= THRESHOLD for w in pr.seed_worsts)),
                  "seed_worsts": ", ".join(f"{w:.2f}%" for w in pr.seed_worsts)}
         return facts[parts[1]]
     raise TinyMnistError(f"steps/{step.name}.md: no number {{{name}}} in results/ (see report.PLACEHOLDER)")
+
+
+def _confirmed(results: Path, screen: str, candidate: str, what: str, name: str) -> str:
+    """`what` (worst, or mean_worst) of a screen's 5-seed validation check of one candidate, as the gate read it."""
+    from .screen import summarize_evidence
+
+    path = results / f"screen-{screen}" / f"confirm-{candidate}.json"
+    if not path.is_file():
+        raise TinyMnistError(f"{{{name}}}: no confirmation {path} in results/")
+    ev = read_json(path)
+    row = summarize_evidence(ev, ev["last"])
+    return f"{row[what]:.3f}%" if what == "mean_worst" else f"{row[what]:.2f}%"
 
 
 def render_headline(results: Path = RESULTS) -> str:
