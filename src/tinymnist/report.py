@@ -797,6 +797,7 @@ def _checked_steps(results: Path):
 #   check.mean_worst                      the mean over the check's seeds of each seed's worst epoch
 #   screened.worst, screened.mean_worst   the same two of the 5-seed validation check that earned the step its look
 #   screen.NAME.CAND.worst / .mean_worst  the same two of a screen's confirmation of candidate CAND
+NOT_CONFIRMED = "[not confirmed yet]"
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.\-]+)\}")
 
 
@@ -819,11 +820,11 @@ def _fact(name: str, step: Step, results: Path) -> str:
         if parts[2] in facts:
             return facts[parts[2]]
     if parts[0] == "screen" and len(parts) == 4 and parts[3] in ("worst", "mean_worst"):
-        return _confirmed(results, parts[1], parts[2], parts[3], name)
+        return _confirmed(results, parts[1], parts[2], parts[3])
     if parts[0] in step_names():
         step, parts = get_step(parts[0]), parts[1:]
     if len(parts) == 2 and parts[0] == "screened" and parts[1] in ("worst", "mean_worst") and step.screened_by:
-        return _confirmed(results, *step.screened_by, parts[1], name)
+        return _confirmed(results, *step.screened_by, parts[1])
     if parts == ["params"]:
         return f"{step.config.build_model().num_params():,}"
     if len(parts) == 2 and parts[0] == "diff" and parts[1] in step_names():
@@ -845,13 +846,13 @@ def _fact(name: str, step: Step, results: Path) -> str:
     raise TinyMnistError(f"steps/{step.name}.md: no number {{{name}}} in results/ (see report.PLACEHOLDER)")
 
 
-def _confirmed(results: Path, screen: str, candidate: str, what: str, name: str) -> str:
+def _confirmed(results: Path, screen: str, candidate: str, what: str) -> str:
     """`what` (worst, or mean_worst) of a screen's 5-seed validation check of one candidate, as the gate read it."""
     from .screen import summarize_evidence
 
     path = results / f"screen-{screen}" / f"confirm-{candidate}.json"
-    if not path.is_file():
-        raise TinyMnistError(f"{{{name}}}: no confirmation {path} in results/")
+    if not path.is_file():  # a results/ without the screen (a fresh reproduce): the prose says so
+        return NOT_CONFIRMED
     ev = read_json(path)
     row = summarize_evidence(ev, ev["last"])
     return f"{row[what]:.3f}%" if what == "mean_worst" else f"{row[what]:.2f}%"
