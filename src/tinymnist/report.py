@@ -795,7 +795,8 @@ def _checked_steps(results: Path):
 #   diff.OTHER                            how many parameters the step has more (or fewer) than step OTHER
 #   study.NAME.complete / .all / .second  a committed study's complete trials, all its trials, its second best
 #   check.mean_worst                      the mean over the check's seeds of each seed's worst epoch
-#   screened.worst, screened.mean_worst   the same two of the 5-seed validation check that earned the step its look
+#   screened.worst, screened.mean_worst   the worst seed's worst epoch, and the mean of the seeds' worsts, of the
+#                                         5-seed validation check that earned the step its look
 #   screen.NAME.CAND.worst / .mean_worst  the same two of a screen's confirmation of candidate CAND
 NOT_CONFIRMED = "[not confirmed yet]"
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.\-]+)\}")
