@@ -17,6 +17,7 @@ def _counted(layers, bn: bool) -> int:
         if layer.kind == "conv":
             out, groups = layer.out or c, layer.groups or c
             total += layer.k * layer.k * (c // groups) * out + (2 * out if bn else out)
+            total += (layer.repeat - 1) * (2 * out if bn else 0)  # a tied repeat: its own BN, the same weight
             c = out
         elif layer.kind == "out":
             total += layer.k * layer.k * c * 10 + (0 if bn else 10)
@@ -38,6 +39,8 @@ def test_every_model_has_the_parameters_of_its_layout_and_sees_the_whole_digit(n
     ("c4 G o", 36 + 8 + 40),
     ("c4 dw G o", 36 + 8 + 36 + 8 + 40),  # depthwise: one 3x3 filter per channel
     ("c4 c8/3g2 G o", 36 + 8 + 9 * 2 * 8 + 16 + 80),  # two groups: each output sees half the inputs
+    ("c4 c4r3 G o", 36 + 8 + 144 + 3 * 8 + 40),  # three convs tied to one 3x3x4x4 weight, three BNs
+    ("c4 dwr2 G o", 36 + 8 + 36 + 2 * 8 + 40),
 ])
 def test_parameter_counts(text, params):
     assert Net(layout=text).num_params() == params
@@ -67,6 +70,8 @@ def test_layout_output_is_logits():
     ("c0 G o", "zero size"),
     ("c8 c10/3g4 G o", "groups do not divide"),
     ("c8 c8x G o", "unknown token 'c8x'"),
+    ("c8 c16r2 G o", "must keep its channels, not take 8 to 16"),
+    ("c8 c8r0 G o", "zero size"),
 ])
 def test_bad_layouts_are_one_clear_error(text, fragment):
     with pytest.raises(TinyMnistError, match=fragment.replace("(", r"\(")):
@@ -84,3 +89,32 @@ def test_config_layout_builds_and_round_trips():
     cfg = TrainConfig(model="Model_7", layout="c8 c12 P c8/1 c12 c12 c12 G o").validate()
     assert cfg.build_model().num_params() == 4736
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_tied_repeat_is_one_weight_deeper():
+    """c4r3: three conv layers (the map shrinks and the receptive field grows three times) that train one weight:
+    a step moves all three, the optimizer, the summary and the weight average see it once, and a checkpoint
+    loads back tied."""
+    from tinymnist.engine import EMA
+
+    model = Net(layout="c4 c4r3 G o")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[1].weight is convs[2].weight is convs[3].weight and convs[0].weight is not convs[1].weight
+    s = summarize(model)
+    assert [layer.shape for layer in s.layers if layer.kind == "Conv2d"][:4] == [(4, 26, 26), (4, 24, 24),
+                                                                                (4, 22, 22), (4, 20, 20)]
+    assert s.rf == 28 and s.layers[3].rf == 5 and s.layers[9].rf == 9  # the conv rows of blocks 2 and 4
+    assert sum(layer.params for layer in s.layers) == s.total_params == model.num_params()
+
+    ema = EMA(model, 0.5)
+    before = ema.model.net[1][0].weight.clone()
+    torch.nn.init.constant_(convs[1].weight, 1.0)  # the live model moves; the average should move once
+    ema.updates = 100  # past the warm-up: the decay is 0.5
+    ema.update(model)
+    assert torch.allclose(ema.model.net[1][0].weight, 0.5 * before + 0.5)
+    assert ema.model.net[1][0].weight is ema.model.net[3][0].weight
+
+    loaded = Net(layout="c4 c4r3 G o")
+    loaded.load_state_dict(model.state_dict())
+    assert loaded.net[1][0].weight is loaded.net[2][0].weight
+    assert torch.equal(loaded.net[2][0].weight, convs[1].weight)

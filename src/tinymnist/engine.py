@@ -44,7 +44,9 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.updates = 0
-        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+        # parameters and buffers, each once: a weight two layers share (a tied repeat, model.py) is one tensor,
+        # which state_dict() would list, and the average would decay, once per layer
+        pairs = list(zip([*self.model.parameters(), *self.model.buffers()], [*model.parameters(), *model.buffers()]))
         self._float = [(a, b) for a, b in pairs if a.is_floating_point()]
         self._other = [(a, b) for a, b in pairs if not a.is_floating_point()]  # e.g. BN's batch counter
 

@@ -113,7 +113,11 @@ def block(cin: int, cout: int, k: int = 3, padding: int = 0, bn: bool = True, dr
 #     dD         dilation D (RF grows by (K-1) x D x jump)
 #     sS         stride S
 #     gG         G groups; "gN" with N = the input channels is a depthwise conv
-#   dw, dw/K     a depthwise KxK block: as many output channels as input channels, one filter each
+#     rR         the block R times in a row with ONE conv weight (tied), each time with its own BN: R-1 more layers
+#                of depth for 2 x N parameters each. The conv must keep its channels (input = N), so c16r3 after
+#                a 16-channel block is three 16-channel convs that share their 9 x 16 x 16 weights
+#   dw, dw/K     a depthwise KxK block: as many output channels as input channels, one filter each (dw takes
+#                [p][dD][sS][rR] too)
 #   P            2x2 max pool
 #   G            global average pool to 1x1
 #   o, o/K       the classifier: a plain conv to 10 channels (1x1, or KxK), no BN or ReLU; last token
@@ -121,8 +125,9 @@ def block(cin: int, cout: int, k: int = 3, padding: int = 0, bn: bool = True, dr
 # Examples: "c8 c16 P c10/1 c16 c16 c16 G o" is Model_7; "c8p c8 P dw c16/1 ..." starts a depthwise-separable net.
 # Without BN (a model class with bn = False) every conv has a bias; with BN none does, as BN's shift replaces it.
 
-_CONV = re.compile(r"c(?P<out>\d+)(?:/(?P<k>\d+))?(?P<same>p)?(?:d(?P<d>\d+))?(?:s(?P<s>\d+))?(?:g(?P<g>\d+))?")
-_DW = re.compile(r"dw(?:/(?P<k>\d+))?(?P<same>p)?(?:d(?P<d>\d+))?(?:s(?P<s>\d+))?")
+_CONV = re.compile(r"c(?P<out>\d+)(?:/(?P<k>\d+))?(?P<same>p)?(?:d(?P<d>\d+))?(?:s(?P<s>\d+))?(?:g(?P<g>\d+))?"
+                   r"(?:r(?P<r>\d+))?")
+_DW = re.compile(r"dw(?:/(?P<k>\d+))?(?P<same>p)?(?:d(?P<d>\d+))?(?:s(?P<s>\d+))?(?:r(?P<r>\d+))?")
 _OUT = re.compile(r"o(?:/(?P<k>\d+))?")
 
 
@@ -137,6 +142,7 @@ class Layer:
     dilation: int = 1
     stride: int = 1
     groups: int = 1  # 0 for a depthwise conv: as many as its input channels
+    repeat: int = 1  # the block this many times in a row, one conv weight shared by all (each has its own BN)
 
 
 def parse_layout(text: str) -> tuple[Layer, ...]:
@@ -158,8 +164,9 @@ def parse_layout(text: str) -> tuple[Layer, ...]:
             k, d = int(m["k"] or 3), int(m["d"] or 1)
             dw = tok.startswith("dw")
             layer = Layer("conv", out=0 if dw else int(m["out"]), k=k, pad=(k // 2) * d if m["same"] else 0,
-                          dilation=d, stride=int(m["s"] or 1), groups=0 if dw else int(m["g"] or 1))
-            if min(k, d, layer.stride) < 1 or (not dw and (layer.out < 1 or layer.groups < 1)):
+                          dilation=d, stride=int(m["s"] or 1), groups=0 if dw else int(m["g"] or 1),
+                          repeat=int(m["r"] or 1))
+            if min(k, d, layer.stride, layer.repeat) < 1 or (not dw and (layer.out < 1 or layer.groups < 1)):
                 raise TinyMnistError(f"layout {text!r}: token {tok!r} has a zero size")
             layers.append(layer)
         else:
@@ -190,7 +197,17 @@ class Net(nn.Module):
                 cout, groups = layer.out or c, layer.groups or c
                 if c % groups or cout % groups:
                     raise TinyMnistError(f"layout {self.layout!r}: {groups} groups do not divide {c} -> {cout} channels")
-                layers.append(block(c, cout, layer.k, layer.pad, self.bn, p, layer.stride, layer.dilation, groups))
+                if layer.repeat > 1 and c != cout:
+                    raise TinyMnistError(f"layout {self.layout!r}: a tied repeat (rR) must keep its channels, "
+                                         f"not take {c} to {cout}")
+                first = block(c, cout, layer.k, layer.pad, self.bn, p, layer.stride, layer.dilation, groups)
+                layers.append(first)
+                for _ in range(layer.repeat - 1):  # the same weight (one Parameter), a BN of its own
+                    again = block(c, cout, layer.k, layer.pad, self.bn, p, layer.stride, layer.dilation, groups)
+                    again[0].weight = first[0].weight
+                    if again[0].bias is not None:
+                        again[0].bias = first[0].bias
+                    layers.append(again)
                 c = cout
             elif layer.kind == "pool":
                 layers.append(nn.MaxPool2d(2))

@@ -64,6 +64,7 @@ def summarize(model: nn.Module, input_shape: tuple = (1, 28, 28)) -> Summary:
     module made (a functional op in forward), the receptive field is no longer followed; after a Linear layer every
     output sees the whole input."""
     layers: list[Layer] = []
+    seen: set[int] = set()
     state: dict = {"rf": 1, "jump": 1, "size": input_shape[-1], "dense": False, "lost": None}
 
     def pre(name: str):
@@ -93,7 +94,9 @@ def summarize(model: nn.Module, input_shape: tuple = (1, 28, 28)) -> Summary:
             if isinstance(output, torch.Tensor) and output.dim() == 4:
                 size = output.shape[-1]
             state.update(rf=rf, jump=jump, size=size)
-            params = sum(p.numel() for p in module.parameters(recurse=False))
+            own = [p for p in module.parameters(recurse=False) if id(p) not in seen]  # a tied weight counts once
+            seen.update(id(p) for p in own)
+            params = sum(p.numel() for p in own)
             shape = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else ()
             dense = state["dense"]
             layers.append(Layer(name, module.__class__.__name__, shape, params, None if dense else rf,
