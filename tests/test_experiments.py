@@ -361,3 +361,21 @@ def test_the_frontier_draws_one_validation_point_per_budget_the_best_of_its_conf
     for budget, group in by_budget.items():
         best = max(group)[1]
         assert any(p["name"].startswith(best + "\n") and f"≤ {budget:,}" in p["name"] for p in points), budget
+
+
+def test_only_the_answer_names_the_shipped_checkpoint_in_its_errors_section():
+    """results/<step>/errors/errors.json records the checkpoint it evaluated, and for a step that was once the answer
+    that is the package's model.pt, which now holds another step's run: the page then names the run instead, and
+    says where its config.json is."""
+    from tinymnist.report import RESULTS, _errors_section
+
+    shown = {}
+    for step in STEPS:
+        lines = _errors_section(step, RESULTS)
+        if lines:
+            shown[step.name] = lines[2]
+    assert ANSWER in shown and len(shown) > 1
+    for name, line in shown.items():
+        assert ("src/tinymnist/assets/model.pt" in line) == (name == ANSWER), name
+        found = re.search(r"`(results/[^`]+)`\.$", line)
+        assert found and (RESULTS.parent / found.group(1) / "config.json").is_file(), name

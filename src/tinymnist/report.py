@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from .check import proof, seed_gap, top_spread, worst_of_last
 from .errors import TinyMnistError
-from .experiments import STEPS, Step
+from .experiments import STEPS, Step, answer
 from .fileio import atomic_path, read_json
 from .summary import format_summary, summarize
 from .target import LAST, MAX_EPOCHS, MAX_PARAMS, SEEDS, THRESHOLD, budget_phrase, budget_words
@@ -249,21 +249,29 @@ def _errors_section(step: Step, results: Path) -> list[str]:
     if not (d / ERRORS_FILE).is_file():
         return []
     e = read_json(d / ERRORS_FILE)
-    run = read_json(d / "config.json") if (d / "config.json").is_file() else {}
+    # the evaluated run's config.json and history.json: beside errors.json, or the step's committed run above it
+    where = next((p for p in (d, results / step.name) if (p / "config.json").is_file()), None)
+    run = read_json(where / "config.json") if where else {}
     pairs = {}
     for m in e["misclassified"]:
         pairs[(m["true"], m["predicted"])] = pairs.get((m["true"], m["predicted"]), 0) + 1
     common = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
     rel = f"results/{step.name}/errors"  # as the README links it, wherever results/ was read from
-    # the checkpoint as a reader can name it: runs/ is not committed, so a run's path becomes its placeholder
-    shown = "runs/<run>/model.pt" if Path(e["checkpoint"]).parts[:1] == ("runs",) else e["checkpoint"]
+    # the checkpoint as a reader can name it: runs/ is not committed, so a run's path becomes its placeholder; so
+    # does the shipped model's path once another step is the answer (the package now ships that step's run)
+    parts = Path(e["checkpoint"]).parts
+    shipped = parts[:3] == ("src", "tinymnist", "assets")
+    by_name = parts[:1] == ("runs",) or (shipped and step.name != answer().name)
+    shown = "runs/<run>/model.pt" if by_name else e["checkpoint"]
     about = (f" (run `{run.get('name')}`, seed {run.get('seed')}, trained on {hardware_text(run.get('env', {}))})"
              if run else "")
     return [f"#### What `{step.name}` gets wrong", "",
             f"`tinymnist errors {shown} --out <dir>`{about} misclassifies **{e['errors']}** of "
             f"{e['test_images']:,} test images (test accuracy {e['test_acc']:.2f}%). The most frequent confusions: "
             + ", ".join(f"{t}→{p} ({n}×)" for (t, p), n in common) + f". Every error is listed in "
-            f"`{rel}/{ERRORS_FILE}`; the run's `config.json` and `history.json` are beside it.", "",
+            f"`{rel}/{ERRORS_FILE}`" + (f"; the run's `config.json` and `history.json` are in "
+                                         f"`results/{where.relative_to(results).as_posix()}`" if where else "")
+            + ".", "",
             f"![misclassified: {step.name}]({rel}/{GRID_FILE})", "",
             f"![confusion matrix: {step.name}]({rel}/{CONFUSION_FILE})", ""]
 
@@ -881,8 +889,6 @@ def render_headline(results: Path = RESULTS) -> str:
 
 def render_answer(results: Path = RESULTS) -> str:
     """The README's picture of the answer: its proof over seeds, one line and the plot."""
-    from .experiments import answer
-
     start, end = markers("answer")
     step = answer()
     path = results / CHECK_FILE.format(step=step.name)
