@@ -118,3 +118,26 @@ def test_a_tied_repeat_is_one_weight_deeper():
     loaded.load_state_dict(model.state_dict())
     assert loaded.net[1][0].weight is loaded.net[2][0].weight
     assert torch.equal(loaded.net[2][0].weight, convs[1].weight)
+
+
+def test_an_activation_replaces_every_relu_and_keeps_the_parameters():
+    """TrainConfig.activation swaps the nonlinearity of every conv block of our models (the weights stay the same
+    shapes, so the same seed draws the same initial weights); a bad name, or one for a user's own class, is one error."""
+    from tinymnist.config import for_user_model
+    from tinymnist.kernels import coverage, use_kernels
+    from tinymnist.model import ACTIVATIONS
+
+    relu = TrainConfig(model="Model_12").validate().build_model()
+    for name in ACTIVATIONS:
+        model = TrainConfig(model="Model_12", activation=name).validate().build_model()
+        kinds = {type(m) for m in model.modules()}
+        assert type(ACTIVATIONS[name]()) in kinds and (name == "relu" or torch.nn.ReLU not in kinds)
+        assert model.num_params() == relu.num_params() and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    silu = TrainConfig(model="Model_12", activation="silu").build_model()
+    use_kernels(silu)
+    assert coverage(silu)["batch norm + ReLU"]["fused"] == 0  # no ReLU to fuse: PyTorch's BN and SiLU train
+    with pytest.raises(TinyMnistError, match="unknown activation 'tanh'"):
+        TrainConfig(model="Model_12", activation="tanh").validate()
+    with pytest.raises(TinyMnistError, match="dropout, layout and activation apply to tinymnist's models only"):
+        TrainConfig(model="Mine", models_file="x.py", activation="silu").validate()
+    assert for_user_model(TrainConfig(activation="silu"), "Mine").activation == ""

@@ -89,6 +89,9 @@ class TrainConfig:
     dropout: Optional[float] = _field(None, "dropout after each conv block (None keeps the model's own default)",
                                       ok=lambda v: v is None or 0 <= v < 1, expected=_FRACTION[1], cli=True,
                                       convert=float)
+    activation: str = _field("", "the nonlinearity after each conv block of tinymnist's models: relu, silu, gelu or "
+                             "leaky_relu (model.py's ACTIVATIONS); '' keeps the model's own (ReLU)", cli=True,
+                             convert=str)
     label_smoothing: float = _field(0.0, "cross-entropy label smoothing", ok=_FRACTION[0], expected=_FRACTION[1])
     teacher: str = _field("", "distillation, a track of its own: the step whose network teaches. Its recipe trains "
                           "first in the same run, on the same training images (the same held-out split) and seed, "
@@ -128,14 +131,15 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise TinyMnistError on a value that cannot train; return self."""
-        from .model import list_models  # avoid an import cycle at module load
+        from .model import ACTIVATIONS, OURS_ONLY, list_models  # avoid an import cycle at module load
 
         if self.user_model:
-            if self.dropout is not None or self.layout:
-                raise TinyMnistError(f"{self.model} is your own model: dropout and layout apply to tinymnist's "
-                                     "models only")
+            if self.dropout is not None or self.layout or self.activation:
+                raise TinyMnistError(f"{self.model} is your own model: {OURS_ONLY} apply to tinymnist's models only")
         elif self.model not in list_models():
             raise TinyMnistError(f"unknown model {self.model!r} (choose from {', '.join(list_models())})")
+        if self.activation and self.activation not in ACTIVATIONS:
+            raise TinyMnistError(f"unknown activation {self.activation!r} (choose from {', '.join(ACTIVATIONS)})")
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
             if meta.get("choices") and value not in meta["choices"]:
@@ -159,14 +163,14 @@ class TrainConfig:
         return is_user_model(self.model, self.models_file)
 
     def build_model(self):
-        """The untrained network this recipe trains: its model class, dropout and layout, or the user's class."""
+        """The untrained network this recipe trains: its model class, dropout, layout and activation, or the user's class."""
         from .model import create_model
 
         if self.models_file:
             from .usermodels import load_models_file
 
             return load_models_file(self.models_file).build(self.model)
-        return create_model(self.model, dropout=self.dropout, layout=self.layout)
+        return create_model(self.model, dropout=self.dropout, layout=self.layout, activation=self.activation)
 
     def recipe(self) -> dict[str, Any]:
         """The fields that make two runs the same recipe: every field but the seed and those a machine resolves
@@ -203,8 +207,8 @@ def _build(cls, values: dict[str, Any]):
 
 def for_user_model(cfg: TrainConfig, model: str, models_file: str = "") -> TrainConfig:
     """`cfg`'s training recipe for a user's model: its class from `models_file` (or registered in this process);
-    dropout and layout, which only tinymnist's own models take, are cleared."""
-    return dataclasses.replace(cfg, model=model, models_file=str(models_file), dropout=None, layout="")
+    dropout, layout and activation, which only tinymnist's own models take, are cleared."""
+    return dataclasses.replace(cfg, model=model, models_file=str(models_file), dropout=None, layout="", activation="")
 
 
 def override(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ def register_model(cls: type) -> type:
 
 def is_user_model(name: Optional[str], models_file: str = "") -> bool:
     """The one test of whether a model is the user's own: a class of a models file, or one registered with
-    register_model. Not one of tinymnist's models, whose dropout and layout a recipe may change."""
+    register_model. Not one of tinymnist's models, whose dropout, layout and activation a recipe may change."""
     return bool(models_file) or (name is not None and name not in _REGISTRY and name in _REGISTERED)
 
 
@@ -75,14 +75,29 @@ def model_class(name: str) -> type["Net"]:
         raise TinyMnistError(f"unknown model {name!r} (choose from {', '.join(list_models())})") from None
 
 
-def create_model(name: str, dropout: Optional[float] = None, layout: Optional[str] = None) -> nn.Module:
-    """Build a model by name: one of ours (`dropout` overrides its default, a `layout` string replaces its layout),
-    or a class registered with register_model (built with no arguments)."""
+def create_model(name: str, dropout: Optional[float] = None, layout: Optional[str] = None,
+                 activation: str = "") -> nn.Module:
+    """Build a model by name: one of ours (`dropout` overrides its default, a `layout` string replaces its layout, an
+    `activation` of ACTIVATIONS replaces its ReLUs), or a class registered with register_model (built with no
+    arguments)."""
     if is_user_model(name):
-        if dropout is not None or layout:
-            raise TinyMnistError(f"{name} is your own model: dropout and layout apply to tinymnist's models only")
+        if dropout is not None or layout or activation:
+            raise TinyMnistError(f"{name} is your own model: {OURS_ONLY} apply to tinymnist's models only")
         return _REGISTERED[name]()
-    return model_class(name)(dropout=dropout, layout=layout or None)
+    return model_class(name)(dropout=dropout, layout=layout or None, activation=activation or None)
+
+
+# what a recipe may change in tinymnist's own models, and not in a user's
+OURS_ONLY = "dropout, layout and activation"
+
+# the nonlinearity after every conv block's BN, by name (TrainConfig.activation). ReLU is every model's own, and the
+# one the C kernels fuse with BN; the others train on PyTorch's ops.
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "silu": lambda: nn.SiLU(inplace=True),
+    "gelu": nn.GELU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.1, inplace=True),  # slope 0.1 below zero
+}
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -90,13 +105,14 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def block(cin: int, cout: int, k: int = 3, padding: int = 0, bn: bool = True, dropout: float = 0.0,
-          stride: int = 1, dilation: int = 1, groups: int = 1) -> nn.Sequential:
-    """conv -> (BN) -> ReLU -> (dropout). The conv has no bias when BN follows, since BN's shift replaces it."""
+          stride: int = 1, dilation: int = 1, groups: int = 1, activation: str = "relu") -> nn.Sequential:
+    """conv -> (BN) -> activation (ReLU unless named) -> (dropout). The conv has no bias when BN follows, since BN's
+    shift replaces it."""
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation,
                                          groups=groups, bias=not bn)]
     if bn:
         layers.append(nn.BatchNorm2d(cout))
-    layers.append(nn.ReLU(inplace=True))
+    layers.append(ACTIVATIONS[activation]())
     if dropout > 0:
         layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
@@ -184,12 +200,18 @@ class Net(nn.Module):
     layout: str = ""  # in the layout grammar above
     bn: bool = True  # batch norm in every conv block
     default_dropout: float = 0.0  # dropout after every conv block, unless overridden at construction
+    activation: str = "relu"  # after every conv block's BN: a key of ACTIVATIONS
 
-    def __init__(self, dropout: Optional[float] = None, layout: Optional[str] = None):
+    def __init__(self, dropout: Optional[float] = None, layout: Optional[str] = None,
+                 activation: Optional[str] = None):
         super().__init__()
         p = self.default_dropout if dropout is None else dropout
         if layout is not None:
             self.layout = layout  # an instance attribute: the class keeps its own
+        if activation is not None:
+            if activation not in ACTIVATIONS:
+                raise TinyMnistError(f"unknown activation {activation!r} (choose from {', '.join(ACTIVATIONS)})")
+            self.activation = activation
         layers: list[nn.Module] = []
         c = 1
         for layer in parse_layout(self.layout):
@@ -200,10 +222,11 @@ class Net(nn.Module):
                 if layer.repeat > 1 and c != cout:
                     raise TinyMnistError(f"layout {self.layout!r}: a tied repeat (rR) must keep its channels, "
                                          f"not take {c} to {cout}")
-                first = block(c, cout, layer.k, layer.pad, self.bn, p, layer.stride, layer.dilation, groups)
+                geometry = (layer.k, layer.pad, self.bn, p, layer.stride, layer.dilation, groups, self.activation)
+                first = block(c, cout, *geometry)
                 layers.append(first)
                 for _ in range(layer.repeat - 1):  # the same weight (one Parameter), a BN of its own
-                    again = block(c, cout, layer.k, layer.pad, self.bn, p, layer.stride, layer.dilation, groups)
+                    again = block(c, cout, *geometry)
                     again[0].weight = first[0].weight
                     if again[0].bias is not None:
                         again[0].bias = first[0].bias

@@ -105,7 +105,8 @@ def recipe_words(cfg, dropout: Optional[float] = None) -> str:
     opt = cfg.optimizer.upper() + (f" momentum {cfg.momentum:g}{' Nesterov' if cfg.nesterov else ''}"
                                    if cfg.optimizer == "sgd" else "")
     return (f"{cfg.epochs} epochs, batch {cfg.batch_size}, {opt}, LR {cfg.lr:g}, {sched}, weight decay "
-            f"{cfg.weight_decay:g}{f', dropout {dropout:g}' if dropout is not None else ''}, augmentation: {aug_text}"
+            f"{cfg.weight_decay:g}{f', dropout {dropout:g}' if dropout is not None else ''}"
+            + (f", {cfg.activation} after each conv block" if cfg.activation else "") + f", augmentation: {aug_text}"
             + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
             + (f", weight EMA {cfg.ema:g} (evaluated and saved)" if cfg.ema else "")
             + (f", distilled from {cfg.teacher} (weight {cfg.distill:g}, temperature {cfg.distill_temp:g}; the "

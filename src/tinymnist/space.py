@@ -66,7 +66,7 @@ class Space:
 
         merged = nest_fields({**self.fixed, **values})
         base = get_step(self.step).config
-        if merged.get("models_file"):  # a user's class: the step's training recipe without our dropout and layout
+        if merged.get("models_file"):  # a user's class: the step's training recipe without our dropout, layout and activation
             base = for_user_model(base, merged.pop("model", base.model), merged.pop("models_file"))
         return override(base, merged).validate()
 
