@@ -89,9 +89,9 @@ class TrainConfig:
     dropout: Optional[float] = _field(None, "dropout after each conv block (None keeps the model's own default)",
                                       ok=lambda v: v is None or 0 <= v < 1, expected=_FRACTION[1], cli=True,
                                       convert=float)
-    activation: str = _field("", "the nonlinearity after each conv block of tinymnist's models: relu, silu, gelu or "
-                             "leaky_relu (model.py's ACTIVATIONS); '' keeps the model's own (ReLU)", cli=True,
-                             convert=str)
+    activation: str = _field("", "the nonlinearity after each conv block of tinymnist's models, by its name in "
+                             "model.py's ACTIVATIONS (a wrong name lists them); '' keeps the model's own (ReLU)",
+                             cli=True, convert=str)
     label_smoothing: float = _field(0.0, "cross-entropy label smoothing", ok=_FRACTION[0], expected=_FRACTION[1])
     teacher: str = _field("", "distillation, a track of its own: the step whose network teaches. Its recipe trains "
                           "first in the same run, on the same training images (the same held-out split) and seed, "
