@@ -333,8 +333,9 @@ def test_a_screened_step_trains_its_candidates_recipe_on_all_the_images():
             screen_name, cand = s.screened_by
             screen = read_screen(ROOT / "screens" / f"{screen_name}.toml")
             chosen = screen.recipe(next(c for c in screen.candidates if c.name == cand))
-            # the same training, and the same network: a candidate written as a layout may be a numbered model now
-            same = {"model": s.config.model, "layout": s.config.layout}
+            # the same training, and the same network: a candidate written as a layout (and an activation) may be
+            # a numbered model now
+            same = {"model": s.config.model, "layout": s.config.layout, "activation": s.config.activation}
             assert replace(chosen, val=0, **same).recipe() == s.config.recipe()
             assert str(chosen.build_model().net) == str(s.config.build_model().net)
             assert (ROOT / "results" / f"screen-{screen_name}" / f"confirm-{cand}.json").is_file()

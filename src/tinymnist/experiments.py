@@ -186,6 +186,15 @@ STEPS: tuple[Step, ...] = (
         budget=7000,
         screened_by=("plain-7000", "c6-c15x3"),
     ),
+    Step(
+        name="dw-gelu-5000",
+        title="At most 5,000 parameters: a depthwise body with GELU at batch 32, earned on 5 validation seeds",
+        # candidate w002-front-dw32-b32-gelu of screens/dw-batch32-5000.toml: budget-5000-batch32's recipe
+        config=replace(_FINAL, model="Model_14", lr=0.1, ema=0.998, weight_decay=0.0, batch_size=32),
+        role="the frontier: at most 5,000 parameters, earned on 5 validation seeds",
+        budget=5000,
+        screened_by=("dw-batch32-5000", "w002-front-dw32-b32-gelu"),
+    ),
 )
 
 

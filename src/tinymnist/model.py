@@ -382,3 +382,14 @@ class Model_13(Net):
 
     # (N,8,22,22) RF 7 | (N,8,11,11) RF 8 | (N,15,5,5) RF 20 | GAP + 1x1 (N,10,1,1) RF 28
     layout = "c6 c8 c8 P c15 c15 c15 G o"
+
+
+@register
+class Model_14(Net):
+    """Write-up 002's front (three 8-channel convs, a pool) feeding three depthwise-separable blocks to 32 channels,
+    with GELU after every batch norm, 4,880 parameters. Chosen on validation in screens/dw-batch32-5000.toml at batch
+    32 (2 seeds, then a 5-seed validation check past the gate), never on the test set."""
+
+    # (N,8,22,22) RF 7 | (N,8,11,11) RF 8 | dw + 1x1 x3: (N,32,5,5) RF 20 | GAP + 1x1 (N,10,1,1) RF 28
+    layout = "c8 c8 c8 P dw c32/1 dw c32/1 dw c32/1 G o"
+    activation = "gelu"

@@ -91,8 +91,10 @@ def _log_table(history: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def recipe_words(cfg, dropout: Optional[float] = None) -> str:
-    """A training recipe in words: the one wording of every page. `dropout`: the model's own, when it has one."""
+def recipe_words(cfg, dropout: Optional[float] = None, activation: str = "") -> str:
+    """A training recipe in words: the one wording of every page. `dropout`: the model's own, when it has one;
+    `activation`: the model's own (ReLU goes unsaid), when the recipe does not name one."""
+    activation = cfg.activation or ("" if activation == "relu" else activation)
     aug = cfg.aug
     aug_text = (f"rotate ±{aug.rotate:g}°, shift ±{aug.translate:g}, zoom ±{aug.scale:g}"
                 + (f", erase p={aug.erase_p:g}" if aug.erase_p else "")
@@ -106,7 +108,7 @@ def recipe_words(cfg, dropout: Optional[float] = None) -> str:
                                    if cfg.optimizer == "sgd" else "")
     return (f"{cfg.epochs} epochs, batch {cfg.batch_size}, {opt}, LR {cfg.lr:g}, {sched}, weight decay "
             f"{cfg.weight_decay:g}{f', dropout {dropout:g}' if dropout is not None else ''}"
-            + (f", {cfg.activation} after each conv block" if cfg.activation else "") + f", augmentation: {aug_text}"
+            + (f", {activation} after each conv block" if activation else "") + f", augmentation: {aug_text}"
             + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
             + (f", weight EMA {cfg.ema:g} (evaluated and saved)" if cfg.ema else "")
             + (f", distilled from {cfg.teacher} (weight {cfg.distill:g}, temperature {cfg.distill_temp:g}; the "
@@ -509,7 +511,7 @@ def render(results: Path = RESULTS) -> str:
         model = s.config.build_model()
         summ = summarize(model)
         out += [f"### {s.heading}", "", f"**Target.** {fill(s.target, s, results)}", ""]
-        out += [f"**Recipe.** `{s.config.model}`, {recipe_words(s.config, model.dropout)}. "
+        out += [f"**Recipe.** `{s.config.model}`, {recipe_words(s.config, model.dropout, model.activation)}. "
                 f"Run it with `tinymnist train --step {s.name}`.", ""]
         if r is None:
             out += ["**Result.** Not run yet.", ""]
