@@ -206,7 +206,7 @@ def test_a_validation_run_reports_validation_and_plots_it_and_never_reads_the_te
 def test_a_one_cycle_that_cannot_warm_up_is_one_line_and_leaves_no_run(tmp_path, capsys):
     from conftest import synthetic_mnist
 
-    synthetic_mnist(tmp_path / "d", n_train=128, n_test=32)  # 4 batches of 32: PyTorch's warm-up would end at step 0
+    synthetic_mnist(tmp_path / "d", n_train=512, n_test=32)  # 4 batches of 32: PyTorch's warm-up would end at step 0
     code, _, err = run(capsys, "train", "--epochs", "1", "--batch-size", "32", "--data-dir", str(tmp_path / "d"),
                        "--out", str(tmp_path / "run"), "--no-progress")
     assert code == 1 and err.count("\n") == 1 and "cannot warm up over 0.25 x 4 batches" in err
@@ -222,3 +222,26 @@ def test_a_teacher_that_is_no_step_is_one_line_and_no_run_directory(tmp_path, ca
     assert code == 1 and "unknown step 'nobody'" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_train_of_a_step_takes_the_threads_its_check_trained_with(tmp_path, capsys, monkeypatch):
+    """A run's history depends on its thread count where PyTorch's ops reduce (a batch norm before a GELU is not
+    fused), so `train --step S` trains with the threads per run of results/check-S.json, and says so; --threads
+    still chooses; with no committed check, all the cores, as before."""
+    from conftest import synthetic_mnist
+    from tinymnist.check import check_threads
+
+    assert check_threads("dw-gelu-5000", tmp_path) == 0  # no check there
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "check-dw-gelu-5000.json").write_text(json.dumps({"threads_per_run": 1}))
+    assert check_threads("dw-gelu-5000", tmp_path / "results") == 1
+    synthetic_mnist(tmp_path / "d", n_train=512, n_test=32)
+    monkeypatch.chdir(tmp_path)
+    common = ("train", "--step", "dw-gelu-5000", "--epochs", "1", "--data-dir", str(tmp_path / "d"), "--no-progress")
+    code, stdout, err = run(capsys, *common, "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    assert "threads: 1, as each run of results/check-dw-gelu-5000.json trained" in stdout
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["env"]["threads"] == 1
+    code, stdout, err = run(capsys, *common, "--threads", "2", "--out", str(tmp_path / "b"))
+    assert code == 0 and "threads: 1" not in stdout, err
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["env"]["threads"] == 2
