@@ -131,15 +131,15 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise TinyMnistError on a value that cannot train; return self."""
-        from .model import ACTIVATIONS, OURS_ONLY, list_models  # avoid an import cycle at module load
+        from .model import OURS_ONLY, check_activation, list_models  # avoid an import cycle at module load
 
         if self.user_model:
             if self.dropout is not None or self.layout or self.activation:
                 raise TinyMnistError(f"{self.model} is your own model: {OURS_ONLY} apply to tinymnist's models only")
         elif self.model not in list_models():
             raise TinyMnistError(f"unknown model {self.model!r} (choose from {', '.join(list_models())})")
-        if self.activation and self.activation not in ACTIVATIONS:
-            raise TinyMnistError(f"unknown activation {self.activation!r} (choose from {', '.join(ACTIVATIONS)})")
+        if self.activation:
+            check_activation(self.activation)
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
             if meta.get("choices") and value not in meta["choices"]:

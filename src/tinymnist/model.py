@@ -100,6 +100,13 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+def check_activation(name: str) -> str:
+    """`name` if it is a key of ACTIVATIONS, else one TinyMnistError that lists them."""
+    if name not in ACTIVATIONS:
+        raise TinyMnistError(f"unknown activation {name!r} (choose from {', '.join(ACTIVATIONS)})")
+    return name
+
+
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
@@ -209,9 +216,7 @@ class Net(nn.Module):
         if layout is not None:
             self.layout = layout  # an instance attribute: the class keeps its own
         if activation is not None:
-            if activation not in ACTIVATIONS:
-                raise TinyMnistError(f"unknown activation {activation!r} (choose from {', '.join(ACTIVATIONS)})")
-            self.activation = activation
+            self.activation = check_activation(activation)
         layers: list[nn.Module] = []
         c = 1
         for layer in parse_layout(self.layout):
