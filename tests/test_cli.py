@@ -206,7 +206,7 @@ def test_a_validation_run_reports_validation_and_plots_it_and_never_reads_the_te
 def test_a_one_cycle_that_cannot_warm_up_is_one_line_and_leaves_no_run(tmp_path, capsys):
     from conftest import synthetic_mnist
 
-    synthetic_mnist(tmp_path / "d", n_train=512, n_test=32)  # 4 batches of 32: PyTorch's warm-up would end at step 0
+    synthetic_mnist(tmp_path / "d", n_train=128, n_test=32)  # 4 batches of 32: PyTorch's warm-up would end at step 0
     code, _, err = run(capsys, "train", "--epochs", "1", "--batch-size", "32", "--data-dir", str(tmp_path / "d"),
                        "--out", str(tmp_path / "run"), "--no-progress")
     assert code == 1 and err.count("\n") == 1 and "cannot warm up over 0.25 x 4 batches" in err
