@@ -1,4 +1,4 @@
-"""The fused batch norm + ReLU kernels: PyTorch's results, thread-count independence, checkpoints, and the rules
+"""The fused batch norm + activation kernels: PyTorch's results, thread-count independence, checkpoints, and the rules
 that choose them (and refuse them) on a machine."""
 
 import copy
@@ -13,7 +13,7 @@ from torch import nn
 
 from tinymnist import kernels
 from tinymnist.errors import TinyMnistError
-from tinymnist.kernels import BatchNormReLU, fuse_bn_relu, resolve_kernels, use_kernels
+from tinymnist.kernels import BatchNormAct, fuse_bn_act, resolve_kernels, use_kernels
 
 CPU = torch.device("cpu")
 CL = torch.channels_last
@@ -35,7 +35,7 @@ def _pair(channels: int, momentum=0.1):
     with torch.no_grad():  # not the identity init, so the affine part is tested too
         ref.weight.uniform_(0.5, 1.5)
         ref.bias.uniform_(-0.5, 0.5)
-    fused = BatchNormReLU(channels, momentum=momentum)
+    fused = BatchNormAct(channels, momentum=momentum)
     fused.load_state_dict(ref.state_dict())
     return ref, fused
 
@@ -203,7 +203,7 @@ def test_use_kernels_swaps_only_what_it_can_run():
     before, depthwise = model[10].weight, model[13].weight
     assert use_kernels(model) == 4
     kinds = [type(m).__module__.split(".")[0] + "." + type(m).__name__ for m in model]
-    assert kinds == ["torch.Conv2d", "tinymnist.BatchNormReLU", "torch.Identity", "tinymnist.MaxPool2x2",
+    assert kinds == ["torch.Conv2d", "tinymnist.BatchNormAct", "torch.Identity", "tinymnist.MaxPool2x2",
                      "torch.Conv2d", "torch.BatchNorm2d", "torch.Dropout", "torch.ReLU", "torch.MaxPool2d",
                      "torch.MaxPool2d", "tinymnist.Conv2d", "torch.Conv2d", "torch.Conv2d", "tinymnist.Conv2d",
                      "torch.Conv2d", "torch.Conv2d"]  # a depthwise conv is swapped; a multiplier of 2, or 2 groups, not
@@ -434,7 +434,7 @@ def test_two_python_threads_may_train_on_the_kernels_at_once(built):
 
 def test_the_declared_argtypes_are_the_c_prototypes():
     """kernels.PROTOTYPES (what ctypes passes) against every exported function of csrc/kernels.c, parameter by
-    parameter: a pointer is a void pointer, long a c_long, int a c_int, double a c_double."""
+    parameter: a pointer is a void pointer, long a c_long, int a c_int, double a c_double, float a c_float."""
     import ctypes
     import re
 
@@ -446,7 +446,7 @@ def test_the_declared_argtypes_are_the_c_prototypes():
         params = [p.strip() for p in m.group(2).split(",") if p.strip() and p.strip() != "void"]
         found[m.group(1)] = tuple(
             ctypes.c_void_p if "*" in p else
-            {"long": ctypes.c_long, "int": ctypes.c_int, "double": ctypes.c_double}[p.rsplit(" ", 1)[0].split()[-1]]
+            {"long": ctypes.c_long, "int": ctypes.c_int, "double": ctypes.c_double, "float": ctypes.c_float}[p.rsplit(" ", 1)[0].split()[-1]]
             for p in params)
     assert found == PROTOTYPES
 
@@ -458,3 +458,49 @@ def test_the_support_rule_is_the_c_librarys():
         pytest.skip("no C compiler here")
     assert supports(8) and supports(16) and supports(128) and not supports(0)
     assert not supports(1021)  # a prime: its unit (lcm with 8, rounded up to 32) is far over MAXU
+
+
+@pytest.mark.parametrize("act,slope", [("relu", 0.0), ("gelu", 0.0), ("silu", 0.0), ("leaky_relu", 0.1)])
+@pytest.mark.parametrize("shape", [(8, 16, 6, 6), (3, 12, 5, 7), (3, 33, 5, 7), (32, 8, 26, 26)])
+def test_each_fused_activation_matches_pytorch_in_float64(built, act, slope, shape):
+    from tinymnist.kernels import _activate
+
+    torch.manual_seed(shape[1])
+    ref = nn.BatchNorm2d(shape[1]).double()
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-0.5, 0.5)
+    fused = BatchNormAct(shape[1], act=act, slope=slope)
+    fused.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()})
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=gen) * 2 + 0.7).contiguous(memory_format=CL)
+    g = torch.randn(shape, generator=gen)
+    xa, xb = x.double().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out = _activate(ref(xa), act, slope), fused(xb)
+    out_ref.backward(g.double())
+    out.backward(g)
+    rows = shape[0] * shape[2] * shape[3]
+    assert (out.double() - out_ref).abs().max() < 2e-6
+    assert (xb.grad.double() - xa.grad).abs().max() < 2e-6
+    assert (fused.weight.grad.double() - ref.weight.grad).abs().max() < 4e-9 * rows + 1e-5
+    assert (fused.bias.grad.double() - ref.bias.grad).abs().max() < 4e-9 * rows + 1e-5
+    assert torch.allclose(fused.running_var.double(), ref.running_var, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["gelu", "silu", "leaky_relu"])
+def test_each_fused_activation_is_the_same_at_1_2_and_3_threads(built, act):
+    x = torch.randn(128, 16, 24, 24, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=CL)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            fused = BatchNormAct(16, act=act, slope=0.1)
+            xg = x.clone().requires_grad_()
+            out = fused(xg)
+            out.backward(g)
+            results.append((out.detach(), xg.grad, fused.weight.grad, fused.bias.grad, fused.running_var.clone()))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))

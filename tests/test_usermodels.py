@@ -77,7 +77,7 @@ def test_train_records_the_file_and_what_the_machine_gave_it(trained):
     if cfg["kernels"] == "fused":  # the plain convolutions and the 2x2 pool train in C; BN after ReLU stays PyTorch's
         applied = meta["kernels_applied"]
         assert applied["convolutions"] == {"fused": 7, "of": 7} and applied["2x2 max pools"]["fused"] == 1
-        assert applied["batch norm + ReLU"]["fused"] == 0
+        assert applied["batch norm + activation"]["fused"] == 0
 
 
 def test_a_network_that_cannot_train_in_channels_last_trains_contiguous(data_dir, tmp_path, capsys):

@@ -64,16 +64,16 @@ from .config import KERNELS
 from .errors import TinyMnistError
 from .fileio import atomic_path
 
-OPS = ("convolutions", "batch norm + ReLU", "2x2 max pool")  # what "fused" trains in C
+OPS = ("convolutions", "batch norm + activation", "2x2 max pool")  # what "fused" trains in C
 SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
 FLAGS = ("-O3", "-march=native", "-pthread", "-std=gnu11", "-shared", "-fPIC")
 CACHE_ENV = "TINYMNIST_CACHE"
-_P, _I, _L, _D = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_double
+_P, _I, _L, _D, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_double, ctypes.c_float
 # the C library's exported functions and their parameters, as ctypes sees them (every pointer a void pointer);
 # tests/test_kernels.py holds this to the prototypes in csrc/kernels.c
 PROTOTYPES = {
-    "tm_bn_relu_forward": (_P, _L, _I, _P, _P, _D, _P, _P, _P, _P, _I),
-    "tm_bn_relu_backward": (_P, _P, _P, _L, _I, _P, _P, _P, _P, _P, _I),
+    "tm_bn_act_forward": (_P, _L, _I, _P, _P, _D, _I, _F, _P, _P, _P, _P, _I),
+    "tm_bn_act_backward": (_P, _P, _P, _L, _I, _P, _P, _I, _F, _P, _P, _P, _I),
     "tm_maxpool2_forward": (_P, _L, _L, _L, _I, _P, _P, _I),
     "tm_maxpool2_backward": (_P, _P, _L, _L, _L, _I, _P, _I),
     "tm_conv_forward": (_P, _L, _L, _L, _I, _P, _I, _I, _P, _I),
@@ -190,21 +190,52 @@ def _check(code: int, what: str = "fused batch norm kernel") -> None:
         raise RuntimeError(f"{what}: " + ("too many channels" if code == 1 else "out of memory"))
 
 
-class _BatchNormReLU(torch.autograd.Function):
-    """relu(batch_norm(x)) in training mode, on the C kernels; also returns the batch mean and biased variance."""
+# the activations batch norm fuses with, by the C library's codes (csrc/kernels.c: ACT_RELU ...); a module of one of
+# these types after a BatchNorm2d is fused, whatever network it is in
+ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "leaky_relu": 3}
+
+
+def activation_of(module: nn.Module) -> Optional[tuple[str, float]]:
+    """(name, negative slope) of an activation module the kernels fuse with batch norm, else None: nn.ReLU, the
+    exact nn.GELU (not its tanh approximation), nn.SiLU and nn.LeakyReLU."""
+    if type(module) is nn.ReLU:
+        return "relu", 0.0
+    if type(module) is nn.GELU and module.approximate == "none":
+        return "gelu", 0.0
+    if type(module) is nn.SiLU:
+        return "silu", 0.0
+    if type(module) is nn.LeakyReLU:
+        return "leaky_relu", float(module.negative_slope)
+    return None
+
+
+def _activate(x: torch.Tensor, act: str, slope: float) -> torch.Tensor:
+    """PyTorch's own activation: what a fused module computes where the kernels do not run (evaluation)."""
+    if act == "relu":
+        return F.relu(x)
+    if act == "gelu":
+        return F.gelu(x)
+    if act == "silu":
+        return F.silu(x)
+    return F.leaky_relu(x, slope)
+
+
+class _BatchNormAct(torch.autograd.Function):
+    """act(batch_norm(x)) in training mode, on the C kernels; also returns the batch mean and biased variance."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, act: int, slope: float):
         lib = library()[0]
         x = x.contiguous(memory_format=torch.channels_last)  # (N,C,H,W) whose memory is (N*H*W) x C
         n, c, h, w = x.shape
         out = torch.empty_like(x)
         stats = x.new_empty((2, c), dtype=torch.float64)  # batch mean, biased variance
-        coef = x.new_empty((2, c))  # 1/std and weight/std, for backward
+        coef = x.new_empty((3, c))  # 1/std, weight/std and the shift, for backward
         weight, bias = weight.detach().contiguous(), bias.detach().contiguous()  # alive through the call
-        _check(lib.tm_bn_relu_forward(_ptr(x), n * h * w, c, _ptr(weight), _ptr(bias), eps, _ptr(out),
-                                      _ptr(stats[0]), _ptr(stats[1]), _ptr(coef), torch.get_num_threads()))
+        _check(lib.tm_bn_act_forward(_ptr(x), n * h * w, c, _ptr(weight), _ptr(bias), eps, act, slope, _ptr(out),
+                                     _ptr(stats[0]), _ptr(stats[1]), _ptr(coef), torch.get_num_threads()))
         ctx.save_for_backward(x, out, stats, coef)
+        ctx.act, ctx.slope = act, slope
         ctx.mark_non_differentiable(stats)
         return out, stats
 
@@ -215,21 +246,33 @@ class _BatchNormReLU(torch.autograd.Function):
         grad = grad.contiguous(memory_format=torch.channels_last)
         n, c, h, w = x.shape
         dx, dweight, dbias = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
-        _check(lib.tm_bn_relu_backward(_ptr(grad), _ptr(out), _ptr(x), n * h * w, c, _ptr(stats[0]), _ptr(coef),
-                                       _ptr(dx), _ptr(dweight), _ptr(dbias), torch.get_num_threads()))
-        return dx, dweight, dbias, None
+        _check(lib.tm_bn_act_backward(_ptr(grad), _ptr(out), _ptr(x), n * h * w, c, _ptr(stats[0]), _ptr(coef),
+                                      ctx.act, ctx.slope, _ptr(dx), _ptr(dweight), _ptr(dbias),
+                                      torch.get_num_threads()))
+        return dx, dweight, dbias, None, None, None
 
 
-class BatchNormReLU(nn.BatchNorm2d):
-    """BatchNorm2d then ReLU as one module: the fused kernels when training on float32 CPU tensors, PyTorch's ops
-    otherwise (evaluation, other devices and dtypes). Parameters and buffers are BatchNorm2d's, by the same names,
-    so checkpoints load either way."""
+class BatchNormAct(nn.BatchNorm2d):
+    """BatchNorm2d then an activation (ReLU, GELU, SiLU or leaky ReLU) as one module: the fused kernels when
+    training on float32 CPU tensors, PyTorch's ops otherwise (evaluation, other devices and dtypes). Parameters and
+    buffers are BatchNorm2d's, by the same names, so checkpoints load either way."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, act: str = "relu",
+                 slope: float = 0.0, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, device=device, dtype=dtype)
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r} (choose from {', '.join(ACTIVATIONS)})")
+        self.act, self.slope = act, float(slope)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", act={self.act}" + (f", slope={self.slope}" if self.act == "leaky_relu"
+                                                             else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
                 and self.weight.dtype == torch.float32):
-            return F.relu(super().forward(x))
-        out, stats = _BatchNormReLU.apply(x, self.weight, self.bias, self.eps)
+            return _activate(super().forward(x), self.act, self.slope)
+        out, stats = _BatchNormAct.apply(x, self.weight, self.bias, self.eps, ACTIVATIONS[self.act], self.slope)
         with torch.no_grad():  # running statistics, exactly as nn.BatchNorm2d keeps them
             self.num_batches_tracked.add_(1)
             f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
@@ -239,18 +282,18 @@ class BatchNormReLU(nn.BatchNorm2d):
         return out
 
 
-def fuse_bn_relu(model: nn.Module) -> int:
-    """Replace each BatchNorm2d that a ReLU follows in an nn.Sequential by one BatchNormReLU and an Identity, in
-    place; returns how many. Do it before building the optimizer: the fused modules hold new parameter tensors
-    (with the same values and names)."""
+def fuse_bn_act(model: nn.Module) -> int:
+    """Replace each BatchNorm2d that an activation of `activation_of` follows in an nn.Sequential by one
+    BatchNormAct and an Identity, in place; returns how many. Do it before building the optimizer: the fused modules
+    hold new parameter tensors (with the same values and names)."""
     count = 0
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         for i in range(len(seq) - 1):
-            bn, act = seq[i], seq[i + 1]
-            if (type(bn) is nn.BatchNorm2d and type(act) is nn.ReLU and bn.affine and bn.track_running_stats
+            bn, act = seq[i], activation_of(seq[i + 1])
+            if (type(bn) is nn.BatchNorm2d and act is not None and bn.affine and bn.track_running_stats
                     and supports(bn.num_features)):
-                fused = BatchNormReLU(bn.num_features, bn.eps, bn.momentum, device=bn.weight.device,
-                                      dtype=bn.weight.dtype)
+                fused = BatchNormAct(bn.num_features, bn.eps, bn.momentum, act[0], act[1], device=bn.weight.device,
+                                     dtype=bn.weight.dtype)
                 fused.load_state_dict(bn.state_dict())
                 fused.train(bn.training)
                 seq[i], seq[i + 1] = fused, nn.Identity()
@@ -388,17 +431,16 @@ def swap_convs(model: nn.Module) -> int:
 
 def use_kernels(model: nn.Module) -> int:
     """Train `model` on the C kernels: swap its plain convolutions and 2x2 max pools and fuse its batch norm +
-    ReLU pairs, in place and before its optimizer is built; returns how many modules changed."""
-    return swap_convs(model) + fuse_bn_relu(model) + swap_max_pools(model)
+    activation pairs, in place and before its optimizer is built; returns how many modules changed."""
+    return swap_convs(model) + fuse_bn_act(model) + swap_max_pools(model)
 
 
 def coverage(model: nn.Module) -> dict:
-    """What of a model trains on the C kernels, after use_kernels: for convolutions, batch norm (+ ReLU) and 2x2 max
+    """What of a model trains on the C kernels, after use_kernels: for convolutions, batch norm (+ activation) and 2x2 max
     pools, how many were swapped of how many there are. A network's other modules, and those the kernels do not
-    support (padded or strided convolutions, grouped ones other than depthwise, batch norm not followed by a ReLU
-    module), stay PyTorch's."""
+    support (padded or strided convolutions, grouped ones other than depthwise, batch norm not followed by an activation module of activation_of), stay PyTorch's."""
     mods = list(model.modules())
-    kinds = {"convolutions": (Conv2d, nn.Conv2d), "batch norm + ReLU": (BatchNormReLU, nn.BatchNorm2d),
+    kinds = {"convolutions": (Conv2d, nn.Conv2d), "batch norm + activation": (BatchNormAct, nn.BatchNorm2d),
              "2x2 max pools": (MaxPool2x2, nn.MaxPool2d)}
     return {name: {"fused": sum(isinstance(m, ours) for m in mods), "of": sum(isinstance(m, theirs) for m in mods)}
             for name, (ours, theirs) in kinds.items()}

@@ -188,6 +188,62 @@ static int unit(int C) { int P = (int)(C / gcdl(C, 8) * 8); return P * ((32 + P 
 /* the support rule, for the caller to ask instead of copying it: 1 if the batch norm kernels take C channels */
 int tm_bn_supports(int C) { return C > 0 && unit(C) <= MAXU; }
 
+/* ---- the activations after batch norm, chosen by `act`: 0 ReLU, 1 GELU (the exact, erf form), 2 SiLU, 3 leaky
+ * ReLU with `slope` below zero. Each is written without branches or library calls, so that the block loops below
+ * vectorise: exp by range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes' expf coefficients), and
+ * the normal CDF of GELU by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7, float's own rounding near
+ * 1), which needs the same exp(-z*z/2) as the normal density of its derivative. The tests hold them to PyTorch's
+ * activations computed in float64. */
+enum { ACT_RELU = 0, ACT_GELU = 1, ACT_SILU = 2, ACT_LEAKY = 3 };
+
+INLINE float vexp(float x) {  /* e^x for x in [-87, 88], clamped outside: about 1 ulp */
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = __builtin_rintf(x * 1.44269504088896341f);
+    float r = __builtin_fmaf(n, -0.693359375f, x);
+    r = __builtin_fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = __builtin_fmaf(p, r, 1.3981999507e-3f);
+    p = __builtin_fmaf(p, r, 8.3334519073e-3f);
+    p = __builtin_fmaf(p, r, 4.1665795894e-2f);
+    p = __builtin_fmaf(p, r, 1.6666665459e-1f);
+    p = __builtin_fmaf(p, r, 5.0000001201e-1f);
+    p = __builtin_fmaf(p, r * r, r) + 1.0f;
+    union { int i; float f; } scale = {.i = ((int)n + 127) << 23};
+    return p * scale.f;
+}
+
+/* the normal CDF at z and, in *e, the unnormalised density exp(-z*z/2) */
+INLINE float ncdf(float z, float *e) {
+    float u = (z < 0.f ? -z : z) * 0.70710678118654752f;
+    float t = 1.0f / __builtin_fmaf(0.3275911f, u, 1.0f);
+    float q = 1.061405429f;
+    q = __builtin_fmaf(q, t, -1.453152027f);
+    q = __builtin_fmaf(q, t, 1.421413741f);
+    q = __builtin_fmaf(q, t, -0.284496736f);
+    q = __builtin_fmaf(q, t, 0.254829592f);
+    q *= t;
+    *e = vexp(-u * u);
+    float half_erfc = 0.5f * q * *e;  /* (1 - erf(u)) / 2 */
+    return z < 0.f ? half_erfc : 1.0f - half_erfc;
+}
+
+INLINE float act_f(const int A, float z, float slope) {
+    if (A == ACT_RELU) return z > 0.f ? z : 0.f;
+    if (A == ACT_GELU) { float e; return z * ncdf(z, &e); }
+    if (A == ACT_SILU) return z / (1.0f + vexp(-z));
+    return z > 0.f ? z : z * slope;
+}
+
+INLINE float act_d(const int A, float z, float slope) {  /* the derivative (not used for ReLU: see gz_relu) */
+    if (A == ACT_GELU) { float e, c = ncdf(z, &e); return __builtin_fmaf(z * 0.39894228040143268f, e, c); }
+    if (A == ACT_SILU) { float s = 1.0f / (1.0f + vexp(-z)); return s * __builtin_fmaf(z, 1.0f - s, 1.0f); }
+    return z > 0.f ? 1.0f : slope;
+}
+
+#define DISPATCH_ACT(A, CALL) switch (A) { \
+    case ACT_RELU: { const int a_ = ACT_RELU; CALL; } break; case ACT_GELU: { const int a_ = ACT_GELU; CALL; } break; \
+    case ACT_SILU: { const int a_ = ACT_SILU; CALL; } break; default: { const int a_ = ACT_LEAKY; CALL; } }
+
 /* ---- one chunk of blocks [b0, b1) of U floats each; U is a constant after inlining */
 INLINE void sum_blocks(const float *restrict x, long b0, long b1, const int U, float *restrict out) {
     float a[MAXU];
@@ -205,18 +261,24 @@ INLINE void sqdev_blocks(const float *restrict x, long b0, long b1, const int U,
     for (int j = 0; j < U; j++) out[j] = a[j];
 }
 INLINE void apply_blocks(const float *restrict x, long b0, long b1, const int U, const float *restrict s,
-                         const float *restrict t, float *restrict o) {
+                         const float *restrict t, const int A, float slope, float *restrict o) {
     for (long b = b0; b < b1; b++)
-        for (int j = 0; j < U; j++) { float v = x[b * U + j] * s[j] + t[j]; o[b * U + j] = v > 0.f ? v : 0.f; }
+        for (int j = 0; j < U; j++) o[b * U + j] = act_f(A, x[b * U + j] * s[j] + t[j], slope);
 }
+/* Pass 1 of the backward pass: the sums of gz and gz * (x - mean), where gz is the gradient through the activation.
+   ReLU's comes from its output (y > 0), exactly as before the other activations came; the others' from z = x*s + t,
+   computed as the forward pass computed it, and gz is kept in dx for pass 2. */
 INLINE void gsum_blocks(const float *restrict g, const float *restrict y, const float *restrict x, long b0, long b1,
-                        const int U, const float *restrict m, float *restrict o1, float *restrict o2) {
+                        const int U, const float *restrict m, const float *restrict s, const float *restrict t,
+                        const int A, float slope, float *restrict o1, float *restrict o2, float *restrict gzs) {
     float a1[MAXU], a2[MAXU];
     for (int j = 0; j < U; j++) { a1[j] = 0; a2[j] = 0; }
     for (long b = b0; b < b1; b++)
         for (int j = 0; j < U; j++) {
             long i = b * U + j;
-            float gz = y[i] > 0.f ? g[i] : 0.f;
+            float gz;
+            if (A == ACT_RELU) gz = y[i] > 0.f ? g[i] : 0.f;
+            else { gz = g[i] * act_d(A, x[i] * s[j] + t[j], slope); gzs[i] = gz; }
             a1[j] += gz;
             a2[j] += gz * (x[i] - m[j]);
         }
@@ -224,11 +286,11 @@ INLINE void gsum_blocks(const float *restrict g, const float *restrict y, const 
 }
 INLINE void gin_blocks(const float *restrict g, const float *restrict y, const float *restrict x, long b0, long b1,
                        const int U, const float *restrict s, const float *restrict k1, const float *restrict k0,
-                       float *restrict dx) {
+                       const int A, float *restrict dx) {
     for (long b = b0; b < b1; b++)
         for (int j = 0; j < U; j++) {
             long i = b * U + j;
-            float gz = y[i] > 0.f ? g[i] : 0.f;
+            float gz = A == ACT_RELU ? (y[i] > 0.f ? g[i] : 0.f) : dx[i];
             dx[i] = gz * s[j] + x[i] * k1[j] + k0[j];
         }
 }
@@ -244,19 +306,20 @@ static void fold(const float *part, int U, int C, double *out) {
         for (int j = 0; j < U; j++) out[j % C] += part[k * U + j];
 }
 
-/* x, out: rows x C. Writes out, the batch mean and biased var (C doubles each), and coef = [invstd; a] (2C floats)
-   for the backward pass. One operation, three passes with a barrier after each of the first two. Between the passes
-   every thread folds the slice sums itself (a few thousand additions, the same in every thread) instead of waiting
-   for one thread to do it; the passes write separate buffers, so a thread still folding never sees the next pass's
-   writes. */
-struct bn_fwd { const float *x; long rows, E, nb, tail; int C, U; const float *weight, *bias; double eps;
-                float *out; double *mean, *var; float *coef, *part, *p2; };
+/* x, out: rows x C. Writes out = act(x*a + b), the batch mean and biased var (C doubles each), and coef =
+   [invstd; a; b] (3C floats) for the backward pass. One operation, three passes with a barrier after each of the
+   first two. Between the passes every thread folds the slice sums itself (a few thousand additions, the same in
+   every thread) instead of waiting for one thread to do it; the passes write separate buffers, so a thread still
+   folding never sees the next pass's writes. */
+struct bn_fwd { const float *x; long rows, E, nb, tail; int C, U, act; float slope; const float *weight, *bias;
+                double eps; float *out; double *mean, *var; float *coef, *part, *p2; };
 
 static void bn_fwd_task(void *arg, int tid, int n) {
     const struct bn_fwd *a = arg;
     const float *x = a->x;
     const long nb = a->nb, tail = a->tail, E = a->E, rows = a->rows;
     const int C = a->C, U = a->U, k0 = (int)lo(CHUNKS, tid, n), k1 = (int)lo(CHUNKS, tid + 1, n);
+    const float slope = a->slope;
     float *part = a->part, *p2 = a->p2;
     float m[MAXU], s[MAXU], t[MAXU];
     double mu[MAXU], v[MAXU];
@@ -284,30 +347,32 @@ static void bn_fwd_task(void *arg, int tid, int n) {
         t[j] = (float)(a->bias[c] - mu[c] * ((double)a->weight[c] / sqrt(v[c] + a->eps)));
     }
     for (int k = k0; k < k1; k++)
-        DISPATCH(U, apply_blocks(x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, s, t, a->out));
+        DISPATCH_ACT(a->act, DISPATCH(U, apply_blocks(x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, s, t, a_, slope,
+                                                      a->out)));
     if (tid == 0) {
         for (int c = 0; c < C; c++) {
             double invstd = 1.0 / sqrt(v[c] + a->eps);
             a->mean[c] = mu[c];
             a->var[c] = v[c];
             a->coef[c] = (float)invstd;
-            a->coef[C + c] = (float)(a->weight[c] * invstd);
+            a->coef[C + c] = s[c];  /* the same floats as s and t above (U is a multiple of C) */
+            a->coef[2 * C + c] = t[c];
         }
         for (long i = tail; i < E; i++) {
             float w = x[i] * s[(i - tail) % U] + t[(i - tail) % U];
-            a->out[i] = w > 0.f ? w : 0.f;
+            DISPATCH_ACT(a->act, a->out[i] = act_f(a_, w, slope));
         }
     }
 }
 
-int tm_bn_relu_forward(const float *x, long rows, int C, const float *weight, const float *bias, double eps,
-                       float *out, double *mean, double *var, float *coef, int threads) {
+int tm_bn_act_forward(const float *x, long rows, int C, const float *weight, const float *bias, double eps, int act,
+                      float slope, float *out, double *mean, double *var, float *coef, int threads) {
     const int U = unit(C);
     if (U > MAXU) return 1;
     const long E = rows * C, nb = E / U;
     float *part = malloc(sizeof(float) * 2 * CHUNKS * U);
     if (!part) return 2;
-    struct bn_fwd a = {x, rows, E, nb, nb * U, C, U, weight, bias, eps, out, mean, var, coef, part,
+    struct bn_fwd a = {x, rows, E, nb, nb * U, C, U, act, slope, weight, bias, eps, out, mean, var, coef, part,
                        part + CHUNKS * U};
     tm_run(bn_fwd_task, &a, E > SERIAL ? threads : 1);
     free(part);
@@ -316,22 +381,27 @@ int tm_bn_relu_forward(const float *x, long rows, int C, const float *weight, co
 
 /* g: the gradient of out; y: out; x, mean, coef: as the forward pass left them. Writes dx, dweight, dbias. Two
    passes, one barrier between them; each thread folds the sums itself, as in the forward pass. */
-struct bn_bwd { const float *g, *y, *x; long rows, E, nb, tail; int C, U; const double *mean; const float *coef;
-                float *dx, *dweight, *dbias, *part, *p2, *m; };
+struct bn_bwd { const float *g, *y, *x; long rows, E, nb, tail; int C, U, act; float slope; const double *mean;
+                const float *coef; float *dx, *dweight, *dbias, *part, *p2, *m; };
 
 static void bn_bwd_task(void *arg, int tid, int n) {
     const struct bn_bwd *a = arg;
     const float *g = a->g, *y = a->y, *x = a->x, *m = a->m, *coef = a->coef;
     const long nb = a->nb, tail = a->tail, E = a->E, rows = a->rows;
     const int C = a->C, U = a->U, k0 = (int)lo(CHUNKS, tid, n), k1 = (int)lo(CHUNKS, tid + 1, n);
+    const float slope = a->slope;
     float *part = a->part, *p2 = a->p2, *dx = a->dx;
-    float s[MAXU], k1v[MAXU], k0v[MAXU];
+    float s[MAXU], t[MAXU], k1v[MAXU], k0v[MAXU];
     double sg[MAXU], sgx[MAXU], q1[MAXU], q0[MAXU];
+    for (int j = 0; j < U; j++) { s[j] = coef[C + j % C]; t[j] = coef[2 * C + j % C]; }
     for (int k = k0; k < k1; k++) {
-        DISPATCH(U, gsum_blocks(g, y, x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, m, part + k * U, p2 + k * U));
+        DISPATCH_ACT(a->act, DISPATCH(U, gsum_blocks(g, y, x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, m, s, t, a_,
+                                                     slope, part + k * U, p2 + k * U, dx)));
         if (k == 0) for (long i = tail; i < E; i++) {
             int j = (int)((i - tail) % U);
-            float gz = y[i] > 0.f ? g[i] : 0.f;
+            float gz;
+            if (a->act == ACT_RELU) gz = y[i] > 0.f ? g[i] : 0.f;
+            else { DISPATCH_ACT(a->act, gz = g[i] * act_d(a_, x[i] * s[j] + t[j], slope)); dx[i] = gz; }
             part[j] += gz; p2[j] += gz * (x[i] - m[j]);
         }
     }
@@ -343,9 +413,10 @@ static void bn_bwd_task(void *arg, int tid, int n) {
         q1[c] = -q;
         q0[c] = -av * sg[c] / rows + a->mean[c] * q;
     }
-    for (int j = 0; j < U; j++) { s[j] = coef[C + j % C]; k1v[j] = (float)q1[j % C]; k0v[j] = (float)q0[j % C]; }
+    for (int j = 0; j < U; j++) { k1v[j] = (float)q1[j % C]; k0v[j] = (float)q0[j % C]; }
     for (int k = k0; k < k1; k++)
-        DISPATCH(U, gin_blocks(g, y, x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, s, k1v, k0v, dx));
+        DISPATCH_ACT(a->act, DISPATCH(U, gin_blocks(g, y, x, nb * k / CHUNKS, nb * (k + 1) / CHUNKS, u_, s, k1v, k0v,
+                                                    a_, dx)));
     if (tid == 0) {
         for (int c = 0; c < C; c++) {
             a->dweight[c] = (float)(sgx[c] * coef[c]);
@@ -353,14 +424,15 @@ static void bn_bwd_task(void *arg, int tid, int n) {
         }
         for (long i = tail; i < E; i++) {
             int j = (int)((i - tail) % U);
-            float gz = y[i] > 0.f ? g[i] : 0.f;
+            float gz = a->act == ACT_RELU ? (y[i] > 0.f ? g[i] : 0.f) : dx[i];
             dx[i] = gz * s[j] + x[i] * k1v[j] + k0v[j];
         }
     }
 }
 
-int tm_bn_relu_backward(const float *g, const float *y, const float *x, long rows, int C, const double *mean,
-                        const float *coef, float *dx, float *dweight, float *dbias, int threads) {
+int tm_bn_act_backward(const float *g, const float *y, const float *x, long rows, int C, const double *mean,
+                       const float *coef, int act, float slope, float *dx, float *dweight, float *dbias,
+                       int threads) {
     const int U = unit(C);
     if (U > MAXU) return 1;
     const long E = rows * C, nb = E / U;
@@ -368,7 +440,8 @@ int tm_bn_relu_backward(const float *g, const float *y, const float *x, long row
     if (!part) return 2;
     float *m = part + 2 * CHUNKS * U;
     for (int j = 0; j < U; j++) m[j] = (float)mean[j % C];
-    struct bn_bwd a = {g, y, x, rows, E, nb, nb * U, C, U, mean, coef, dx, dweight, dbias, part, part + CHUNKS * U, m};
+    struct bn_bwd a = {g, y, x, rows, E, nb, nb * U, C, U, act, slope, mean, coef, dx, dweight, dbias, part,
+                       part + CHUNKS * U, m};
     tm_run(bn_bwd_task, &a, E > SERIAL ? threads : 1);
     free(part);
     return 0;
