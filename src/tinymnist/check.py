@@ -232,6 +232,28 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
     return _evidence(step, label, base, results, last, metric, max_params, results_dir, run, fresh or None)
 
 
+def reusable_evidence(path: str | Path, device: str = "auto") -> dict:
+    """An earlier check's evidence (its --json) for `run_check(reuse=...)`, read and held to this host: a history is
+    a function of the recipe, the seed, the code and the kind of host (CPU model, ISA, torch build, the ops on the C kernels), so the runs of
+    another kind of host are another sample and are not taken. A missing or unreadable file is one TinyMnistError."""
+    from .device import pick_device
+    from .runs import environment
+
+    try:
+        ev = read_json(path)
+        theirs = ev["env"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TinyMnistError(f"cannot reuse {path}: not a check's evidence ({e.__class__.__name__}: {e})") from None
+    ours = environment(pick_device(device))
+    key = lambda env: (env.get("torch"), env.get("device"), tuple(env.get("kernel_ops") or ()),
+                       *(env.get("hardware", {}).get(k) for k in ("cpu_model", "isa", "torch_cpu_capability", "gpu")))
+    if key(theirs) != key(ours):
+        raise TinyMnistError(f"cannot reuse {path}: its runs trained on another kind of host or torch "
+                             f"({theirs.get('hardware', {}).get('cpu_model')}, torch {theirs.get('torch')}), "
+                             "whose histories differ from this one's for the same seed")
+    return ev
+
+
 def _reusable(reuse: dict, base, seeds: int, metric: str) -> dict:
     """The seeds of `reuse` (an earlier check's evidence) that this check can take as they are: {seed: result}. The
     recipe must be the same one, judged on the same held-out metric; a history must be complete."""

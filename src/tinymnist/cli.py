@@ -241,6 +241,9 @@ def _add_series_verbs(verb) -> None:
     p.add_argument("--seeds", type=_positive_int, default=SEEDS, help="number of seeds, 0..N-1")
     p.add_argument("--last", type=_positive_int, default=LAST, help="epochs at the end that must all pass")
     p.add_argument("--json", default=None, metavar="FILE", help="write the evidence (histories, verdict) here")
+    p.add_argument("--reuse", default=None, metavar="FILE.json",
+                   help="an earlier check of the same recipe on a host of the same kind (its --json): its seeds are "
+                        "taken as they are and only the others train, e.g. a 20-seed check after the 5-seed one")
     p.add_argument("--markdown", default=None, metavar="FILE.md",
                    help="write a report card to paste into a README: the model's summary, the rule and the verdict, "
                         "each seed's last accuracies and the proof plot")
@@ -445,7 +448,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .check import run_check
+    from .check import reusable_evidence, run_check
     from .experiments import answer, get_step
     from .fileio import write_json
     from .mistakes import plot_proof
@@ -453,9 +456,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     step = get_step(args.step) if args.step else answer()
     cfg = _recipe_for(step, args)
+    reuse = reusable_evidence(args.reuse, args.device) if args.reuse else None
     evidence = run_check(step.name, args.seeds, args.last, data_dir=args.data_dir, device=args.device,
                          out_root=args.runs, progress=_progress(args), threads=args.threads,
-                         jobs=args.jobs, recipe=cfg, max_params=args.max_params)
+                         jobs=args.jobs, recipe=cfg, max_params=args.max_params, reuse=reuse)
+    if args.reuse:
+        evidence["reused"]["file"] = Path(args.reuse).name
     if args.json:
         write_json(args.json, evidence)
         print(f"evidence written to {args.json}")
