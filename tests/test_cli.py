@@ -224,24 +224,59 @@ def test_a_teacher_that_is_no_step_is_one_line_and_no_run_directory(tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
-def test_train_of_a_step_takes_the_threads_its_check_trained_with(tmp_path, capsys, monkeypatch):
-    """A run's history depends on its thread count where PyTorch's ops reduce (a batch norm before a GELU is not
-    fused), so `train --step S` trains with the threads per run of results/check-S.json, and says so; --threads
-    still chooses; with no committed check, all the cores, as before."""
+def test_the_answer_trains_the_same_history_and_weights_at_1_and_2_threads(tmp_path, capsys):
+    """Every batch norm of the answer (GELU after each) and every conv trains on the C kernels, which sum over fixed
+    slices of the batch: `train` at --threads 1 and 2 gives one history and bit-identical weights, so an installed
+    package with no results/ trains the check's own seed 0 at any thread count."""
+    import torch
     from conftest import synthetic_mnist
-    from tinymnist.check import check_threads
+    from tinymnist.kernels import library
 
-    assert check_threads("dw-gelu-5000", tmp_path) == 0  # no check there
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "check-dw-gelu-5000.json").write_text(json.dumps({"threads_per_run": 1}))
-    assert check_threads("dw-gelu-5000", tmp_path / "results") == 1
-    synthetic_mnist(tmp_path / "d", n_train=512, n_test=32)
-    monkeypatch.chdir(tmp_path)
-    common = ("train", "--step", "dw-gelu-5000", "--epochs", "1", "--data-dir", str(tmp_path / "d"), "--no-progress")
-    code, stdout, err = run(capsys, *common, "--out", str(tmp_path / "a"))
-    assert code == 0, err
-    assert "threads: 1, as each run of results/check-dw-gelu-5000.json trained" in stdout
-    assert json.loads((tmp_path / "a" / "config.json").read_text())["env"]["threads"] == 1
-    code, stdout, err = run(capsys, *common, "--threads", "2", "--out", str(tmp_path / "b"))
-    assert code == 0 and "threads: 1" not in stdout, err
-    assert json.loads((tmp_path / "b" / "config.json").read_text())["env"]["threads"] == 2
+    if library()[0] is None:
+        pytest.skip("no C compiler here: the kernels do not run")
+    synthetic_mnist(tmp_path / "d", n_train=640, n_test=64)
+    common = ("train", "--epochs", "2", "--data-dir", str(tmp_path / "d"), "--no-progress")  # the answer's recipe
+    for threads in ("1", "2"):
+        code, out, err = run(capsys, *common, "--threads", threads, "--out", str(tmp_path / threads))
+        assert code == 0 and "depend on the thread count" not in err, err
+    configs = [json.loads((tmp_path / t / "config.json").read_text()) for t in ("1", "2")]
+    assert [c["env"]["threads"] for c in configs] == [1, 2] and configs[0]["config"]["kernels"] == "fused"
+    one, two = ([{k: v for k, v in r.items() if k != "seconds"} for r in
+                 json.loads((tmp_path / t / "history.json").read_text())] for t in ("1", "2"))
+    assert one == two and len(one) == 2
+    a, b = (torch.load(tmp_path / t / "model.pt", weights_only=True)["state_dict"] for t in ("1", "2"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_on_pytorchs_own_ops_says_its_history_is_that_of_its_thread_count(tmp_path, capsys):
+    from conftest import synthetic_mnist
+
+    synthetic_mnist(tmp_path / "d", n_train=128, n_test=32)
+    common = ("train", "--epochs", "1", "--data-dir", str(tmp_path / "d"), "--no-progress", "--kernels", "native",
+              "--limit-batches", "1")
+    code, _, err = run(capsys, *common, "--threads", "2", "--out", str(tmp_path / "two"))
+    assert code == 0 and "depend on the thread count: its history is the one of 2 threads" in err
+    assert err.count("\n") == 1
+    code, _, err = run(capsys, *common, "--threads", "1", "--out", str(tmp_path / "one"))
+    assert code == 0 and "thread count" not in err
+
+
+def test_check_reuse_trains_only_the_missing_seeds_and_refuses_another_host(tmp_path, capsys):
+    from conftest import synthetic_mnist
+
+    synthetic_mnist(tmp_path / "d", n_train=128, n_test=32)
+    common = ("check", "final", "--epochs", "1", "--last", "1", "--limit-batches", "1", "--jobs", "1",
+              "--data-dir", str(tmp_path / "d"), "--no-progress", "--runs", str(tmp_path / "runs"))
+    run(capsys, *common, "--seeds", "2", "--json", str(tmp_path / "two.json"))
+    code, out, err = run(capsys, *common, "--seeds", "3", "--reuse", str(tmp_path / "two.json"),
+                         "--json", str(tmp_path / "three.json"))
+    assert "seed(s) 0, 1 taken from an earlier check" in out and "1 seeds to train" in out, err
+    two, three = (json.loads((tmp_path / f).read_text()) for f in ("two.json", "three.json"))
+    assert three["reused"]["seeds"] == [0, 1] and three["reused"]["file"] == "two.json"
+    assert [s["seed"] for s in three["seeds"]] == [0, 1, 2] and three["seeds"][:2] == two["seeds"]
+    assert len(list((tmp_path / "runs").glob("check-final-seed*"))) == 3  # seeds 0 and 1 trained once
+    other = dict(two, env={**two["env"], "hardware": {**two["env"]["hardware"], "cpu_model": "Some Other CPU"}})
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    for bad, why in (("other.json", "trained on another kind of host"), ("missing.json", "not a check's evidence")):
+        code, out, err = run(capsys, *common, "--seeds", "3", "--reuse", str(tmp_path / bad))
+        assert code == 1 and why in err and err.count("\n") == 1 and "Traceback" not in err

@@ -17,15 +17,6 @@ from .target import LAST, MAX_EPOCHS, MAX_PARAMS, THRESHOLD, budget_words, verdi
 CHECK_FILE = "check-{step}.json"  # a step's committed test check, under results/
 
 
-def check_threads(step: str, results: Path = Path("results")) -> int:
-    """The CPU threads each run of `step`'s committed check trained with, or 0 when results/ holds no check of it.
-    A run's history depends on its thread count wherever PyTorch's own ops reduce (batch norm that is not fused on
-    the C kernels, e.g. before a GELU), so a run of the step's recipe with this many threads repeats the check's run
-    of the same seed on a host of the same kind."""
-    path = results / CHECK_FILE.format(step=step)
-    return int(read_json(path).get("threads_per_run") or 0) if path.is_file() else 0
-
-
 @dataclass(frozen=True)
 class Rule:
     text: str

@@ -396,16 +396,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         source = f" from {args.models}" if args.models else ""
         print(f"training {cfg.model}{source} ({size}) with the recipe of step {step.name}", flush=True)
-    threads = args.threads
-    if not threads and name == step.name:  # the step's own network: train it as its check's runs trained
-        from .check import CHECK_FILE, check_threads
-
-        threads = check_threads(step.name)
-        if threads:
-            print(f"threads: {threads}, as each run of results/{CHECK_FILE.format(step=step.name)} trained, so seed "
-                  f"{cfg.seed} repeats that check's run on a host of the same kind (--threads N to choose)", flush=True)
     run_dir, history = train_run(cfg, out=args.out, data_dir=args.data_dir, device=args.device, name=name,
-                                 progress=_progress(args), threads=threads)
+                                 progress=_progress(args), threads=args.threads)
     print(f"{held_out_line(history)}; run directory: {run_dir}")
     return 0
 

@@ -71,8 +71,14 @@ def resolve_for(cfg: TrainConfig, device: torch.device, facts: dict, warn: bool 
     memory_format = resolve_memory_format(cfg.memory_format, device, facts)
     if cfg.memory_format == "auto" and memory_format == "channels_last" and cfg.user_model:
         memory_format = _channels_last_trains(cfg, device, warn)
-    return dataclasses.replace(cfg, precision=precision, memory_format=memory_format,
-                               kernels=resolve_kernels(cfg.kernels, device, precision, memory_format, note=warn))
+    kernels = resolve_kernels(cfg.kernels, device, precision, memory_format, note=warn)
+    threads = torch.get_num_threads()
+    if warn is not None and kernels == "native" and device.type == "cpu" and threads > 1:
+        # the C kernels sum over fixed slices of the batch; PyTorch's batch norm and convolutions split their sums
+        # by thread, so only on them does a run's history depend on its thread count
+        warn(f"tinymnist: note: this run trains on PyTorch's own batch norm and convolutions (kernels native), whose "
+             f"sums depend on the thread count: its history is the one of {threads} threads, not of another count")
+    return dataclasses.replace(cfg, precision=precision, memory_format=memory_format, kernels=kernels)
 
 
 def _channels_last_trains(cfg: TrainConfig, device: torch.device, warn) -> str:

@@ -176,7 +176,7 @@ def resolve_kernels(requested: str, device: torch.device, precision: str, memory
         if requested == "fused":
             raise TinyMnistError(f"fused kernels unavailable: {why}")
         if note is not None:
-            note(f"tinymnist: note: {why}; training with PyTorch's batch norm (slower, same results)")
+            note(f"tinymnist: note: {why}; training with PyTorch's ops (slower, and another summation order)")
         return "native"
     return "fused"
 
