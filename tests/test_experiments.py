@@ -233,6 +233,34 @@ def test_verdict_ignores_epochs_before_the_window_and_needs_enough_epochs():
     assert not verdict(7000, 15, [], last=5)[2].passed
 
 
+@pytest.mark.parametrize("passes, seeds, bound", [
+    (5, 5, 0.549), (19, 20, 0.784), (20, 20, 0.861), (18, 20, 0.717), (14, 16, 0.656), (0, 5, 0.0), (1, 1, 0.05),
+])
+def test_the_pass_rate_bound_is_clopper_pearsons_one_sided_95_percent(passes, seeds, bound):
+    # known values: 5 of 5 is 0.05 ** (1/5); 19 and 20 of 20 as the issue states them; 1 of 1 is 1 - 0.95
+    from tinymnist.target import pass_rate_bound, pass_rate_words
+
+    assert pass_rate_bound(passes, seeds) == pytest.approx(bound, abs=5e-4)
+    assert pass_rate_words(passes, seeds).startswith(f"{passes} of {seeds} seeds pass; per-run pass rate ≥ {bound:.2f}")
+    with pytest.raises(ValueError):
+        pass_rate_bound(seeds + 1, seeds)
+
+
+def test_a_proof_counts_the_seeds_that_pass_and_calls_a_step_reliable_at_19_of_20():
+    from tinymnist.check import proof
+
+    def ev(worsts, params_ok=True):
+        return {"last": 5, "passed": False, "metric": "test_acc", "threshold": 99.4,
+                "rules": [{"passed": params_ok}, {"passed": True}, {"passed": False}],
+                "seeds": [{"history": _history([99.0] * 10 + [w] * 5)} for w in worsts]}
+
+    pr = proof(ev([99.5] * 19 + [99.39]))
+    assert (pr.passes, pr.seeds, pr.reliable) == (19, 20, True) and pr.rate_bound == pytest.approx(0.784, abs=5e-4)
+    assert not proof(ev([99.5] * 18 + [99.3, 99.39])).reliable  # 18 of 20
+    assert not proof(ev([99.5] * 5)).reliable  # 5 of 5 is the rule's proof, not a rate
+    assert proof(ev([99.5] * 20, params_ok=False)).passes == 0  # over budget: no run passes
+
+
 def test_a_second_check_at_a_budget_is_recorded_as_the_second_look_at_test(tmp_path, monkeypatch):
     import dataclasses
     import json

@@ -101,6 +101,10 @@ def test_check_over_two_seeds_writes_the_verdict_and_the_proof(data_dir, tmp_pat
     assert ev["rules"][0]["rule"] == "parameters 4,720 < 8,000"
     out = capsys.readouterr().out
     assert "check Model_1: 2 seeds" in out and f"proof plot written to {ev_path.with_suffix('.png')}" in out
+    k = sum(min(h["test_acc"] for h in s["history"][-2:]) >= 99.4 for s in ev["seeds"])
+    rate = ev["pass_rate"]
+    assert (rate["passes"], rate["seeds"], rate["confidence"], rate["reliable"]) == (k, 2, 0.95, False)
+    assert f"{k} of 2 seeds pass; per-run pass rate ≥ {rate['lower_bound']:.2f} with 95% confidence" in out
     assert ev_path.with_suffix(".png").stat().st_size > 0
 
 

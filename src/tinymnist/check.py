@@ -11,10 +11,12 @@ from typing import Optional, Sequence
 from .config import MACHINE_FIELDS as RESOLVED  # recipe fields that "auto" resolves per machine
 from .errors import TinyMnistError
 from .fileio import read_json
-from .target import LAST, MAX_EPOCHS, MAX_PARAMS, THRESHOLD, budget_words, verdict_word, within
+from .target import (CONFIDENCE, LAST, MAX_EPOCHS, MAX_PARAMS, RELIABLE_PASSES, RELIABLE_SEEDS, SEEDS, THRESHOLD,
+                     budget_words, is_reliable, pass_rate_bound, pass_rate_words, verdict_word, within)
 
 
 CHECK_FILE = "check-{step}.json"  # a step's committed test check, under results/
+RATE_FILE = "check20-{step}.json"  # its pass-rate check over seeds 0..19 on test, run only after CHECK_FILE passed
 
 
 @dataclass(frozen=True)
@@ -89,10 +91,17 @@ def final_accuracy_stats(histories: Sequence[Sequence[dict]], metric: str = "tes
     return statistics.mean(finals), (statistics.stdev(finals) if len(finals) > 1 else 0.0)
 
 
+def seed_passes(worsts: Sequence[float], threshold: float = THRESHOLD, fixed_rules: bool = True) -> int:
+    """How many runs pass the rule on their own: a seed passes when its worst accuracy of the window holds the
+    threshold and the rules that do not vary by seed (parameters, epochs) hold."""
+    return sum(w >= threshold for w in worsts) if fixed_rules else 0
+
+
 @dataclass(frozen=True)
 class Proof:
     """One check's evidence as every page reads it, computed here once: each seed's worst accuracy of the rule's
-    window, the mean and spread of the final epoch over seeds, and the verdict the check recorded."""
+    window, the mean and spread of the final epoch over seeds, the verdict the check recorded, and how many seeds
+    pass on their own (the pass rate and its bound)."""
 
     seed_worsts: tuple[float, ...]
     mean: float
@@ -100,6 +109,7 @@ class Proof:
     passed: bool
     last: int
     metric: str
+    passes: int = 0
 
     @property
     def worst(self) -> float:
@@ -109,13 +119,45 @@ class Proof:
     def verdict(self) -> str:
         return verdict_word(self.passed)
 
+    @property
+    def seeds(self) -> int:
+        return len(self.seed_worsts)
+
+    @property
+    def rate_bound(self) -> float:
+        """The per-run pass rate's one-sided lower bound at CONFIDENCE (Clopper-Pearson)."""
+        return pass_rate_bound(self.passes, self.seeds)
+
+    @property
+    def rate(self) -> str:
+        """"k of n seeds pass; per-run pass rate ≥ X with 95% confidence (Clopper–Pearson)"."""
+        return pass_rate_words(self.passes, self.seeds)
+
+    @property
+    def reliable(self) -> bool:
+        """At least 19 of at least 20 seeds pass, on test (target.is_reliable)."""
+        return self.metric == "test_acc" and is_reliable(self.passes, self.seeds)
+
 
 def proof(ev: dict) -> Proof:
-    """The Proof of a check's evidence (the dict that `check --json` writes)."""
+    """The Proof of a check's evidence (the dict that `check --json` writes); evidence older than the pass rate gets
+    it from its histories and its rules."""
     metric, last = ev.get("metric", "test_acc"), ev["last"]
     histories = [s["history"] for s in ev["seeds"]]
     mean, std = final_accuracy_stats(histories, metric)
-    return Proof(tuple(worst_of_last(h, last, metric) for h in histories), mean, std, bool(ev["passed"]), last, metric)
+    worsts = tuple(worst_of_last(h, last, metric) for h in histories)
+    fixed = all(r["passed"] for r in ev.get("rules", [])[:2])  # parameters and epochs, the same for every seed
+    passes = seed_passes(worsts, ev.get("threshold", THRESHOLD), fixed)
+    return Proof(worsts, mean, std, bool(ev["passed"]), last, metric, passes)
+
+
+def pass_rate_record(pr: Proof) -> dict:
+    """The pass rate as a check's evidence records it."""
+    record = {"passes": pr.passes, "seeds": pr.seeds, "lower_bound": round(pr.rate_bound, 4),
+              "confidence": CONFIDENCE, "method": "Clopper-Pearson, one-sided"}
+    if pr.metric == "test_acc":
+        record["reliable"] = pr.reliable
+    return record
 
 
 def earlier_test_looks(step_name: str, budget: int, results: str | Path = "results") -> list[str]:
@@ -186,6 +228,8 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
               "(a models file trains in parallel)", flush=True)
         workers, per_run = plan(1, 1, threads, pick_device(device).type)
     label = step.name if base.model == step.config.model and not base.user_model else base.model
+    if label == step.name and metric == "test_acc" and seeds > SEEDS:
+        _may_look_again(step.name, results_dir)
     taken = _reusable(reuse, base, seeds, metric) if reuse else {}
     if taken:
         print(f"check {label}: seed(s) {', '.join(map(str, sorted(taken)))} taken from an earlier check of the same "
@@ -221,6 +265,19 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
                          "wall_s": reuse.get("wall_s"), "trained": reuse.get("trained"), "env": reuse.get("env")}
     results = sorted([*fresh, *taken.values()], key=lambda r: r["seed"])
     return _evidence(step, label, base, results, last, metric, max_params, results_dir, run, fresh or None)
+
+
+def _may_look_again(step: str, results_dir) -> None:
+    """A check of a step over more than the rule's seeds is a look at test that measures a pass rate: it is run only
+    for a step whose committed SEEDS-seed check passed (the look that chose it), never to choose one."""
+    path = Path(results_dir) / CHECK_FILE.format(step=step)
+    try:
+        passed = bool(read_json(path)["passed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        passed = False
+    if not passed:
+        raise TinyMnistError(f"a check of {step} over more than {SEEDS} seeds on test is run only after its {SEEDS}-seed "
+                             f"check passed ({path} holds no passing check)")
 
 
 def reusable_evidence(path: str | Path, device: str = "auto") -> dict:
@@ -286,6 +343,13 @@ def _evidence(step, label: str, base, results: list, last: int, metric: str, max
     mean, std = final_accuracy_stats(histories, metric)
     for rule in rules:
         print(f"{verdict_word(rule.passed)}  {rule.text}")
+    worsts = [worst_of_last(h, last, metric) for h in histories]
+    pr = Proof(tuple(worsts), mean, std, all(r.passed for r in rules), last, metric,
+               seed_passes(worsts, THRESHOLD, all(r.passed for r in rules[:2])))
+    print(pr.rate)
+    if metric == "test_acc" and len(results) >= RELIABLE_SEEDS:
+        print(f"{'RELIABLE' if pr.reliable else 'NOT RELIABLE'}  at least {RELIABLE_PASSES} of {RELIABLE_SEEDS} "
+              f"seeds must pass: {pr.passes} of {len(results)} did")
     print(f"final-epoch {metric.split('_')[0]} accuracy over {len(results)} seeds: {mean:.2f} +- {std:.2f}%")
     earlier = (earlier_test_looks(step.name, step.budget, results_dir)
                if metric == "test_acc" and label == step.name else [])
@@ -307,7 +371,9 @@ def _evidence(step, label: str, base, results: list, last: int, metric: str, max
     return {"step": step.name, "label": label, "model": base.model, **own, "params": params, "epochs": base.epochs,
             "budget": budget,
             "test_look": len(earlier) + 1 if metric == "test_acc" else 0, "earlier_looks": earlier,
+            **({"pass_rate_of": CHECK_FILE.format(step=step.name)}
+               if metric == "test_acc" and label == step.name and len(results) > SEEDS else {}),
             "last": last, "threshold": THRESHOLD, "metric": metric, "passed": all(r.passed for r in rules),
-            "rules": [{"rule": r.text, "passed": r.passed} for r in rules],
+            "rules": [{"rule": r.text, "passed": r.passed} for r in rules], "pass_rate": pass_rate_record(pr),
             "final_acc_mean": round(mean, 4), "final_acc_std": round(std, 4), **run,
             "config": base.to_dict(), "trained": trained, "env": env, "seeds": results}

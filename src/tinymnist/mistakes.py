@@ -12,7 +12,7 @@ import torch
 from .data import MNIST, normalize
 from .device import torch_memory_format
 from .fileio import atomic_path, write_json
-from .target import verdict_word
+from .target import pass_rate_bound, verdict_word
 
 ERRORS_FILE, GRID_FILE, CONFUSION_FILE = "errors.json", "misclassified.png", "confusion.png"
 
@@ -129,6 +129,15 @@ def run_errors(checkpoint: str | os.PathLike, out: Optional[str | os.PathLike] =
     return out, result
 
 
+def _passes(evidence: dict) -> int:
+    """How many seeds of a check's evidence pass on their own (check.proof counts them; evidence records them)."""
+    if "pass_rate" in evidence:
+        return evidence["pass_rate"]["passes"]
+    from .check import proof
+
+    return proof(evidence).passes
+
+
 def plot_proof(evidence: dict, path: str | os.PathLike) -> None:
     """A check's proof as a picture: accuracy per epoch for every seed, the threshold, the judged window shaded."""
     import matplotlib
@@ -149,8 +158,9 @@ def plot_proof(evidence: dict, path: str | os.PathLike) -> None:
     tail = [r[metric] for s in evidence["seeds"] for r in s["history"][-k - 3:]]
     ax.set(xlabel="epoch", ylabel=f"{metric.split('_')[0]} accuracy (%)",
            ylim=(min(min(tail), threshold) - 0.25, max(max(tail), threshold) + 0.15),
-           title=f"{evidence.get('label', evidence['step'])} ({evidence['params']:,} params): {len(evidence['seeds'])} seeds, "
-                 f"{verdict_word(evidence['passed'])}")
+           title=f"{evidence.get('label', evidence['step'])} ({evidence['params']:,} params): "
+                 f"{verdict_word(evidence['passed'])}, {_passes(evidence)} of {len(evidence['seeds'])} seeds pass "
+                 f"(pass rate ≥ {pass_rate_bound(_passes(evidence), len(evidence['seeds'])):.2f}, 95%)")
     ax.set_xlim(0.5, epochs + 0.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="lower right")

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .fileio import atomic_path  # noqa: E402
-from .target import verdict_word  # noqa: E402
+from .target import RELIABLE_PASSES, RELIABLE_SEEDS, verdict_word  # noqa: E402
 
 
 def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "", averaged: bool = False,
@@ -82,8 +82,12 @@ def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathL
             ha, off = "right", -6
         else:
             ha, off = "center", 0
-        ax.annotate(f"{p['name']}\n{verdict_word(p['passed'])}", (x, max(p["worst"])), textcoords="offset points",
-                    xytext=(off, 6 + 20 * k), ha=ha, fontsize=8, color=color)
+        if p.get("reliable"):  # reliable: a ring round its worst seed, apart from 5 of 5
+            ax.scatter([x], [min(p["worst"])], s=220, marker="o", facecolors="none", edgecolors=color, linewidths=1.5,
+                       zorder=4)
+        rate = f" {p['rate_short']}" if p.get("rate_short") else ""
+        ax.annotate(f"{p['name']}\n{verdict_word(p['passed'])}{rate}", (x, max(p["worst"])),
+                    textcoords="offset points", xytext=(off, 6 + 20 * k), ha=ha, fontsize=8, color=color)
     for j, v in enumerate(sorted(validation, key=lambda v: v["params"])):  # to the left of the test checks
         same = [w for w in validation if w["params"] == v["params"]]
         k = same.index(v)
@@ -98,6 +102,8 @@ def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathL
     ax.scatter([], [], s=120, marker="_", color="grey", linewidths=2.5, label="the step's worst seed")
     ax.scatter([], [], s=40, color="#2a7f3f", label="passes over every seed")
     ax.scatter([], [], s=40, color="#b22", label="fails")
+    ax.scatter([], [], s=120, marker="o", facecolors="none", edgecolors="grey", linewidths=1.5,
+               label=f"reliable: at least {RELIABLE_PASSES} of {RELIABLE_SEEDS} seeds pass (label: seeds that pass, 95% bound on the rate)")
     if validation:
         ax.scatter([], [], s=22, marker="D", facecolors="none", edgecolors="#2255aa",
                    label="validation check, 5 seeds (reads lower than test)")

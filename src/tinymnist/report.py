@@ -10,12 +10,13 @@ import statistics
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .check import CHECK_FILE, proof, seed_gap, top_spread, worst_of_last
+from .check import CHECK_FILE, RATE_FILE, Proof, proof, seed_gap, top_spread, worst_of_last
 from .errors import TinyMnistError
 from .experiments import STEPS, Step, answer
 from .fileio import atomic_path, read_json
 from .summary import format_summary, summarize
-from .target import LAST, MAX_EPOCHS, MAX_PARAMS, SEEDS, THRESHOLD, budget_phrase, budget_words
+from .target import (LAST, pass_rate_bound, MAX_EPOCHS, MAX_PARAMS, RELIABLE_PASSES, RELIABLE_SEEDS, SEEDS, THRESHOLD, budget_phrase,
+                     budget_words)
 
 RESULTS = Path("results")
 RUN_FILES = ("history.json", "config.json", "curves.png")
@@ -40,11 +41,12 @@ def collect_run(run_dir: Path, step: str, results: Path = RESULTS) -> Path:
 
 
 def replot_checks(results: Path = RESULTS) -> list[Path]:
-    """Draw every check evidence file under results/ as results/check-*.png."""
+    """Draw every check evidence file under results/ (5-seed and pass-rate checks) beside it as a PNG."""
     from .mistakes import plot_proof
 
     drawn = []
-    for path in sorted(results.glob("check-*.json")):
+    files = {*results.glob(CHECK_FILE.format(step="*")), *results.glob(RATE_FILE.format(step="*"))}
+    for path in sorted(files):
         plot_proof(read_json(path), path.with_suffix(".png"))
         drawn.append(path.with_suffix(".png"))
     return drawn
@@ -125,7 +127,25 @@ def _check_section(step: Step, results: Path) -> list[str]:
            f"step's recipe once per seed. Verdict: **{proof(ev).verdict}**.", ""]
     plot = f"results/{path.with_suffix('.png').name}" if path.with_suffix(".png").is_file() else None
     out += proof_lines(ev, plot, f"proof over seeds: {step.name}", extra=_selection_lines(step, ev, results))
-    return out + [""] + _errors_section(step, results)
+    return out + [""] + _rate_section(step, results) + _errors_section(step, results)
+
+
+def _rate_section(step: Step, results: Path) -> list[str]:
+    """A step's pass-rate check over seeds 0..19 on test, run after its 5-seed check passed: a further look at test
+    that chooses nothing, only measures how often a run of the recipe passes."""
+    path = results / RATE_FILE.format(step=step.name)
+    if not path.is_file():
+        return []
+    ev = read_json(path)
+    n, reused = len(ev["seeds"]), ev.get("reused", {}).get("seeds", [])
+    how = (f", taking seeds {reused[0]}–{reused[-1]} from `results/{ev['reused'].get('file', '?')}` (the same recipe, "
+           f"code and kind of host) and training the other {n - len(reused)}" if reused else "")
+    plot = f"results/{path.with_suffix('.png').name}" if path.with_suffix(".png").is_file() else None
+    return [f"#### Pass rate over {n} seeds: `{step.name}`", "",
+            f"`tinymnist check {step.name} --seeds {n} --json results/{path.name}` trained the step's recipe once "
+            f"per seed{how}. A run of the recipe passes when its own last {ev['last']} epochs hold the rule; a step is "
+            f"reliable when at least {RELIABLE_PASSES} of {RELIABLE_SEEDS} do.", "",
+            *proof_lines(ev, plot, f"pass rate over {n} seeds: {step.name}"), ""]
 
 
 def proof_lines(ev: dict, plot: Optional[str], alt: str, extra: Sequence[str] = ()) -> list[str]:
@@ -141,6 +161,9 @@ def proof_lines(ev: dict, plot: Optional[str], alt: str, extra: Sequence[str] = 
     out += ["", f"Final-epoch {what} accuracy: **{pr.mean:.2f} ± {pr.std:.2f}%** (mean ± sample std over "
                 f"{n} seeds).", ""]
     out += [f"- {'✅' if r['passed'] else '❌'} {r['rule']}" for r in ev["rules"]]
+    out += [f"- {pr.rate}" + (f": {'**reliable**' if pr.reliable else 'not reliable'} (at least {RELIABLE_PASSES} of "
+                              f"{RELIABLE_SEEDS} must pass)" if pr.metric == "test_acc" and n >= RELIABLE_SEEDS else "")
+            + "."]
     out += list(extra)
     env = ev.get("env", {})
     if env:
@@ -796,6 +819,31 @@ def _checked_steps(results: Path):
             yield s, read_json(path)
 
 
+def _rate_proof(step: str, results: Path) -> Optional[Proof]:
+    """The Proof of a step's committed pass-rate check (over seeds 0..19 on test), or None."""
+    path = results / RATE_FILE.format(step=step)
+    return proof(read_json(path)) if path.is_file() else None
+
+
+def rate_cell(pr: Proof, wide: Optional[Proof] = None) -> str:
+    """A step's pass rate as the tables show it: k of n seeds and the rate's 95% lower bound, from its widest check."""
+    best = wide or pr
+    text = f"{best.passes} of {best.seeds} (≥ {best.rate_bound:.2f})"
+    if wide is not None:
+        text += ": **reliable**" if wide.reliable else ": not reliable"
+    return text
+
+
+def _smallest(results: Path) -> tuple[Optional[tuple], Optional[tuple]]:
+    """(the smallest step whose test check passed over every seed, the smallest reliable step), each as
+    (step, its parameters, its Proof, its pass-rate Proof or None), or None where there is none."""
+    rows = sorted(((ev["params"], s, proof(ev), _rate_proof(s.name, results)) for s, ev in _checked_steps(results)
+                   if ev.get("metric", "test_acc") == "test_acc"), key=lambda r: (r[0], r[1].name))
+    five = next(((s, n, pr, wide) for n, s, pr, wide in rows if pr.passed), None)
+    reliable = next(((s, n, pr, wide) for n, s, pr, wide in rows if wide is not None and wide.reliable), None)
+    return five, reliable
+
+
 # A step's prose (steps/<name>.md) types no number that results/ holds: it names the number, and this fills it in.
 # A name is [STEP.]what, STEP defaulting to the step whose prose it is:
 #   check.worst, check.mean, check.std    its 5-seed test check: the worst seed's worst epoch, final mean and spread
@@ -879,14 +927,35 @@ def render_headline(results: Path = RESULTS) -> str:
         epochs = f"{ev['epochs']} + {ev['teacher']['epochs']} ({ev['teacher']['step']}, the teacher)" if ev.get(
             "teacher") else ev["epochs"]
         rows.append(f"| [{s.name}](docs/series.md#{_anchor(s.heading)}) | {s.role} | `{ev['model']}` | **{ev['params']:,}** | {epochs} | "
-                    f"{len(pr.seed_worsts)} | {pr.worst:.2f}% | {pr.mean:.2f} ± {pr.std:.2f}% | {pr.verdict} |")
+                    f"{len(pr.seed_worsts)} | {pr.worst:.2f}% | {pr.mean:.2f} ± {pr.std:.2f}% | {pr.verdict} | "
+                    f"{rate_cell(pr, _rate_proof(s.name, results))} |")
     if not rows:
         return "\n".join([start, NOTE, "", "No step has been checked over seeds yet.", "", end])
-    return "\n".join([start, NOTE, "",
+    return "\n".join([start, NOTE, "", _smallest_words(results), "",
                       f"| step | what it is | model | parameters | epochs | seeds | worst of the last {LAST} test "
-                      "accuracies, all seeds | final test accuracy | verdict |",
-                      "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+                      "accuracies, all seeds | final test accuracy | verdict | seeds that pass (95% bound on the "
+                      "pass rate) |",
+                      "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
                       *rows, "", end])
+
+
+def _smallest_words(results: Path) -> str:
+    """The headline's two answers: the smallest step that passed its 5-seed check, and the smallest reliable one."""
+    five, reliable = _smallest(results)
+
+    def name(found) -> str:
+        s, params, pr, wide = found
+        return f"[{s.name}](docs/series.md#{_anchor(s.heading)}), **{params:,}** parameters: {(wide or pr).rate}"
+
+    out = [f"**The smallest step that passed {SEEDS} of {SEEDS} seeds:** " + (name(five) if five else "none yet") + "."]
+    rule = f"at least {RELIABLE_PASSES} of {RELIABLE_SEEDS} seeds pass on test"
+    if reliable:
+        out.append(f"**The smallest reliable step** ({rule}): {name(reliable)}.")
+    else:
+        tried = [(s, wide) for s, ev in _checked_steps(results) if (wide := _rate_proof(s.name, results))]
+        seen = "; ".join(f"{s.name}, {wide.passes} of {wide.seeds}" for s, wide in tried)
+        out.append(f"**The smallest reliable step** ({rule}): none yet" + (f" ({seen})" if seen else "") + ".")
+    return " ".join(out)
 
 
 def render_answer(results: Path = RESULTS) -> str:
@@ -902,8 +971,18 @@ def render_answer(results: Path = RESULTS) -> str:
         start, NOTE, "",
         f"The answer, [`{step.name}`](docs/series.md#{_anchor(step.heading)}) ({ev['params']:,} parameters), over "
         f"{len(ev['seeds'])} seeds: test accuracy per epoch, every seed at or above {ev['threshold']:.2f}% in each "
-        f"of its last {k} epochs (worst {worst:.2f}%). From `results/{path.name}`.", "",
+        f"of its last {k} epochs (worst {worst:.2f}%). {_rate_sentence(step.name, ev, results)} From "
+        f"`results/{path.name}`.", "",
         f"![proof over seeds: {step.name}](results/{path.with_suffix('.png').name})", "", end])
+
+
+def _rate_sentence(step: str, ev: dict, results: Path) -> str:
+    """The pass rate of a step's widest test check, as one sentence naming its file."""
+    wide = _rate_proof(step, results)
+    if wide is None:
+        return f"{proof(ev).rate}."
+    verdict = "reliable" if wide.reliable else f"not reliable: at least {RELIABLE_PASSES} of {RELIABLE_SEEDS} must pass"
+    return f"Over seeds 0–{wide.seeds - 1} (`results/{RATE_FILE.format(step=step)}`): {wide.rate}, {verdict}."
 
 
 FRONTIER_PNG = "frontier.png"
@@ -932,8 +1011,18 @@ def _frontier_rows(results: Path) -> list[dict]:
                      "macs": summarize(s.config.build_model()).macs, "seconds": seconds,
                      "threads": ev.get("threads_per_run"), "host": _host(ev), "objective": objective, "worst": worst,
                      "passed": ev["passed"], "tried": tried, "look": ev.get("test_look", 1),
-                     "verdict": proof(ev).verdict, "threshold": ev["threshold"], "last": ev["last"]})
+                     "verdict": proof(ev).verdict, "threshold": ev["threshold"], "last": ev["last"],
+                     "rate": rate_cell(proof(ev), _rate_proof(s.name, results)).replace("**", ""),
+                     "reliable": bool((wide := _rate_proof(s.name, results)) and wide.reliable),
+                     "rate_short": f"{proof(ev).passes}/{proof(ev).seeds}"
+                                   + (f", {wide.passes}/{wide.seeds}" if wide else "")
+                                   + f" (≥ {(wide or proof(ev)).rate_bound:.2f})"})
     return sorted(rows, key=lambda r: (r["params"], r["name"]))
+
+
+def rate_cell_row(r: dict) -> str:
+    """A frontier row's pass-rate cell, with a reliable step in bold."""
+    return r["rate"].replace(": reliable", ": **reliable**")
 
 
 def _host(ev: dict) -> str:
@@ -997,7 +1086,8 @@ def render_frontier(results: Path = RESULTS) -> str:
            f"seed's worst test accuracy of its last {rows[0]['last']} epochs, the bar the step's worst seed. "
            + smallest, "", f"![the reliability frontier](results/{FRONTIER_PNG})", "",
            "| budget | step | parameters | MACs per image | s per epoch | validation objective | test: worst seed | "
-           "verdict | recipes tried |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+           "verdict | seeds that pass (95% bound) | recipes tried |",
+           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
     hosts = list(dict.fromkeys(r["host"] for r in rows))  # each measured host a letter, in order of size
     for r in rows:
         budget = budget_words(r["budget"])
@@ -1006,7 +1096,7 @@ def render_frontier(results: Path = RESULTS) -> str:
         out.append(f"| {budget} | [{r['name']}](docs/series.md#{_anchor(r['title'])}) | {r['params']:,} | "
                    f"{r['macs']:,} | {r['seconds']:.1f} ({chr(65 + hosts.index(r['host']))}) | {objective} | "
                    f"{min(r['worst']):.2f}% | "
-                   f"{r['verdict']}{look} | {r['tried'] or '—'} |")
+                   f"{r['verdict']}{look} | {rate_cell_row(r)} | {r['tried'] or '—'} |")
     out += ["", "The validation objective is the search's: the worst validation accuracy of the last epochs, the "
                 "minimum over the trial's seeds, on 10,000 held-out training images (for a step a screen earned, the "
                 "worst seed of its 5-seed validation check); the test column is the check's, "
@@ -1014,7 +1104,10 @@ def render_frontier(results: Path = RESULTS) -> str:
                 "the test pass), each run with the threads and code its evidence records, on the host the letter names "
                 "(compare within one check only): " + "; ".join(f"{chr(65 + i)}: {h}" for i, h in enumerate(hosts))
                 + ". Recipes tried counts every trial of the searches behind the step, pruned and failed ones "
-                "included.", "", end]
+                f"included. Seeds that pass: of the step's widest test check, with the one-sided 95% Clopper–Pearson "
+                f"lower bound on a run's pass rate; a step is reliable once at least {RELIABLE_PASSES} of "
+                f"{RELIABLE_SEEDS} seeds pass, which {SEEDS} of {SEEDS} cannot show (its bound is "
+                f"{pass_rate_bound(SEEDS, SEEDS):.2f}).", "", end]
     return "\n".join(out)
 
 
