@@ -1,14 +1,16 @@
-"""A student's Jupyter notebook as a models file: only what defines the model is taken from it, and nothing else runs.
+"""A student's Jupyter notebook, or models file, read for its definitions only: what defines the model is taken, and
+nothing else runs.
 
 The write-ups of this assignment keep their `Net` between cells that install packages (`!pip install ...`), set up
-plots (`%matplotlib inline`), download MNIST, build DataLoaders and train for 15 epochs. From the code cells, this
-takes, in order:
+plots (`%matplotlib inline`), download MNIST, build DataLoaders and train for 15 epochs; their model.py files start
+with `from torchsummary import summary` and end with a test run under `if __name__ == "__main__":`. From the code
+cells of a notebook, or the whole of a models file, this takes, in order:
   - imports (one that fails, such as a package that is not installed here, is skipped with one line naming it);
   - class and function definitions;
   - plain constant assignments whose names a kept class or function uses (`dropout_value = 0.1`).
 Everything else is left unrun and counted: shell lines (`!...`), magics (`%...`, and whole `%%` cells), and every
 other statement (a training loop, a download, a DataLoader, a plot, a call). A class that needs a skipped name fails
-when it is built, in one line naming the name, the cell and the line.
+when it is built, in one line naming the name, the cell (in a notebook) and the line.
 """
 
 from __future__ import annotations
@@ -37,15 +39,22 @@ class NotebookReport:
     shell_and_magic_lines: int = 0  # !... and %... lines, and the lines of %% cells
     skipped_imports: list = field(default_factory=list)  # (statement text, cell, line, why)
 
+    kind: str = "notebook"  # or "file": a models file, one chunk of code with no cells
+
     def lines(self) -> list[str]:
         """The report as `tinymnist models` prints it after the classes."""
-        out = [f"taken from the notebook: {self.statements_kept} statements (imports, definitions, constants) from "
-               f"{self.cells_used} of {self.code_cells} code cells",
-               f"left unrun: {self.statements_left} other statements and {self.shell_and_magic_lines} shell or "
-               "magic lines"]
-        out += [f"skipped import: {text} (cell {cell}, line {line}): {why}"
-                for text, cell, line, why in self.skipped_imports]
+        cells = f" from {self.cells_used} of {self.code_cells} code cells" if self.kind == "notebook" else ""
+        out = [f"taken from the {self.kind}: {self.statements_kept} statements (imports, definitions, constants)"
+               f"{cells}",
+               f"left unrun: {self.statements_left} other statements"
+               + (f" and {self.shell_and_magic_lines} shell or magic lines" if self.kind == "notebook" else "")]
+        out += [f"skipped import: {text} ({_at(cell, line)}): {why}" for text, cell, line, why in self.skipped_imports]
         return out
+
+
+def _at(cell: Optional[int], line: int) -> str:
+    """'cell N, line L' in a notebook, 'line L' in a file."""
+    return f"cell {cell}, line {line}" if cell is not None else f"line {line}"
 
 
 def where(filename: str, lineno: int) -> Optional[str]:
@@ -127,16 +136,28 @@ def _assigned_names(node: ast.stmt) -> Optional[list[str]]:
 def load_notebook(path: Path, raw: bytes, module: types.ModuleType, log=None) -> NotebookReport:
     """Run into `module` what defines the model in the notebook `raw` (see the module's docstring); return what was
     taken and left. A syntax error is one TinyMnistError naming the cell and the line."""
-    report = NotebookReport()
+    return load_definitions(path, code_cells(path, raw), module, log)
+
+
+def load_source(path: Path, source: str, module: types.ModuleType, log=None) -> NotebookReport:
+    """The same rule for a models file: its imports, definitions and the constants they use, nothing else."""
+    return load_definitions(path, [(None, source)], module, log, kind="file")
+
+
+def load_definitions(path: Path, chunks: list, module: types.ModuleType, log=None,
+                     kind: str = "notebook") -> NotebookReport:
+    """Run into `module` the imports, definitions and used constants of `chunks`, (cell number or None, source)
+    pairs; a syntax error or a definition that raises is one TinyMnistError naming the cell (if any) and the line."""
+    report = NotebookReport(kind=kind)
     parsed = []
-    for number, source in code_cells(path, raw):
+    for number, source in chunks:
         report.code_cells += 1
-        text, dropped = _python_lines(source)
+        text, dropped = _python_lines(source) if number is not None else (source, 0)
         report.shell_and_magic_lines += dropped
         try:
-            tree = ast.parse(text, filename=f"{path}{CELL_TAG}{number}")
+            tree = ast.parse(text, filename=_filename(path, number))
         except SyntaxError as e:
-            raise TinyMnistError(f"{path}: cell {number}, line {e.lineno}: SyntaxError: {e.msg}") from None
+            raise TinyMnistError(f"{path}: {_at(number, e.lineno)}: SyntaxError: {e.msg}") from None
         parsed.append((number, tree))
     used = set()  # every name a definition reads: the constants worth keeping
     for _, tree in parsed:
@@ -159,22 +180,28 @@ def load_notebook(path: Path, raw: bytes, module: types.ModuleType, log=None) ->
     return report
 
 
-def _compile(path: Path, number: int, node: ast.stmt):
-    return compile(ast.Module(body=[node], type_ignores=[]), f"{path}{CELL_TAG}{number}", "exec")
+def _filename(path: Path, number: Optional[int]) -> str:
+    return f"{path}{CELL_TAG}{number}" if number is not None else str(path)
 
 
-def _run(path: Path, number: int, node: ast.stmt, module: types.ModuleType) -> None:
+def _compile(path: Path, number: Optional[int], node: ast.stmt):
+    return compile(ast.Module(body=[node], type_ignores=[]), _filename(path, number), "exec")
+
+
+def _run(path: Path, number: Optional[int], node: ast.stmt, module: types.ModuleType) -> None:
     """A definition or a constant: one that raises as it is defined (a decorator, a default argument, a class
     body) is one TinyMnistError naming the cell and the line."""
     try:
         exec(_compile(path, number, node), module.__dict__)  # noqa: S102 - the user's own definitions, by design
     except Exception as e:  # noqa: BLE001 - a user's code may raise anything
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if where(f.filename, f.lineno)]
-        at = where(frames[-1].filename, frames[-1].lineno) if frames else f"cell {number}, line {node.lineno}"
+        ours = _filename(path, number)
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == ours]
+        at = _at(number, frames[-1].lineno if frames else node.lineno)
         raise TinyMnistError(f"{path}: {at}: {e.__class__.__name__}: {_first_line(e)}") from None
 
 
-def _import(path: Path, number: int, node: ast.stmt, module: types.ModuleType, report: NotebookReport, log) -> int:
+def _import(path: Path, number: Optional[int], node: ast.stmt, module: types.ModuleType, report: NotebookReport,
+            log) -> int:
     """Run one import; one that fails (a package not installed here) is skipped with one line naming it."""
     try:
         exec(_compile(path, number, node), module.__dict__)  # noqa: S102
@@ -184,7 +211,7 @@ def _import(path: Path, number: int, node: ast.stmt, module: types.ModuleType, r
         why = f"{e.__class__.__name__}: {_first_line(e)}"
         report.skipped_imports.append((text, number, node.lineno, why))
         if log is not None:
-            log(f"tinymnist: note: {path}: skipped `{text}` (cell {number}, line {node.lineno}): {why}")
+            log(f"tinymnist: note: {path}: skipped `{text}` ({_at(number, node.lineno)}): {why}")
         return 0
 
 

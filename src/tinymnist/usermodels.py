@@ -10,7 +10,6 @@ loading it takes the same --models FILE.py again; tinymnist never imports a path
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import inspect
 import multiprocessing as mp
 import sys
@@ -25,7 +24,7 @@ from torch import nn
 
 from .errors import TinyMnistError
 from .model import needs_arguments
-from .notebook import NotebookReport, load_notebook, where
+from .notebook import NotebookReport, load_notebook, load_source, where
 
 _FILES: dict[str, "ModelsFile"] = {}  # sha256 -> the file's classes, each file imported once per process
 
@@ -38,7 +37,7 @@ class ModelsFile:
     sha256: str
     classes: dict = field(default_factory=dict)  # name -> class, in the order the file defines them
     skipped: dict = field(default_factory=dict)  # name -> why it cannot be built without arguments
-    notebook: Optional[NotebookReport] = None  # for a notebook: what was taken from it, and what was left unrun
+    notebook: Optional[NotebookReport] = None  # what was taken from the notebook or file, and what was left unrun
 
     def choices(self) -> str:
         """The valid names, and those skipped with why: what an error about a name lists."""
@@ -95,7 +94,7 @@ def load_models_file(path: str | Path) -> ModelsFile:
     if digest in _FILES:
         return _FILES[digest]
     name = f"tinymnist_user_models_{digest[:16]}"
-    if path.suffix == ".ipynb":
+    if path.suffix == ".ipynb":  # a notebook's code cells, and a models file, are read for definitions only
         module = types.ModuleType(name)
         module.__file__ = str(path)
         sys.modules[name] = module
@@ -105,26 +104,20 @@ def load_models_file(path: str | Path) -> ModelsFile:
             del sys.modules[name]
             raise
         return _collect(path, digest, module, report)
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise TinyMnistError(f"{path}: not a Python file that can be imported")
-    module = importlib.util.module_from_spec(spec)
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
     sys.modules[name] = module  # classes that pickle, dataclasses and typing look up by module
     try:
-        spec.loader.exec_module(module)
-    except SyntaxError as e:
+        text = source.decode("utf-8")
+    except UnicodeDecodeError:
         del sys.modules[name]
-        raise TinyMnistError(f"{path}: does not import: line {e.lineno}: SyntaxError: {e.msg}") from None
-    except BaseException as e:  # noqa: BLE001 - a user's file may raise anything, SystemExit included
+        raise TinyMnistError(f"{path}: not a Python file (not UTF-8 text)") from None
+    try:
+        report = load_source(path, text, module, log=_note if mp.parent_process() is None else None)
+    except BaseException:
         del sys.modules[name]
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == path]
-        where = f"line {frames[-1].lineno}: " if frames else ""
-        text = str(e).strip().splitlines()
-        raise TinyMnistError(f"{path}: does not import: {where}{e.__class__.__name__}"
-                             + (f": {text[0]}" if text else "")) from None
-    return _collect(path, digest, module)
+        raise
+    return _collect(path, digest, module, report)
 
 
 def _note(line: str) -> None:
