@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Optional, Sequence
 
 from .errors import TinyMnistError, UsageError, install_hint
@@ -249,6 +250,30 @@ def _add_series_verbs(verb) -> None:
                         "each seed's last accuracies and the proof plot")
     _add_recipe_overrides(p)
 
+    p = verb("grade", "grade a class: each submission's own log judged by the rules, its claim checked, its models "
+                      "built apart in a child process with limits; --retrain N checks them with our recipe",
+             cmd_grade, "runs", "progress", "jobs", "data", "device", "threads")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="a notebook, a models file, a submission's folder, or a folder of submission folders")
+    p.add_argument("--markdown", default=None, metavar="FILE.md",
+                   help="write the class table here, and a card per row in the folder of the same name")
+    p.add_argument("--csv", default=None, metavar="FILE.csv", help="write the class table here as CSV")
+    p.add_argument("--timeout", type=float, default=20.0, metavar="S",
+                   help="wall-clock seconds a file's child may take to load and build its models")
+    p.add_argument("--memory", type=_positive_int, default=2048, metavar="MB",
+                   help="memory a file's child (or a retraining worker) may take beyond what it starts with")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--retrain", type=_positive_int, default=0, metavar="N",
+                   help="check the graded model of every row that passes its own log with our recipe over seeds "
+                        "0..N-1 (resumable: the same command goes on where it stopped)")
+    g.add_argument("--retrain-all", type=_positive_int, default=0, metavar="N",
+                   help="the same for every row with a graded model")
+    p.add_argument("--state", default="grading", metavar="DIR",
+                   help="where retraining keeps its runs and evidence, so that a stopped grading resumes")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="an Optuna RDB URL (postgresql://...): each (submission, seed) run is a trial of one study, "
+                        "and every machine that runs the same command with it takes the next run")
+
     p = verb("screen", "screen named candidates on validation, confirm the best over 5 validation seeds, and say "
                        "which earned a look at test", cmd_screen,
              "results", "runs", "progress", "jobs", "data", "device", "threads")
@@ -470,6 +495,31 @@ def cmd_check(args: argparse.Namespace) -> int:
             tmp.write_text(render_card(evidence, Path(args.markdown), plot, summarize(cfg.build_model())) + "\n")
         print(f"report card written to {args.markdown}")
     return 0 if evidence["passed"] else 1
+
+
+def cmd_grade(args: argparse.Namespace) -> int:
+    from .grade import grade, write_outputs
+    from .sandbox import Limits
+
+    t0 = time.perf_counter()
+    rows = grade(args.paths, Limits(seconds=args.timeout, memory_mb=args.memory))
+    graded = time.perf_counter() - t0
+    evidence = {}
+    seeds = args.retrain or args.retrain_all
+    if seeds:
+        from .retrain import retrain
+
+        evidence = retrain(rows, seeds, everyone=bool(args.retrain_all), state=args.state, jobs=args.jobs,
+                           threads=args.threads, data_dir=args.data_dir, device=args.device, storage=args.storage,
+                           memory_mb=args.memory, progress=_progress(args))
+    for path in write_outputs(rows, args.markdown, args.csv, evidence):
+        print(f"written: {path}")
+    passed = sum(r.verdict == "PASS" for r in rows)
+    times = sorted(r.seconds for r in rows)
+    slow = [r for r in rows if "timed out" in r.model_note]
+    print(f"graded {len(rows)} files in {graded:.1f} s (median {times[len(times) // 2] if times else 0:.2f} s a file"
+          + (f"; {len(slow)} hit the {args.timeout:g} s limit" if slow else "") + f"): {passed} pass on their own log")
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -218,3 +218,99 @@ def _import(path: Path, number: Optional[int], node: ast.stmt, module: types.Mod
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else ""
+
+
+# ---------------------------------------------------------------- a submission's own modules
+
+OWN_SKIP_DIRS = {".git", ".ipynb_checkpoints", "__pycache__", "venv", ".venv", "env", "site-packages", "node_modules"}
+OWN_MAX_FILES, OWN_MAX_BYTES = 400, 1_000_000  # a submission is a small repository; anything larger is not read
+
+
+def own_sources(root: Path, depth: int = 3) -> dict[str, str]:
+    """The Python files under `root`, at most `depth` folders down, as {path relative to root: source}: what `from
+    model import Net` or `from mnist.model import Net` may name. Hidden folders, environments and files over
+    OWN_MAX_BYTES are not read, nor more than OWN_MAX_FILES files."""
+    import os
+
+    found: dict[str, str] = {}
+    for folder, dirs, files in os.walk(root):
+        rel_folder = Path(folder).relative_to(root)
+        dirs[:] = sorted(d for d in dirs if d not in OWN_SKIP_DIRS and not d.startswith(".")
+                         and len(rel_folder.parts) < depth)
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = Path(folder) / name
+            try:
+                if len(found) < OWN_MAX_FILES and path.stat().st_size <= OWN_MAX_BYTES:
+                    found[(rel_folder / name).as_posix()] = path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+    return found
+
+
+class OwnModules:
+    """A meta-path finder for a submission's own Python files, so that a notebook's `from model import Net` or
+    `from mnist.model import Net` finds the file beside it, read by the same definitions-only rule. It looks in the
+    notebook's folder first (`here`), then the submission's root; `sources` come from own_sources (or from memory,
+    where the files cannot be read any more). `builtins`: what the modules' code sees as builtins (default: all)."""
+
+    def __init__(self, sources: dict[str, str], here: str = ".", builtins: Optional[dict] = None, log=None):
+        from pathlib import PurePosixPath
+
+        self.sources, self.builtins, self.log = sources, builtins, log
+        self.modules: dict[str, tuple[str, bool]] = {}  # module name -> (relative path, is a package)
+        for root in dict.fromkeys([PurePosixPath(here), PurePosixPath(".")]):
+            for rel in sources:
+                p = PurePosixPath(rel)
+                if str(root) != ".":
+                    try:
+                        p = p.relative_to(root)
+                    except ValueError:
+                        continue
+                parts = list(p.with_suffix("").parts)
+                package = bool(parts) and parts[-1] == "__init__"
+                if package:
+                    parts = parts[:-1]
+                if not parts or not all(x.isidentifier() for x in parts):
+                    continue
+                self.modules.setdefault(".".join(parts), (rel, package))
+                for i in range(1, len(parts)):  # a folder without __init__.py is a namespace package
+                    self.modules.setdefault(".".join(parts[:i]), ("", True))
+
+    def knows(self, name: str) -> bool:
+        return name in self.modules
+
+    def find_spec(self, fullname, path=None, target=None):
+        import importlib.machinery
+
+        if fullname not in self.modules:
+            return None
+        rel, package = self.modules[fullname]
+        return importlib.machinery.ModuleSpec(fullname, self, origin=rel or None, is_package=package)
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        rel, package = self.modules[module.__name__]
+        if package:
+            module.__path__ = []
+        if self.builtins is not None:
+            module.__dict__["__builtins__"] = self.builtins
+        if rel:
+            load_definitions(Path(rel), [(None, self.sources[rel])], module, log=self.log, kind="file")
+
+    def __enter__(self) -> "OwnModules":
+        import sys
+
+        self._before = set(sys.modules)
+        sys.meta_path.insert(0, self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Out of sys.modules again: another submission's `model` must not find this one's."""
+        import sys
+
+        sys.meta_path.remove(self)
+        for name in set(sys.modules) - self._before:
+            if name in self.modules:
+                del sys.modules[name]

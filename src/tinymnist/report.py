@@ -189,7 +189,7 @@ def render_card(ev: dict, card: Path, plot: Optional[Path], summary) -> str:
         f"### Report card: {name}", "",
         "| parameters | receptive field | MACs per image | epochs | seeds | verdict |",
         "| ---: | ---: | ---: | ---: | ---: | --- |",
-        f"| {ev['params']:,} | {summary.rf}×{summary.rf} | {summary.macs:,} | {ev['epochs']} | {len(ev['seeds'])} | "
+        f"| {ev['params']:,} | {summary.rf_cell} | {summary.macs:,} | {ev['epochs']} | {len(ev['seeds'])} | "
         f"**{pr.verdict}** |", "",
         f"The rule: at least {ev['threshold']:.2f}% {what} accuracy in every one of the last {pr.last} epochs, "
         f"within {MAX_EPOCHS} epochs, with {budget_phrase(ev['budget'])} parameters, for every seed. Each seed trained "

@@ -40,6 +40,17 @@ class Summary:
         return self.layers[-1].rf if self.layers else 1
 
     @property
+    def rf_cell(self) -> str:
+        """The receptive field in a table cell, saying what rf_text says: "20×20", "all 28×28" after a Linear layer
+        (it sees every pixel), or "not followed" where the map changed size outside a module."""
+        if not self.layers:
+            return "1×1"
+        last = self.layers[-1]
+        if last.dense:
+            return f"all {self.input_size}×{self.input_size} (Linear)"
+        return "not followed" if last.rf is None else f"{last.rf}×{last.rf}"
+
+    @property
     def rf_text(self) -> str:
         """The receptive field at the output, in words where a number would mislead."""
         if not self.layers:

@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import TinyMnistError
 from .model import needs_arguments
-from .notebook import NotebookReport, load_notebook, load_source, where
+from .notebook import NotebookReport, OwnModules, load_notebook, load_source, own_sources, where
 
 _FILES: dict[str, "ModelsFile"] = {}  # sha256 -> the file's classes, each file imported once per process
 
@@ -99,11 +99,12 @@ def load_models_file(path: str | Path) -> ModelsFile:
         module.__file__ = str(path)
         sys.modules[name] = module
         try:
-            report = load_notebook(path, source, module, log=_note if mp.parent_process() is None else None)
+            with OwnModules(own_sources(path.parent)) as own:  # `from model import Net` finds the model.py beside it
+                report = load_notebook(path, source, module, log=_note if mp.parent_process() is None else None)
         except BaseException:
             del sys.modules[name]
             raise
-        return _collect(path, digest, module, report)
+        return _collect(path, digest, module, report, own)
     module = types.ModuleType(name)
     module.__file__ = str(path)
     sys.modules[name] = module  # classes that pickle, dataclasses and typing look up by module
@@ -113,23 +114,26 @@ def load_models_file(path: str | Path) -> ModelsFile:
         del sys.modules[name]
         raise TinyMnistError(f"{path}: not a Python file (not UTF-8 text)") from None
     try:
-        report = load_source(path, text, module, log=_note if mp.parent_process() is None else None)
+        with OwnModules(own_sources(path.parent)) as own:
+            report = load_source(path, text, module, log=_note if mp.parent_process() is None else None)
     except BaseException:
         del sys.modules[name]
         raise
-    return _collect(path, digest, module, report)
+    return _collect(path, digest, module, report, own)
 
 
 def _note(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _collect(path: Path, digest: str, module: types.ModuleType,
-             report: Optional[NotebookReport] = None) -> ModelsFile:
-    """The usable nn.Module classes the file (or notebook) defines, and those it skipped with why."""
+def _collect(path: Path, digest: str, module: types.ModuleType, report: Optional[NotebookReport] = None,
+             own: Optional[OwnModules] = None) -> ModelsFile:
+    """The usable nn.Module classes the file (or notebook) defines, or imports from its own modules beside it, and
+    those it skipped with why."""
     classes, skipped = {}, {}
     for attr, obj in vars(module).items():
-        if not (inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__):
+        if not (inspect.isclass(obj) and issubclass(obj, nn.Module)
+                and (obj.__module__ == module.__name__ or (own is not None and own.knows(obj.__module__)))):
             continue
         why = needs_arguments(obj)
         if why:
