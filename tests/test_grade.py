@@ -226,3 +226,78 @@ def test_grading_never_imports_the_submission_in_the_graders_process(tmp_path):
             "assert 'submission' not in sys.modules\nprint('ok')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+# ---------------------------------------------------------------- retraining
+
+
+def _small_class(root: Path) -> Path:
+    for name in ("alice", "carol"):
+        shutil.copytree(CLASS / name, root / "class" / name)
+    return root / "class"
+
+
+_RETRAIN = """
+import sys, torch.nn as nn
+from tinymnist.cli import main
+code = main(sys.argv[1:])
+# the graded classes trained in confined worker processes; none was ever defined in this one
+assert not [c for c in nn.Module.__subclasses__() if c.__module__.startswith(("submission", "tinymnist_user"))]
+sys.exit(code)
+"""
+
+
+def test_retrain_checks_the_rows_that_pass_their_log_apart_and_resumes(tmp_path):
+    from conftest import synthetic_mnist
+
+    synthetic_mnist(tmp_path / "d", n_train=256, n_test=64)
+    cls = _small_class(tmp_path)
+    cmd = [sys.executable, "-c", _RETRAIN, "grade", str(cls), "--retrain", "2", "--epochs", "1", "--limit-batches",
+           "2", "--jobs", "2", "--state", str(tmp_path / "state"), "--data-dir", str(tmp_path / "d"),
+           "--markdown", str(tmp_path / "t.md"), "--csv", str(tmp_path / "t.csv"), "--no-progress"]
+    env = {**__import__("os").environ, "TINYMNIST_VERIFY": "0"}
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "2 rows x 2 seeds = 4 runs" in first.stdout and "0 done, 4 to train" in first.stdout
+    evidence = sorted((tmp_path / "state").glob("*/check.json"))
+    assert len(evidence) == 2
+    for path in evidence:
+        ev = json.loads(path.read_text())
+        assert [s["seed"] for s in ev["seeds"]] == [0, 1] and ev["pass_rate"]["seeds"] == 2
+        assert ev["models_file"]["class"] == "Net" and ev["params"] in (4556, 5832)
+    rows = list(__import__("csv").DictReader((tmp_path / "t.csv").open()))
+    assert {r["check_verdict"] for r in rows} == {"FAIL"} and {r["check_seeds"] for r in rows} == {"2"}
+    card = next((tmp_path / "t").glob("carol*.md")).read_text()
+    assert "#### Retrained with tinymnist's check" in card and "0 of 2 seeds pass" in card
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "4 done, 0 to train" in again.stdout, again.stderr
+
+
+def test_two_machines_share_the_retraining_through_postgres(postgres, tmp_path):
+    from conftest import synthetic_mnist
+
+    synthetic_mnist(tmp_path / "d", n_train=512, n_test=64)
+    cls = _small_class(tmp_path)
+    env = {**__import__("os").environ, "TINYMNIST_VERIFY": "0"}
+
+    def machine(name: str):
+        return subprocess.Popen([sys.executable, "-c", _RETRAIN, "grade", str(cls), "--retrain", "3", "--epochs", "1",
+                                 "--limit-batches", "3", "--jobs", "1", "--storage", postgres, "--no-progress",
+                                 "--state", str(tmp_path / name), "--data-dir", str(tmp_path / "d")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    a, b = machine("a"), machine("b")
+    (out_a, err_a), (out_b, err_b) = a.communicate(timeout=600), b.communicate(timeout=600)
+    assert a.returncode == 0 and b.returncode == 0, err_a + err_b
+    trained = [line for line in (out_a + out_b).splitlines() if ") seed " in line]
+    assert len(trained) == 6 and len(set(trained)) == 6, trained  # every run once, shared between the two
+    import optuna
+
+    from tinymnist.sweep import driver_url
+
+    study = optuna.load_study(study_name=out_a.split(" in study ")[1].split(";")[0], storage=driver_url(postgres))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.params["run"] for t in done) == list(range(6))
+
+
+from test_sweep import postgres  # noqa: E402,F401 - the throw-away PostgreSQL server fixture

@@ -322,14 +322,14 @@ def _reusable(reuse: dict, base, seeds: int, metric: str) -> dict:
 
 
 def _evidence(step, label: str, base, results: list, last: int, metric: str, max_params: Optional[int],
-              results_dir, run: dict, fresh: Optional[list] = None):
+              results_dir, run: dict, fresh: Optional[list] = None, params: Optional[int] = None):
     """Judge the finished runs, print the verdict, and assemble the evidence object. `fresh`: the results trained
     now (default: all), whose saved config tells what 'auto' became and the environment; with none, a reused
-    check's."""
+    check's. `params`: the model's count where building it here is not allowed (a stranger's, counted apart)."""
     from .fileio import read_json
     from .model import count_params
 
-    params = count_params(base.build_model())
+    params = count_params(base.build_model()) if params is None else params
     fresh = results if fresh is None else fresh
     if fresh:
         saved = read_json(Path(fresh[0]["run_dir"]) / "config.json")

@@ -84,6 +84,7 @@ class Row:
 
     submission: str
     file: str
+    source: str = ""  # the file's absolute path: what a retraining names as its models file
     model: Optional[str] = None
     params: Optional[int] = None
     rf: str = ""
@@ -432,7 +433,7 @@ def grade_file(name: str, root: Path, path: Path, base: Path, limits=None) -> Ro
     from .sandbox import Job, Limits, load_in_child
 
     t0 = time.perf_counter()
-    row = Row(submission=name, file=_rel(path, base))
+    row = Row(submission=name, file=_rel(path, base), source=str(path.resolve()))
     nb = None
     if path.suffix == NOTEBOOK:
         try:

@@ -249,55 +249,73 @@ def own_sources(root: Path, depth: int = 3) -> dict[str, str]:
 
 class OwnModules:
     """A meta-path finder for a submission's own Python files, so that a notebook's `from model import Net` or
-    `from mnist.model import Net` finds the file beside it, read by the same definitions-only rule. It looks in the
-    notebook's folder first (`here`), then the submission's root; `sources` come from own_sources (or from memory,
-    where the files cannot be read any more). `builtins`: what the modules' code sees as builtins (default: all)."""
+    `from mnist.model import Net` finds the file beside it, read by the same definitions-only rule. A name is looked
+    for in the file's folder first (`here`, relative to the root), then at the root: a module `a.b` is a/b.py, a
+    package a/b/__init__.py, or a folder without one (a namespace package). The files come from `sources` ({path
+    relative to the root: source}, read before, e.g. where the disk can no longer be read) or from the folder `root`
+    on disk. `builtins`: what the modules' code sees as builtins (default: all)."""
 
-    def __init__(self, sources: dict[str, str], here: str = ".", builtins: Optional[dict] = None, log=None):
-        from pathlib import PurePosixPath
+    def __init__(self, sources: Optional[dict[str, str]] = None, here: str = ".", root: Optional[Path] = None,
+                 builtins: Optional[dict] = None, log=None):
+        self.sources, self.root, self.builtins, self.log = sources, root, builtins, log
+        self.bases = list(dict.fromkeys([here.strip("/") or ".", "."]))
+        self.found: dict[str, Optional[tuple[str, str]]] = {}  # name -> (kind, relative path), or None
 
-        self.sources, self.builtins, self.log = sources, builtins, log
-        self.modules: dict[str, tuple[str, bool]] = {}  # module name -> (relative path, is a package)
-        for root in dict.fromkeys([PurePosixPath(here), PurePosixPath(".")]):
-            for rel in sources:
-                p = PurePosixPath(rel)
-                if str(root) != ".":
-                    try:
-                        p = p.relative_to(root)
-                    except ValueError:
-                        continue
-                parts = list(p.with_suffix("").parts)
-                package = bool(parts) and parts[-1] == "__init__"
-                if package:
-                    parts = parts[:-1]
-                if not parts or not all(x.isidentifier() for x in parts):
-                    continue
-                self.modules.setdefault(".".join(parts), (rel, package))
-                for i in range(1, len(parts)):  # a folder without __init__.py is a namespace package
-                    self.modules.setdefault(".".join(parts[:i]), ("", True))
+    def _file(self, rel: str) -> bool:
+        if self.sources is not None:
+            return rel in self.sources
+        return self.root is not None and (self.root / rel).is_file() and (self.root / rel).stat().st_size <= OWN_MAX_BYTES
+
+    def _folder(self, rel: str) -> bool:
+        if self.sources is not None:
+            return any(k.startswith(rel + "/") for k in self.sources)
+        return self.root is not None and (self.root / rel).is_dir()
+
+    def _read(self, rel: str) -> str:
+        if self.sources is not None:
+            return self.sources[rel]
+        return (self.root / rel).read_text(encoding="utf-8", errors="replace")
+
+    def locate(self, name: str) -> Optional[tuple[str, str]]:
+        """("module" | "package" | "namespace", its path relative to the root) of an own module, or None."""
+        if name not in self.found:
+            self.found[name] = None
+            parts = name.split(".")
+            if all(p.isidentifier() and p not in OWN_SKIP_DIRS for p in parts):
+                for base in self.bases:
+                    rel = "/".join(([] if base == "." else [base]) + parts)
+                    if self._file(rel + ".py"):
+                        self.found[name] = ("module", rel + ".py")
+                    elif self._file(rel + "/__init__.py"):
+                        self.found[name] = ("package", rel + "/__init__.py")
+                    elif self._folder(rel):
+                        self.found[name] = ("namespace", rel)
+                    if self.found[name]:
+                        break
+        return self.found[name]
 
     def knows(self, name: str) -> bool:
-        return name in self.modules
+        return self.locate(name) is not None
 
     def find_spec(self, fullname, path=None, target=None):
         import importlib.machinery
 
-        if fullname not in self.modules:
+        where = self.locate(fullname)
+        if where is None:
             return None
-        rel, package = self.modules[fullname]
-        return importlib.machinery.ModuleSpec(fullname, self, origin=rel or None, is_package=package)
+        return importlib.machinery.ModuleSpec(fullname, self, origin=where[1], is_package=where[0] != "module")
 
     def create_module(self, spec):
         return None
 
     def exec_module(self, module: types.ModuleType) -> None:
-        rel, package = self.modules[module.__name__]
-        if package:
+        kind, rel = self.locate(module.__name__)
+        if kind != "module":
             module.__path__ = []
         if self.builtins is not None:
             module.__dict__["__builtins__"] = self.builtins
-        if rel:
-            load_definitions(Path(rel), [(None, self.sources[rel])], module, log=self.log, kind="file")
+        if kind != "namespace":
+            load_definitions(Path(rel), [(None, self._read(rel))], module, log=self.log, kind="file")
 
     def __enter__(self) -> "OwnModules":
         import sys
@@ -312,5 +330,5 @@ class OwnModules:
 
         sys.meta_path.remove(self)
         for name in set(sys.modules) - self._before:
-            if name in self.modules:
+            if self.found.get(name):
                 del sys.modules[name]

@@ -160,10 +160,12 @@ def _next_task(tasks):
             continue
 
 
-def _worker(wid: int, tasks, results, threads: int) -> None:
+def _worker(wid: int, tasks, results, threads: int, confine: Optional[Callable[[], Any]] = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides, with SIGTERM
     signal.signal(signal.SIGTERM, _terminated)
     try:
+        if confine is not None:  # a stranger's network trains here: the walls go up before any of it runs
+            confine()
         configure_threads(threads)
         while (item := _next_task(tasks)) is not None:
             i, part, job = item
@@ -176,12 +178,14 @@ def _worker(wid: int, tasks, results, threads: int) -> None:
 
 
 def run_jobs(jobs: Sequence[Job], workers: int, threads: int, on_done: Optional[Callable[[Outcome], None]] = None,
-             progress: Optional[bool] = None, desc: str = "runs") -> list[Outcome]:
+             progress: Optional[bool] = None, desc: str = "runs",
+             confine: Optional[Callable[[], Any]] = None) -> list[Outcome]:
     """Run every job, `workers` at a time with `threads` each; return their outcomes in the order given.
 
     Jobs in parts go piece by piece to whichever worker Schedule picks. on_done sees each outcome as its run
     finishes (the caller prints its line). A failed run does not stop the others. Ctrl-C stops every worker (their
-    open files are discarded, finished runs stay complete) and re-raises."""
+    open files are discarded, finished runs stay complete) and re-raises. `confine`: a picklable callable each
+    worker runs first (sandbox.confine_worker); then even one worker is a process of its own, never this one."""
     outcomes: list[Optional[Outcome]] = [None] * len(jobs)
     pieces = any(j.parts > 1 for j in jobs)
     bar = tqdm(total=sum(j.parts for j in jobs), desc=desc, unit="epoch" if pieces else "run",
@@ -194,7 +198,7 @@ def run_jobs(jobs: Sequence[Job], workers: int, threads: int, on_done: Optional[
                 on_done(outcome)
 
     try:
-        if workers <= 1:
+        if workers <= 1 and confine is None:
             configure_threads(threads)
             schedule = Schedule([j.parts for j in jobs], 1)
             while not schedule.finished:
@@ -209,7 +213,7 @@ def run_jobs(jobs: Sequence[Job], workers: int, threads: int, on_done: Optional[
                 else:
                     bar.update(1)
         else:
-            _pool(jobs, workers, threads, finish, bar.update)
+            _pool(jobs, max(1, workers), threads, finish, bar.update, confine)
     finally:
         bar.close()
     return outcomes  # type: ignore[return-value]
@@ -218,12 +222,12 @@ def run_jobs(jobs: Sequence[Job], workers: int, threads: int, on_done: Optional[
 class _Workers:
     """Worker processes, each with an inbox that holds one piece at a time, and one queue for their results."""
 
-    def __init__(self, workers: int, threads: int):
+    def __init__(self, workers: int, threads: int, confine: Optional[Callable[[], Any]] = None):
         ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
         self.results = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(workers)]
-        self.procs = [ctx.Process(target=_worker, args=(w, self.inboxes[w], self.results, threads), daemon=True)
-                      for w in range(workers)]
+        self.procs = [ctx.Process(target=_worker, args=(w, self.inboxes[w], self.results, threads, confine),
+                                  daemon=True) for w in range(workers)]
         for p in self.procs:
             p.start()
         self.alive = set(range(workers))
@@ -261,8 +265,8 @@ class _Workers:
 
 
 def _pool(jobs: Sequence[Job], workers: int, threads: int, finish: Callable[[int, Outcome], None],
-          advance: Callable[[int], Any]) -> None:
-    pool = _Workers(workers, threads)
+          advance: Callable[[int], Any], confine: Optional[Callable[[], Any]] = None) -> None:
+    pool = _Workers(workers, threads, confine)
     schedule = Schedule([j.parts for j in jobs], workers)
 
     def fail(i: int, outcome: Outcome) -> None:

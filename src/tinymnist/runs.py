@@ -316,11 +316,12 @@ def train_job(config: dict, run_dir: str, name: str, data_dir: Optional[str], de
 
 def train_many(runs: Sequence[tuple[str, TrainConfig, Path, str]], workers: int, threads: int,
                data_dir: Optional[str], device: str, on_done: Optional[Callable] = None,
-               progress: Optional[bool] = None, desc: str = "runs") -> list:
+               progress: Optional[bool] = None, desc: str = "runs", confine: Optional[Callable] = None) -> list:
     """Train several recipes into their run directories, `workers` processes at a time with `threads` each (epoch
     by epoch when there is more than one worker, so the last runs share the cores); `runs` holds (label, recipe,
     run directory, name). A failed run is one line, "label: FAILED: why", and ends only itself; on_done sees each
-    run that finished. Returns parallel.Outcome objects in the order given. What check and reproduce train."""
+    run that finished. Returns parallel.Outcome objects in the order given. What check, reproduce and a grader's
+    retraining train (`confine`: parallel.run_jobs's, for a stranger's network)."""
     from .parallel import Job, print_failed, run_jobs
 
     jobs = [Job(label, train_job, dict(config=cfg.to_dict(), run_dir=str(run_dir), name=name, data_dir=data_dir,
@@ -331,4 +332,4 @@ def train_many(runs: Sequence[tuple[str, TrainConfig, Path, str]], workers: int,
         if not print_failed(outcome) and on_done is not None:
             on_done(outcome)
 
-    return run_jobs(jobs, workers, threads, on_done=done, progress=progress, desc=desc)
+    return run_jobs(jobs, workers, threads, on_done=done, progress=progress, desc=desc, confine=confine)

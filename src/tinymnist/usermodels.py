@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import TinyMnistError
 from .model import needs_arguments
-from .notebook import NotebookReport, OwnModules, load_notebook, load_source, own_sources, where
+from .notebook import NotebookReport, OwnModules, load_notebook, load_source, where
 
 _FILES: dict[str, "ModelsFile"] = {}  # sha256 -> the file's classes, each file imported once per process
 
@@ -99,7 +99,7 @@ def load_models_file(path: str | Path) -> ModelsFile:
         module.__file__ = str(path)
         sys.modules[name] = module
         try:
-            with OwnModules(own_sources(path.parent)) as own:  # `from model import Net` finds the model.py beside it
+            with _own(path) as own:  # `from model import Net` finds the model.py beside it
                 report = load_notebook(path, source, module, log=_note if mp.parent_process() is None else None)
         except BaseException:
             del sys.modules[name]
@@ -114,12 +114,19 @@ def load_models_file(path: str | Path) -> ModelsFile:
         del sys.modules[name]
         raise TinyMnistError(f"{path}: not a Python file (not UTF-8 text)") from None
     try:
-        with OwnModules(own_sources(path.parent)) as own:
+        with _own(path) as own:
             report = load_source(path, text, module, log=_note if mp.parent_process() is None else None)
     except BaseException:
         del sys.modules[name]
         raise
     return _collect(path, digest, module, report, own)
+
+
+def _own(path: Path) -> OwnModules:
+    """The file's own modules: beside it first, then one folder up (a notebook in notebooks/ importing the package
+    at its repository's top), found on disk by name, read by the definitions-only rule."""
+    path = path.resolve()
+    return OwnModules(here=path.parent.name, root=path.parent.parent)
 
 
 def _note(line: str) -> None:
