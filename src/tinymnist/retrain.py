@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -94,8 +95,15 @@ def _open(storage: Optional[str], state: Path, name: str):
     from .sweep import _experimental_quiet, open_storage
 
     url = storage or f"sqlite:///{(state / STUDY_FILE).resolve()}"
+    for attempt in range(3):  # machines that start together on a new database race to create its tables
+        try:
+            store = open_storage(url)
+            break
+        except TinyMnistError:
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
     with _experimental_quiet():
-        store = open_storage(url)
         try:  # one machine creates the study; the others join it
             return optuna.create_study(storage=store, study_name=name, direction="maximize"), store, True
         except optuna.exceptions.DuplicatedStudyError:
