@@ -853,10 +853,14 @@ def _smallest(results: Path) -> tuple[Optional[tuple], Optional[tuple]]:
 #   diff.OTHER                            how many parameters the step has more (or fewer) than step OTHER
 #   study.NAME.complete / .all / .second  a committed study's complete trials, all its trials, its second best
 #   check.mean_worst                      the mean over the check's seeds of each seed's worst epoch
+#   check.bound, check.commit             the pass rate's 95% lower bound; the commit the check trained at
+#   rate.*, first.*                       the same of the 20-seed pass-rate check (RATE_FILE), and of the first
+#                                         check that a re-check at a later commit replaced (results/STEP/FIRST_CHECK)
 #   screened.worst, screened.mean_worst   the worst seed's worst epoch, and the mean of the seeds' worsts, of the
 #                                         5-seed validation check that earned the step its look
 #   screen.NAME.CAND.worst / .mean_worst  the same two of a screen's confirmation of candidate CAND
 NOT_CONFIRMED = "[not confirmed yet]"
+FIRST_CHECK = "first-check.json"  # under results/<step>/: a step's first test check, where a re-check replaced it
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.\-]+)\}")
 
 
@@ -891,16 +895,21 @@ def _fact(name: str, step: Step, results: Path) -> str:
         return f"{abs(step.config.build_model().num_params() - other):,}"
     if parts == ["free"]:
         return f"{step.budget - step.config.build_model().num_params():,}"
-    check_facts = ("worst", "mean", "std", "seeds", "passing", "seed_worsts", "mean_worst")
-    if len(parts) == 2 and parts[0] == "check" and parts[1] in check_facts:
-        path = results / CHECK_FILE.format(step=step.name)
+    check_facts = ("worst", "mean", "std", "seeds", "passing", "seed_worsts", "mean_worst", "bound", "commit")
+    checks = {"check": results / CHECK_FILE.format(step=step.name),  # its 5-seed test check
+              "rate": results / RATE_FILE.format(step=step.name),  # its pass-rate check over 20 seeds
+              "first": results / step.name / FIRST_CHECK}  # its first check, where a re-check replaced it
+    if len(parts) == 2 and parts[0] in checks and parts[1] in check_facts:
+        path = checks[parts[0]]
         if not path.is_file():  # a results/ without the check (a fresh reproduce): the prose says so
             return "[not checked yet]"
-        pr = proof(read_json(path))
+        ev = read_json(path)
+        pr = proof(ev)
         facts = {"worst": f"{pr.worst:.2f}%", "mean": f"{pr.mean:.2f}%", "std": f"{pr.std:.2f}",
-                 "mean_worst": f"{statistics.mean(pr.seed_worsts):.3f}%",
-                 "seeds": str(len(pr.seed_worsts)), "passing": str(sum(w >= THRESHOLD for w in pr.seed_worsts)),
-                 "seed_worsts": ", ".join(f"{w:.2f}%" for w in pr.seed_worsts)}
+                 "mean_worst": f"{statistics.mean(pr.seed_worsts):.3f}%", "bound": f"{pr.rate_bound:.2f}",
+                 "seeds": str(len(pr.seed_worsts)), "passing": str(pr.passes),
+                 "seed_worsts": ", ".join(f"{w:.2f}%" for w in pr.seed_worsts),
+                 "commit": (ev.get("env", {}).get("git_commit") or "?")[:7]}
         return facts[parts[1]]
     raise TinyMnistError(f"steps/{step.name}.md: no number {{{name}}} in results/ (see report.PLACEHOLDER)")
 
