@@ -124,6 +124,8 @@ def notebook(title: str, cells: list) -> nbformat.NotebookNode:
         if len(out) > 1 and out[1]:
             cell.outputs.append(v4.new_output("error", ename="KeyboardInterrupt", evalue="", traceback=[]))
         nb.cells.append(cell)
+    for i, cell in enumerate(nb.cells):  # fixed ids: the same notebook byte for byte each time it is written
+        cell.id = f"cell-{i}"
     return nb
 
 
@@ -182,7 +184,7 @@ def build(out: Path) -> None:
         ("code", TRAIN.format(call="Net()", epochs=15), test_accuracy([98.1, 98.7, 98.9]), True),
         ("code", TRAIN.format(call="Net()", epochs=15), test_accuracy(dave)),
         ("code", "test(model, device, test_loader)", "Test Accuracy: 99.53%\n")]))
-    (out / "dave" / "README.md").write_text("# Experiment 3\n\nWe reached 99.55% test accuracy.\n")
+    (out / "dave" / "README.md").write_text("# Experiment 3\n\nWe reached 99.61% test accuracy.\n")  # not in its log
 
     # erin: a printed table, 20 epochs: more than the rule's 15
     erin = steady(98.9, 99.5, 20)

@@ -98,6 +98,7 @@ def test_the_class_is_graded_row_by_row(graded):
     assert rows["bob"].log["form"] == "correct/total | percent" and rows["bob"].seed.startswith("torch.manual_seed(1)")
     assert rows["dave"].why == "11,062 parameters: not < 8,000" and "graded the last complete one" in rows["dave"].log_note
     assert "not counted as an epoch" in rows["dave"].log_note and rows["dave"].epochs == 15
+    assert rows["dave"].claim_note == "not in the log: its best epoch logs 99.55%, its last 99.53%"
     assert rows["erin"].why == "20 epochs: more than 15" and rows["erin"].log["form"] == "a printed table"
     assert rows["frank"].verdict == "no log" and rows["frank"].params == 3424
     assert any("torchsummary" in n for n in rows["frank"].notes)

@@ -499,7 +499,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_grade(args: argparse.Namespace) -> int:
-    from .grade import grade, write_outputs
+    from .grade import grade, timing_line, write_outputs
     from .sandbox import Limits
 
     t0 = time.perf_counter()
@@ -513,13 +513,10 @@ def cmd_grade(args: argparse.Namespace) -> int:
         evidence = retrain(rows, seeds, everyone=bool(args.retrain_all), state=args.state, jobs=args.jobs,
                            threads=args.threads, data_dir=args.data_dir, device=args.device, storage=args.storage,
                            memory_mb=args.memory, progress=_progress(args), overrides=_overrides(args))
-    for path in write_outputs(rows, args.markdown, args.csv, evidence):
+    timing = timing_line(rows, graded, args.timeout)
+    for path in write_outputs(rows, args.markdown, args.csv, evidence, timing):
         print(f"written: {path}")
-    passed = sum(r.verdict == "PASS" for r in rows)
-    times = sorted(r.seconds for r in rows)
-    slow = [r for r in rows if "timed out" in r.model_note]
-    print(f"graded {len(rows)} files in {graded:.1f} s (median {times[len(times) // 2] if times else 0:.2f} s a file"
-          + (f"; {len(slow)} hit the {args.timeout:g} s limit" if slow else "") + f"): {passed} pass on their own log")
+    print(f"{timing}: {sum(r.verdict == 'PASS' for r in rows)} pass on their own log")
     return 0
 
 

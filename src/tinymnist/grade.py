@@ -636,10 +636,24 @@ def card(row: Row, evidence: Optional[dict] = None, plot: Optional[str] = None) 
     return "\n".join(out) + "\n"
 
 
+def timing_line(rows: Sequence[Row], seconds: float, limit: float) -> str:
+    """How long the grading took and on what, as the command prints it and the page states it."""
+    from .device import cpu_info
+    from .report import hardware_text
+
+    times = sorted(r.seconds for r in rows)
+    slow = sum("timed out" in r.model_note for r in rows)
+    import torch
+
+    return (f"graded {len(rows)} files in {seconds:.1f} s (median {times[len(times) // 2] if times else 0:.2f} s a "
+            f"file" + (f"; {slow} hit the {limit:g} s limit" if slow else "") + f") on "
+            f"{hardware_text({'hardware': cpu_info()})}, torch {torch.__version__}")
+
+
 def write_outputs(rows: Sequence[Row], markdown: Optional[str], csv_path: Optional[str],
-                  evidence: Optional[dict] = None) -> list[Path]:
+                  evidence: Optional[dict] = None, timing: str = "") -> list[Path]:
     """The table (Markdown, beside it a folder of cards named after it) and the CSV, each written atomically.
-    `evidence`: {row slug: (a retrained check's evidence, its plot path)}."""
+    `evidence`: {row slug: (a retrained check's evidence, its plot path)}; `timing`: timing_line's words."""
     import os
 
     written = []
@@ -658,7 +672,8 @@ def write_outputs(rows: Sequence[Row], markdown: Optional[str], csv_path: Option
                 f"`tinymnist grade` read each submission's own log and judged it by the assignment's rules "
                 f"(at least {THRESHOLD:.2f}% test accuracy in every one of the last {LAST} epochs, within "
                 f"{MAX_EPOCHS} epochs, {budget_words(MAX_PARAMS)} parameters): {passed} pass on their own log. "
-                "Sorted by parameters; each card shows the log, the rules and the claim.", ""]
+                "Sorted by parameters; each card shows the log, the rules and the claim."
+                + (f" Measured: {timing}." if timing else ""), ""]
         with atomic_path(page) as tmp:
             tmp.write_text("\n".join(head) + "\n" + markdown_table(rows, cards, page) + "\n")
         written.append(page)
