@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .errors import TinyMnistError
+from .errors import TinyMnistError, one_line
 
 DEFAULT_PORT = 8000
 
@@ -196,7 +196,7 @@ class DemoServer(ThreadingHTTPServer):
         elif isinstance(e, ConnectionError):
             why = f"client closed the connection ({e.__class__.__name__})"
         else:
-            why = f"request failed: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            why = f"request failed: {one_line(e)}"
         print(f"tinymnist demo: {client_address[0]}:{client_address[1]}: {why}", file=sys.stderr, flush=True)
 
 

@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .data import MNIST, Loader, validation_split
 from .device import (autocast, hardware, resolve_memory_format, resolve_precision, seed_everything, sync,
                      torch_memory_format)
-from .errors import TinyMnistError
+from .errors import TinyMnistError, first_line
 from .kernels import resolve_kernels, use_kernels
 from .model import Net
 
@@ -94,7 +94,7 @@ def _channels_last_trains(cfg: TrainConfig, device: torch.device, warn) -> str:
         except RuntimeError as e:
             if warn is not None:
                 warn(f"tinymnist: note: {cfg.model} does not train in channels_last memory ("
-                     f"{str(e).strip().splitlines()[0][:120]}); training it contiguous")
+                     f"{first_line(e)[:120]}); training it contiguous")
             return "contiguous"
 
 

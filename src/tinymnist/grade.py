@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import TinyMnistError
+from .errors import TinyMnistError, one_line
 from .fileio import atomic_path
 from .notebook import OWN_SKIP_DIRS, own_sources
 from .target import LAST, MAX_EPOCHS, MAX_PARAMS, THRESHOLD, budget_words, verdict_word, within
@@ -205,9 +205,7 @@ def _read_notebook(path: Path):
     try:
         return nbformat.read(str(path), as_version=4)
     except Exception as e:  # noqa: BLE001 - nbformat raises JSON, validation and version errors of many kinds
-        text = str(e).strip().splitlines()
-        raise TinyMnistError(f"corrupt notebook: {e.__class__.__name__}" + (f": {text[0][:120]}" if text else "")) \
-            from None
+        raise TinyMnistError(f"corrupt notebook: {one_line(e)[:160]}") from None
 
 
 def _code_cells(nb) -> list[tuple[int, str]]:

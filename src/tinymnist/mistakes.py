@@ -11,7 +11,7 @@ import torch
 
 from .data import MNIST, normalize
 from .device import torch_memory_format
-from .fileio import atomic_path, write_json
+from .fileio import write_json
 from .target import pass_rate_bound, verdict_word
 
 ERRORS_FILE, GRID_FILE, CONFUSION_FILE = "errors.json", "misclassified.png", "confusion.png"
@@ -50,6 +50,8 @@ def plot_misclassified(images: torch.Tensor, result: dict, path: str | os.PathLi
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import save_figure
+
     shown = result["misclassified"][:limit]
     cols = 10
     rows = max(1, math.ceil(len(shown) / cols))
@@ -64,9 +66,7 @@ def plot_misclassified(images: torch.Tensor, result: dict, path: str | os.PathLi
                  f"first; true→predicted (probability)" + (f"; {more} more in errors.json" if more > 0 else ""),
                  fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_confusion(result: dict, path: str | os.PathLike, title: str = "") -> None:
@@ -75,6 +75,8 @@ def plot_confusion(result: dict, path: str | os.PathLike, title: str = "") -> No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .plots import save_figure
     import numpy as np
 
     m = np.array(result["confusion"])
@@ -89,9 +91,7 @@ def plot_confusion(result: dict, path: str | os.PathLike, title: str = "") -> No
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true",
            title=(title + ": " if title else "") + f"confusion matrix ({result['errors']} errors)")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 PACKAGED_OUT = Path("errors-shipped")  # where a packaged checkpoint's errors go by default: under the current directory
@@ -145,6 +145,8 @@ def plot_proof(evidence: dict, path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import save_figure
+
     metric = evidence.get("metric", "test_acc")
     k, threshold = evidence["last"], evidence["threshold"]
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -165,6 +167,4 @@ def plot_proof(evidence: dict, path: str | os.PathLike) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="lower right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)

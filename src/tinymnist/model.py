@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .errors import TinyMnistError
+from .errors import TinyMnistError, first_line
 
 _REGISTRY: dict[str, type["Net"]] = {}  # tinymnist's own models, Model_1 ... Model_N
 _REGISTERED: dict[str, type] = {}  # a user's classes, from @register_model (this process only)
@@ -261,7 +261,7 @@ class Net(nn.Module):
             with torch.no_grad():
                 out = self.eval()(torch.zeros(1, 1, 28, 28, device=next(self.parameters()).device))
         except RuntimeError as e:
-            raise TinyMnistError(f"layout {self.layout!r} does not fit a 28x28 input: {str(e).splitlines()[0]}") from None
+            raise TinyMnistError(f"layout {self.layout!r} does not fit a 28x28 input: {first_line(e)}") from None
         finally:
             self.train(was)
         if tuple(out.shape) != (1, 10):

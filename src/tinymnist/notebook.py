@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import TinyMnistError
+from .errors import TinyMnistError, one_line
 
 CELL_TAG = "#cell"  # code compiled from cell N has the file name "<path>#cellN", so errors can name the cell
 
@@ -197,7 +197,7 @@ def _run(path: Path, number: Optional[int], node: ast.stmt, module: types.Module
         ours = _filename(path, number)
         frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == ours]
         at = _at(number, frames[-1].lineno if frames else node.lineno)
-        raise TinyMnistError(f"{path}: {at}: {e.__class__.__name__}: {_first_line(e)}") from None
+        raise TinyMnistError(f"{path}: {at}: {one_line(e)}") from None
 
 
 def _import(path: Path, number: Optional[int], node: ast.stmt, module: types.ModuleType, report: NotebookReport,
@@ -208,16 +208,13 @@ def _import(path: Path, number: Optional[int], node: ast.stmt, module: types.Mod
         return 1
     except Exception as e:  # noqa: BLE001 - ImportError, or whatever a package raises as it loads
         text = ast.unparse(node)
-        why = f"{e.__class__.__name__}: {_first_line(e)}"
+        why = one_line(e)
         report.skipped_imports.append((text, number, node.lineno, why))
         if log is not None:
             log(f"tinymnist: note: {path}: skipped `{text}` ({_at(number, node.lineno)}): {why}")
         return 0
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 # ---------------------------------------------------------------- a submission's own modules

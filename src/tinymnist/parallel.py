@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 from tqdm import tqdm
 
 from .device import available_cores, configure_threads
-from .errors import TinyMnistError
+from .errors import TinyMnistError, one_line
 
 POLL = 0.5  # seconds between checks that every worker is still alive
 STOP_GRACE = 30.0  # seconds the workers get, together, to unwind their runs after a stop before they are killed
@@ -131,10 +131,7 @@ def plan(runs: int, jobs: int = 0, threads: int = 0, device_type: str = "cpu",
 
 
 def _one_line(e: BaseException) -> str:
-    if isinstance(e, TinyMnistError):
-        return str(e)
-    text = str(e).strip().splitlines()
-    return f"{e.__class__.__name__}: {text[0]}" if text else e.__class__.__name__
+    return str(e) if isinstance(e, TinyMnistError) else one_line(e)
 
 
 def _call(job: Job, part: Optional[int] = None) -> Outcome:

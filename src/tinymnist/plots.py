@@ -11,11 +11,11 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .fileio import atomic_path  # noqa: E402
-from .target import RELIABLE_PASSES, RELIABLE_SEEDS, verdict_word  # noqa: E402
+from .target import LAST, RELIABLE_PASSES, RELIABLE_SEEDS, THRESHOLD, verdict_word  # noqa: E402
 
 
 def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "", averaged: bool = False,
-                threshold: float = 99.4, last: int = 5) -> None:
+                threshold: float = THRESHOLD, last: int = LAST) -> None:
     """Write a three-panel PNG of a history.json list, atomically: loss; accuracy over every epoch; and the held-out
     accuracy of the last `last` epochs, zoomed to the band where the rule is judged. `averaged`: the held-out
     accuracy is measured on the averaged weights (EMA) and train accuracy on the raw ones; the legend says so."""
@@ -50,9 +50,7 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathLike,
@@ -116,6 +114,11 @@ def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathL
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)  # clear of points
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write a figure as a PNG, atomically (a reader never sees half a picture), and free it: every plot's last step."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)

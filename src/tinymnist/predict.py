@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .data import normalize
-from .errors import TinyMnistError, install_hint
+from .errors import TinyMnistError, first_line, install_hint
 
 BOX = 20  # MNIST scaled each digit's longer side to 20 px ...
 FIELD = 28  # ... and centred its centre of mass in a 28x28 field
@@ -134,8 +134,7 @@ class OnnxModel(torch.nn.Module):
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's errors for a missing, truncated or foreign file
-            text = str(e).strip().splitlines()
-            why = text[0] if text else e.__class__.__name__
+            why = first_line(e) or e.__class__.__name__
             raise TinyMnistError(f"{path}: not an ONNX model onnxruntime can run ({why})") from None
         self.input = self.session.get_inputs()[0].name
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .check import CHECK_FILE, RATE_FILE, Proof, proof, seed_gap, top_spread, worst_of_last
+from .data import TEST_IMAGES, TRAIN_IMAGES
+from .space import DEFAULT_VAL
 from .errors import TinyMnistError
 from .experiments import STEPS, Step, answer
 from .fileio import atomic_path, read_json
@@ -207,19 +209,22 @@ def _screened_lines(step: Step, ev: dict, results: Path) -> list[str]:
         raise TinyMnistError(f"step {step.name!r} was earned by candidate {cand!r} of screen {screen!r}, but {path} "
                              "is missing")
     val, k = proof(read_json(path)), ev["last"]
-    rows = [f"| validation: candidate `{cand}` of screen `{screen}`, confirmed | 50,000 (10,000 held out) | the "
-            f"10,000 held-out training images | {len(val.seed_worsts)} | {val.worst:.2f}% "
-            f"(mean {statistics.mean(val.seed_worsts):.2f}%) |"]
+
+    def split(evidence: dict) -> str:  # each check's own held-out size, as its evidence records it
+        held = evidence["config"]["val"]
+        return f"{TRAIN_IMAGES - held:,} ({held:,} held out) | the {held:,} held-out training images"
+
+    rows = [f"| validation: candidate `{cand}` of screen `{screen}`, confirmed | {split(read_json(path))} | "
+            f"{len(val.seed_worsts)} | {val.worst:.2f}% (mean {statistics.mean(val.seed_worsts):.2f}%) |"]
     yard = results / YARDSTICK
     if yard.is_file():
         y = proof(read_json(yard))
-        rows.append(f"| validation bar: `{read_json(yard)['step']}` (`results/{YARDSTICK}`) | 50,000 (10,000 held "
-                    f"out) | the 10,000 held-out training images | {len(y.seed_worsts)} | {y.worst:.2f}% "
-                    f"(mean {statistics.mean(y.seed_worsts):.2f}%) |")
+        rows.append(f"| validation bar: `{read_json(yard)['step']}` (`results/{YARDSTICK}`) | {split(read_json(yard))} "
+                    f"| {len(y.seed_worsts)} | {y.worst:.2f}% (mean {statistics.mean(y.seed_worsts):.2f}%) |")
     return ["", "Earned on validation, confirmed on test once:", "",
             f"| evidence | trained on | judged on | seeds | worst of the last {k} epochs |",
             "| --- | --- | --- | ---: | ---: |", *rows,
-            f"| test: this check | all 60,000 | the 10,000 test images | {len(ev['seeds'])} | "
+            f"| test: this check | all {TRAIN_IMAGES:,} | the {TEST_IMAGES:,} test images | {len(ev['seeds'])} | "
             f"{proof(ev).worst:.2f}% (mean {statistics.mean(proof(ev).seed_worsts):.2f}%) |"]
 
 
@@ -252,7 +257,8 @@ def _selection_lines(step: Step, ev: dict, results: Path) -> list[str]:
             f"| validation: trial {number} of `{study}` (rank {rank} of {among}) | "
             f"{60000 - held:,} ({held:,} held out) | the {held:,} held-out training images | {seeds} | "
             f"{row['objective']:.2f}% |",
-            f"| test: this check | all 60,000 | the 10,000 test images | {len(ev['seeds'])} | {worst_test:.2f}% |"]
+            f"| test: this check | all {TRAIN_IMAGES:,} | the {TEST_IMAGES:,} test images | {len(ev['seeds'])} | "
+            f"{worst_test:.2f}% |"]
 
 
 def _space(results: Path, study: str) -> dict:
@@ -393,7 +399,8 @@ def _search_section(t: dict, path: Path, results: Path) -> list[str]:
            f"epochs{over}. The study is committed as `{d.as_posix()}/study.db` with every trial in "
            f"`{d.as_posix()}/trials.json`; {test}. Every trial trains the `{space.get('step')}` step's recipe with "
            f"{fixed} fixed, and the fields in the table searched."
-           + (" A trial marked with a step is the one that step refits on all 60,000 images." if chosen else ""), "",
+           + (f" A trial marked with a step is the one that step refits on all {TRAIN_IMAGES:,} images." if chosen else ""),
+           "",
            f"| trial | layout and recipe | parameters | MACs | validation: worst of last {k} | per seed |",
            "| ---: | --- | ---: | ---: | ---: | ---: |"]
     for row in t["trials"][:8]:
@@ -461,7 +468,7 @@ def render_search_summary(results: Path = RESULTS) -> str:
                 f"{ev['config']['val']:,} held-out images (`results/{YARDSTICK}`): worst seed **{pr.worst:.2f}%**, "
                 f"mean of the seeds' worsts **{statistics.mean(pr.seed_worsts):.2f}%**. Validation reads lower than "
                 "test for the same recipe, so a candidate earns its one look at test when its own 5-seed validation "
-                "check stands at least this high, worst seed and mean, or passes 99.40% outright; a screen may ask for a margin "
+                f"check stands at least this high, worst seed and mean, or passes {THRESHOLD:.2f}% outright; a screen may ask for a margin "
                 "above the mean (`margin_spreads`, in multiples of the standard deviation of the bar's seeds' worsts), and its section says so.", ""]
     if not rows:
         return "\n".join(out + ["No search has been committed yet.", "", end])
@@ -473,7 +480,7 @@ def render_search_summary(results: Path = RESULTS) -> str:
         top = f"{r['top']:.3f}" if r["top"] is not None else "—"
         out.append(f"| [{r['name']}]({r['link']}) ({r['kind']}) | {budget_words(r['budget'])} | {r['seeds']} | "
                    f"{r['complete']} of {r['total']} | {best} | {spread} | {top} | {', '.join(r['fed']) or '—'} |")
-    out += ["", "A score is validation accuracy over the last 5 epochs: *worst* is the rule's (the lowest epoch, the "
+    out += ["", f"A score is validation accuracy over the last {LAST} epochs: *worst* is the rule's (the lowest epoch, the "
             "lowest seed), *mean* the screens' (over epochs and seeds). The seeds' own spread is the mean gap between "
             "a trial's best and worst seed; where the best trials lie closer together than that, their order is "
             "seed noise, not a ranking.", "", end]
@@ -1107,9 +1114,9 @@ def render_frontier(results: Path = RESULTS) -> str:
                    f"{min(r['worst']):.2f}% | "
                    f"{r['verdict']}{look} | {rate_cell_row(r)} | {r['tried'] or '—'} |")
     out += ["", "The validation objective is the search's: the worst validation accuracy of the last epochs, the "
-                "minimum over the trial's seeds, on 10,000 held-out training images (for a step a screen earned, the "
-                "worst seed of its 5-seed validation check); the test column is the check's, "
-                "after a refit on all 60,000. Seconds per epoch are the median over the check's epochs (training and "
+                f"minimum over the trial's seeds, on {DEFAULT_VAL:,} held-out training images (for a step a screen "
+                "earned, the worst seed of its 5-seed validation check); the test column is the check's, "
+                f"after a refit on all {TRAIN_IMAGES:,}. Seconds per epoch are the median over the check's epochs (training and "
                 "the test pass), each run with the threads and code its evidence records, on the host the letter names "
                 "(compare within one check only): " + "; ".join(f"{chr(65 + i)}: {h}" for i, h in enumerate(hosts))
                 + ". Recipes tried counts every trial of the searches behind the step, pruned and failed ones "

@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .data import MNIST, VAL_SEED, load_mnist, resolve_data_dir, split_fingerprint, validation_split
 from .device import configure_threads, hardware, pick_device
 from .engine import Trainer
-from .errors import TinyMnistError
+from .errors import TinyMnistError, first_line
 from .fileio import atomic_path, read_json, write_json
 from .kernels import OPS as KERNEL_OPS
 from .kernels import coverage
@@ -154,7 +154,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
     try:
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, TypeError) as e:
-        raise TinyMnistError(f"{path}: weights do not fit {cfg.model}: {str(e).splitlines()[0]}") from None
+        raise TinyMnistError(f"{path}: weights do not fit {cfg.model}: {first_line(e)}") from None
     return model.to(device).eval(), cfg
 
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional  # noqa: F401
 from torch import nn
 
-from .errors import TinyMnistError
+from .errors import TinyMnistError, one_line
 from .model import needs_arguments
 from .notebook import OwnModules, load_definitions
 from .summary import summarize
@@ -193,7 +193,7 @@ def _child(conn, job: Job, limits: Limits, jail: str) -> None:
     except TinyMnistError as e:
         send("failed", str(e))
     except BaseException as e:  # noqa: BLE001 - the submission may raise anything, SystemExit included
-        send("failed", f"{e.__class__.__name__}: {_first_line(e)}")
+        send("failed", one_line(e))
     finally:
         conn.close()
 
@@ -309,9 +309,6 @@ def _measure(name: str, cls: type) -> dict:
         return {"name": name, "params": params, "macs": s.macs, "rf": s.rf, "rf_cell": s.rf_cell,
                 "rf_text": s.rf_text, "error": None}
     except BaseException as e:  # noqa: BLE001
-        return {"name": name, "params": None, "error": f"{name}() fails: {e.__class__.__name__}: {_first_line(e)}"}
+        return {"name": name, "params": None, "error": f"{name}() fails: {one_line(e)}"}
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else ""

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from .config import AugConfig, TrainConfig, override
 from .errors import TinyMnistError
-from .target import LAST, MAX_PARAMS
+from .target import LAST, MAX_EPOCHS, MAX_PARAMS
 
 DEFAULT_VAL = 10000  # held-out training images when the space does not say
 HEARTBEAT = 60  # seconds between a running trial's heartbeats; a trial silent for 2 of them is failed and retried
@@ -130,7 +130,7 @@ def parse_space(data: dict, where: str = "space") -> Space:
         check_field(name, f"{where} [search]")
         if name == "epochs":
             raise TinyMnistError(f"{where}: epochs cannot be searched (the pruner compares trials epoch by epoch, "
-                                 "and the rule allows at most 15); fix it in [fixed]")
+                                 f"and the rule allows at most {MAX_EPOCHS}); fix it in [fixed]")
         if name in fixed:
             raise TinyMnistError(f"{where}: {name!r} is both fixed and searched")
         if isinstance(spec, list):

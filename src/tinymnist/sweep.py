@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import TinyMnistError, install_hint
+from .errors import TinyMnistError, first_line, install_hint
 from .space import HEARTBEAT, Space, parse_space, read_space
 
 try:
@@ -70,7 +70,7 @@ def open_storage(url: str, heartbeat: Optional[int] = HEARTBEAT):
     except ModuleNotFoundError as e:
         raise TinyMnistError(f"storage {_safe(url)} needs the package {e.name}: {install_hint('sweep')}") from None
     except Exception as e:  # SQLAlchemy's errors: bad URL, server down, wrong password, no such database
-        raise TinyMnistError(f"cannot open study storage {_safe(url)}: {_first_line(e)}") from None
+        raise TinyMnistError(f"cannot open study storage {_safe(url)}: {first_line(e) or e.__class__.__name__}") from None
 
 
 PG_DRIVER = "psycopg2"  # what the sweep extra installs (psycopg2-binary)
@@ -112,11 +112,6 @@ def _experimental_quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         yield
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [s for s in str(getattr(e, "orig", None) or e).strip().splitlines() if s.strip()]
-    return lines[0] if lines else e.__class__.__name__
 
 
 def load_study(storage: str, study: Optional[str], heartbeat: Optional[int] = None):
@@ -399,7 +394,7 @@ def plot_study(st, out_dir: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fileio import atomic_path
+    from .plots import save_figure
 
     written = []
     complete = [t for t in st.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
@@ -414,15 +409,13 @@ def plot_study(st, out_dir: str | Path) -> list[Path]:
             try:
                 ax = fn(st)
             except (ValueError, RuntimeError) as e:  # e.g. importances of a parameter that never varied
-                print(f"{name}: not drawn ({_first_line(e)})", file=sys.stderr)
+                print(f"{name}: not drawn ({first_line(e) or e.__class__.__name__})", file=sys.stderr)
                 continue
         fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
         fig.set_size_inches(8, 4.5)
         fig.tight_layout()
         path = Path(out_dir) / f"{st.study_name}-{name}"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
-        plt.close(fig)
+        save_figure(fig, path)
         written.append(path)
     return written
 

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import TinyMnistError
+from .errors import TinyMnistError, one_line
 from .model import needs_arguments
 from .notebook import NotebookReport, OwnModules, load_notebook, load_source, where
 
@@ -56,8 +56,7 @@ class ModelsFile:
         try:
             return cls()
         except Exception as e:  # noqa: BLE001 - the user's constructor may raise anything
-            raise TinyMnistError(f"{self.path}: {name}() fails{_location(e, self.path)}: {e.__class__.__name__}"
-                                 + (f": {_first_line(e)}" if _first_line(e) else "")) from None
+            raise TinyMnistError(f"{self.path}: {name}() fails{_location(e, self.path)}: {one_line(e)}") from None
 
 
 def _location(e: BaseException, path: Path) -> str:
@@ -69,11 +68,6 @@ def _location(e: BaseException, path: Path) -> str:
         if Path(frame.filename) == path:
             return f" at line {frame.lineno}"
     return ""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else ""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -168,9 +162,7 @@ def check_forward(model: nn.Module, name: str, where: str = "") -> None:
         with torch.no_grad():
             out = model.eval()(torch.zeros(2, 1, 28, 28, device=device))
     except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
-        text = str(e).strip().splitlines()
-        raise TinyMnistError(f"{label}: forward fails on a (2, 1, 28, 28) batch: {e.__class__.__name__}"
-                             + (f": {text[0]}" if text else "")) from None
+        raise TinyMnistError(f"{label}: forward fails on a (2, 1, 28, 28) batch: {one_line(e)}") from None
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, 10):
