@@ -302,3 +302,43 @@ def test_two_machines_share_the_retraining_through_postgres(postgres, tmp_path):
 
 
 from test_sweep import postgres  # noqa: E402,F401 - the throw-away PostgreSQL server fixture
+
+
+def test_a_killed_grading_loses_only_the_run_it_was_training(tmp_path):
+    import os
+    import signal
+    import time
+
+    import optuna
+    from conftest import synthetic_mnist
+
+    from tinymnist.sweep import driver_url
+
+    synthetic_mnist(tmp_path / "d", n_train=2048, n_test=64)
+    shutil.copytree(CLASS / "alice", tmp_path / "class" / "alice")
+    cmd = [sys.executable, "-m", "tinymnist.cli", "grade", str(tmp_path / "class"), "--retrain", "2", "--epochs", "2",
+           "--batch-size", "16", "--jobs", "1", "--heartbeat", "1", "--state", str(tmp_path / "state"),
+           "--data-dir", str(tmp_path / "d"), "--no-progress"]
+    env = {**os.environ, "TINYMNIST_VERIFY": "0"}
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)
+    url = driver_url(f"sqlite:///{tmp_path / 'state' / 'retrain.db'}")
+    deadline, running = time.time() + 180, []
+    while time.time() < deadline and not running:
+        time.sleep(0.3)
+        try:
+            study = optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
+            running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+        except Exception:  # noqa: BLE001 - the database or the study is not there yet
+            continue
+    assert running, "the grading never started a run"
+    os.killpg(first.pid, signal.SIGKILL)  # the grader and its confined worker, with no chance to clean up
+    first.wait()
+    time.sleep(2.5)  # past twice the heartbeat: the run is stale
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr
+    study = optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
+    states = sorted(t.state.name for t in study.trials)
+    assert states.count("COMPLETE") == 2 and states.count("FAIL") == 1, states  # the killed run, and only it
+    evidence = json.loads(next((tmp_path / "state").glob("*/check.json")).read_text())
+    assert [s["seed"] for s in evidence["seeds"]] == [0, 1]

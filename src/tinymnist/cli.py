@@ -273,6 +273,8 @@ def _add_series_verbs(verb) -> None:
     p.add_argument("--storage", default=None, metavar="URL",
                    help="an Optuna RDB URL (postgresql://...): each (submission, seed) run is a trial of one study, "
                         "and every machine that runs the same command with it takes the next run")
+    p.add_argument("--heartbeat", type=_positive_int, default=HEARTBEAT, metavar="SECONDS",
+                   help="a retraining run's heartbeat; one silent for twice this is failed and queued again")
     _add_recipe_overrides(p)
 
     p = verb("screen", "screen named candidates on validation, confirm the best over 5 validation seeds, and say "
@@ -512,7 +514,8 @@ def cmd_grade(args: argparse.Namespace) -> int:
 
         evidence = retrain(rows, seeds, everyone=bool(args.retrain_all), state=args.state, jobs=args.jobs,
                            threads=args.threads, data_dir=args.data_dir, device=args.device, storage=args.storage,
-                           memory_mb=args.memory, progress=_progress(args), overrides=_overrides(args))
+                           memory_mb=args.memory, progress=_progress(args), overrides=_overrides(args),
+                           heartbeat=args.heartbeat)
     timing = timing_line(rows, graded, args.timeout)
     for path in write_outputs(rows, args.markdown, args.csv, evidence, timing):
         print(f"written: {path}")

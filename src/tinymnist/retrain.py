@@ -58,7 +58,7 @@ def _sha(path: str) -> str:
 def retrain(rows, seeds: int, everyone: bool = False, state: str | Path = "grading", jobs: int = 0,
             threads: int = 0, data_dir: Optional[str] = None, device: str = "auto", storage: Optional[str] = None,
             memory_mb: int = 2048, progress: Optional[bool] = None, log=print,
-            overrides: Optional[dict] = None) -> dict:
+            overrides: Optional[dict] = None, heartbeat: Optional[int] = None) -> dict:
     """Retrain the eligible rows over seeds 0..seeds-1; set each row's `check`, and return {row slug: (evidence,
     plot path)} for the rows whose every run is complete."""
     try:
@@ -76,7 +76,10 @@ def retrain(rows, seeds: int, everyone: bool = False, state: str | Path = "gradi
     state.mkdir(parents=True, exist_ok=True)
     load_mnist(data_dir, progress=False)  # here, with the network: the confined workers have none
     name = study_name(chosen, seeds, overrides)
-    study, store, created = _open(storage, state, name)
+    from .space import HEARTBEAT
+
+    heartbeat = heartbeat or HEARTBEAT
+    study, store, created = _open(storage, state, name, heartbeat)
     runs = [(r, s) for r in chosen for s in range(seeds)]
     _enqueue(study, len(runs), everything=created)
     done = _complete(study)
@@ -85,11 +88,12 @@ def retrain(rows, seeds: int, everyone: bool = False, state: str | Path = "gradi
     log(f"retrain: {len(chosen)} rows x {seeds} seeds = {len(runs)} runs in study {name}; {len(done)} done, "
         f"{todo} to train, {workers} at a time with {per_run} thread(s) each")
     if todo:
-        _work(study, store, runs, state, workers, per_run, data_dir, device, memory_mb, bool(storage), log, overrides)
+        _work(study, store, runs, state, workers, per_run, data_dir, device, memory_mb, bool(storage), log, overrides,
+              heartbeat)
     return _collect(study, runs, chosen, seeds, state, overrides)
 
 
-def _open(storage: Optional[str], state: Path, name: str):
+def _open(storage: Optional[str], state: Path, name: str, heartbeat: int):
     import optuna
 
     from .sweep import _experimental_quiet, open_storage
@@ -97,7 +101,7 @@ def _open(storage: Optional[str], state: Path, name: str):
     url = storage or f"sqlite:///{(state / STUDY_FILE).resolve()}"
     for attempt in range(3):  # machines that start together on a new database race to create its tables
         try:
-            store = open_storage(url)
+            store = open_storage(url, heartbeat)
             break
         except TinyMnistError:
             if attempt == 2:
@@ -155,7 +159,7 @@ def _complete(study) -> dict[int, dict]:
 
 
 def _work(study, store, runs, state: Path, workers: int, threads: int, data_dir, device, memory_mb: int,
-          network: bool, log, overrides: Optional[dict] = None) -> None:
+          network: bool, log, overrides: Optional[dict] = None, heartbeat: int = 60) -> None:
     """Take queued runs until none is left: `workers` threads here, each training its run in a confined worker
     process of the parallel engine and keeping its trial alive with heartbeats. Taking a run is serialised here
     (SQLite does not lock the row); PostgreSQL locks it against the other machines."""
@@ -168,7 +172,6 @@ def _work(study, store, runs, state: Path, workers: int, threads: int, data_dir,
     from .check import worst_of_last
     from .runs import train_many
     from .sandbox import confine_worker
-    from .space import HEARTBEAT
 
     confine = functools.partial(confine_worker, memory_mb, network)
     lock = threading.Lock()
@@ -217,7 +220,7 @@ def _work(study, store, runs, state: Path, workers: int, threads: int, data_dir,
             beating = threading.Event()
 
             def beat():
-                while not beating.wait(HEARTBEAT):
+                while not beating.wait(heartbeat):
                     store.record_heartbeat(trial_id)
 
             store.record_heartbeat(trial_id)
