@@ -26,6 +26,7 @@ _API = {
     "run_check": "check",  # train a step over seeds and judge the target
     "run_errors": "mistakes",  # a checkpoint's misclassified grid, confusion matrix and errors.json
     "plot_proof": "mistakes",  # a check's accuracy per epoch for every seed, with the threshold
+    "pass_rate_bound": "target",  # the one-sided 95% Clopper-Pearson lower bound on a run's pass rate
 }
 __all__ = sorted(_API) + ["__version__"]
 
