@@ -224,8 +224,9 @@ def test_a_teacher_that_is_no_step_is_one_line_and_no_run_directory(tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
-def test_the_answer_trains_the_same_history_and_weights_at_1_and_2_threads(tmp_path, capsys):
-    """Every batch norm of the answer (GELU after each) and every conv trains on the C kernels, which sum over fixed
+@pytest.mark.parametrize("step", [None, "dw-gelu-5000"])  # the answer (ReLU), and GELU after every batch norm
+def test_a_step_trains_the_same_history_and_weights_at_1_and_2_threads(tmp_path, capsys, step):
+    """Every batch norm (whatever activation follows it) and every conv trains on the C kernels, which sum over fixed
     slices of the batch: `train` at --threads 1 and 2 gives one history and bit-identical weights, so an installed
     package with no results/ trains the check's own seed 0 at any thread count."""
     import torch
@@ -235,7 +236,8 @@ def test_the_answer_trains_the_same_history_and_weights_at_1_and_2_threads(tmp_p
     if library()[0] is None:
         pytest.skip("no C compiler here: the kernels do not run")
     synthetic_mnist(tmp_path / "d", n_train=640, n_test=64)
-    common = ("train", "--epochs", "2", "--data-dir", str(tmp_path / "d"), "--no-progress")  # the answer's recipe
+    common = ("train", "--epochs", "2", "--data-dir", str(tmp_path / "d"), "--no-progress",
+              *(("--step", step) if step else ()))
     for threads in ("1", "2"):
         code, out, err = run(capsys, *common, "--threads", threads, "--out", str(tmp_path / threads))
         assert code == 0 and "depend on the thread count" not in err, err

@@ -185,7 +185,12 @@ def test_a_class_body_that_writes_a_file_and_opens_a_socket_and_an_init_that_nev
         server.close()
     out = capsys.readouterr().out
     assert code == 0 and "graded 1 files" in out
-    assert not marker.exists() and not reached  # neither in this process nor in the child
+    card_text = (tmp_path / "t" / "sub--sub-evil.ipynb.md").read_text()
+    if "an empty root" in card_text:  # chroot: no path outside the child's empty directory exists for it
+        assert not marker.exists()
+    else:  # no chroot on this host: a file may be created, but never written to
+        assert not marker.exists() or marker.stat().st_size == 0
+    assert not reached  # no connection, neither from this process nor from the child
     card = (tmp_path / "t" / "sub--sub-evil.ipynb.md").read_text()
     assert "`Net` timed out after 3 s while building Net()" in card and "`Small` 7,850 parameters" in card
     assert "no network" in card and "no file writes" in card

@@ -214,8 +214,9 @@ def _isolate(jail: str, limits: Limits) -> list[str]:
         os.chroot(jail)
         os.chdir("/")
         held.append("an empty root")
-    except OSError:
+    except OSError:  # no chroot here: at least no new process (os.system) may start
         held.append("a temporary directory")
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write fails with an error instead of killing the child
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
     cpu = int(limits.seconds) + 2
