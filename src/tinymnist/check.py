@@ -181,12 +181,16 @@ def earlier_test_looks(step_name: str, budget: int, results: str | Path = "resul
 
 def check_recipe(step, model: Optional[str] = None, models_file: Optional[str] = None,
                  overrides: Optional[dict] = None):
-    """The recipe a check trains: `step`'s, for `model` when given (one of tinymnist's, a class registered with
-    register_model, or with `models_file` a class of the user's models file), with `overrides`."""
+    """The one builder of a recipe from a step and changes, for a check, a screen's candidate, a sweep's trial and a
+    grader's retraining: `step`'s recipe, for `model` when given (one of tinymnist's, a class registered with
+    register_model, or with `models_file` a class of the user's models file, by default the step's model name), with
+    `overrides` (flat or nested fields). Plain data: nothing is built or validated here."""
     from .config import for_user_model, override
     from .model import is_user_model
 
     base = step.config
+    if models_file and model is None:
+        model = base.model
     if is_user_model(model, models_file or ""):
         base = for_user_model(base, model, models_file or "")
     elif model is not None:

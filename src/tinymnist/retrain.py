@@ -33,10 +33,10 @@ def eligible(rows, everyone: bool) -> list:
 
 def _recipe(row, overrides: Optional[dict] = None):
     """The answer's recipe for the row's class, with `overrides` (never built here: the config is plain data)."""
-    from .config import for_user_model, override
+    from .check import check_recipe
     from .experiments import answer
 
-    return override(for_user_model(answer().config, row.model, row.source), overrides or {})
+    return check_recipe(answer(), row.model, row.source, overrides)
 
 
 def study_name(rows, seeds: int, overrides: Optional[dict] = None) -> str:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .check import mean_of_last, run_check, seed_gap, top_spread, worst_of_last
+from .check import check_recipe, mean_of_last, run_check, seed_gap, top_spread, worst_of_last
 from .errors import TinyMnistError
 from .fileio import read_json, read_toml, write_json
 from .space import DEFAULT_VAL, check_field, nest_fields
@@ -69,16 +69,11 @@ class Screen:
 
     def recipe(self, candidate: Candidate):
         """The base step's recipe with the candidate's changes, holding out `val` images; validated."""
-        from .config import override
         from .experiments import get_step
 
-        from .config import for_user_model
-
         values = nest_fields({**dict(self.fixed), **dict(candidate.changes)})  # override() merges aug.* in
-        base = get_step(self.step).config
-        if values.get("models_file"):  # a class of a models file: the step's training recipe, without our dropout
-            base = for_user_model(base, values.pop("model", base.model), values.pop("models_file"))
-        return override(base, {**values, "val": self.val}).validate()
+        return check_recipe(get_step(self.step), values.pop("model", None), values.pop("models_file", None) or None,
+                            {**values, "val": self.val}).validate()
 
 
 def read_screen(path: str | Path) -> Screen:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import AugConfig, TrainConfig, override
+from .config import AugConfig, TrainConfig
 from .errors import TinyMnistError
 from .target import LAST, MAX_EPOCHS, MAX_PARAMS
 
@@ -61,14 +61,12 @@ class Space:
 
     def config(self, values: dict) -> TrainConfig:
         """The base step's recipe with the fixed fields and `values` (flat names, aug.x for augmentation)."""
-        from .config import for_user_model
+        from .check import check_recipe
         from .experiments import get_step
 
         merged = nest_fields({**self.fixed, **values})
-        base = get_step(self.step).config
-        if merged.get("models_file"):  # a user's class: the step's training recipe without our dropout, layout and activation
-            base = for_user_model(base, merged.pop("model", base.model), merged.pop("models_file"))
-        return override(base, merged).validate()
+        return check_recipe(get_step(self.step), merged.pop("model", None), merged.pop("models_file", None) or None,
+                            merged).validate()
 
     def key(self) -> str:
         """What a study records of its space, to refuse a changed space under its name. The fields added since the
