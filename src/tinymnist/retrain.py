@@ -88,8 +88,7 @@ def retrain(rows, seeds: int, everyone: bool = False, state: str | Path = "gradi
     log(f"retrain: {len(chosen)} rows x {seeds} seeds = {len(runs)} runs in study {name}; {len(done)} done, "
         f"{todo} to train, {workers} at a time with {per_run} thread(s) each")
     if todo:
-        _work(study, store, runs, state, workers, per_run, data_dir, device, memory_mb, bool(storage), log, overrides,
-              heartbeat)
+        _work(study, store, runs, state, workers, per_run, data_dir, device, memory_mb, log, overrides, heartbeat)
     return _collect(study, runs, chosen, seeds, state, overrides)
 
 
@@ -159,7 +158,7 @@ def _complete(study) -> dict[int, dict]:
 
 
 def _work(study, store, runs, state: Path, workers: int, threads: int, data_dir, device, memory_mb: int,
-          network: bool, log, overrides: Optional[dict] = None, heartbeat: int = 60) -> None:
+          log, overrides: Optional[dict] = None, heartbeat: int = 60) -> None:
     """Take queued runs until none is left: `workers` threads here, each training its run in a confined worker
     process of the parallel engine and keeping its trial alive with heartbeats. Taking a run is serialised here
     (SQLite does not lock the row); PostgreSQL locks it against the other machines."""
@@ -173,7 +172,8 @@ def _work(study, store, runs, state: Path, workers: int, threads: int, data_dir,
     from .runs import train_many
     from .sandbox import confine_worker
 
-    confine = functools.partial(confine_worker, memory_mb, network)
+    # the study's database is reached from here, never from a worker: every worker goes without the network
+    confine = functools.partial(confine_worker, memory_mb)
     lock = threading.Lock()
     study_id = store.get_study_id_from_name(study.study_name)
 

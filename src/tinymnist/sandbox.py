@@ -229,16 +229,15 @@ def _isolate(jail: str, limits: Limits) -> list[str]:
     return held
 
 
-def confine_worker(memory_mb: int = 2048, network: bool = False) -> list[str]:
-    """The walls for a worker that trains a stranger's network (parallel.run_jobs(confine=...)): no network unless
-    `network` (a worker of a shared study must reach its database), a memory limit, and output that goes nowhere
-    but the worker's results. It reads MNIST and writes its run directory, so it keeps the filesystem."""
+def confine_worker(memory_mb: int = 2048) -> list[str]:
+    """The walls for a worker that trains a stranger's network (parallel.run_jobs(confine=...)): no network and a
+    memory limit. It reads MNIST (already on disk: the grader fetches it first) and writes its run directory, so it
+    keeps the filesystem."""
     held = []
     libc = ctypes.CDLL(None, use_errno=True)
-    if not network:
-        flags = _CLONE_NEWNET if os.geteuid() == 0 else _CLONE_NEWNET | _CLONE_NEWUSER
-        if libc.unshare(flags) == 0:
-            held.append("no network")
+    flags = _CLONE_NEWNET if os.geteuid() == 0 else _CLONE_NEWNET | _CLONE_NEWUSER
+    if libc.unshare(flags) == 0:
+        held.append("no network")
     base = _address_space()
     if base:
         cap = base + memory_mb * 2 ** 20
