@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from .errors import TinyMnistError, install_hint
 from .fileio import read_json, write_json
@@ -62,7 +62,7 @@ def retrain(rows, seeds: int, everyone: bool = False, state: str | Path = "gradi
     """Retrain the eligible rows over seeds 0..seeds-1; set each row's `check`, and return {row slug: (evidence,
     plot path)} for the rows whose every run is complete."""
     try:
-        import optuna  # noqa: F401
+        import optuna  # noqa: F401 - retraining needs the sweep extra: say so before anything starts
     except ModuleNotFoundError:
         raise TinyMnistError(f"retraining spreads its runs through Optuna: {install_hint('sweep')}") from None
     from .data import load_mnist

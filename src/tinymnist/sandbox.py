@@ -35,7 +35,6 @@ import tempfile
 import types
 import typing  # noqa: F401
 from pathlib import Path
-from typing import Optional
 
 import numpy  # noqa: F401
 import torch

@@ -389,12 +389,7 @@ def _fmt(v: Any) -> str:
 
 def plot_study(st, out_dir: str | Path) -> list[Path]:
     """Optuna's optimisation history and parameter importances, drawn with matplotlib, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .plots import save_figure
+    from .plots import save_figure  # matplotlib with the Agg backend: files only
 
     written = []
     complete = [t for t in st.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
