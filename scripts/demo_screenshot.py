@@ -82,7 +82,7 @@ def shown_digit(page) -> str:
 @contextlib.contextmanager
 def serving(checkpoint: Path) -> Iterator[str]:
     """The demo server on a free loopback port, in a thread; yields its URL."""
-    from tinymnist.demo import make_server
+    from tinymnist.apps.demo import make_server
 
     server = make_server(checkpoint, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -96,7 +96,7 @@ def serving(checkpoint: Path) -> Iterator[str]:
 
 def screenshot(out: Path, checkpoint: Optional[Path] = None, digit: str = "7") -> str:
     """Draw `digit` on the demo page and write the screenshot to `out`; return the digit the page shows."""
-    from tinymnist.demo import shipped_checkpoint
+    from tinymnist.apps.demo import shipped_checkpoint
     from tinymnist.fileio import atomic_path
 
     with serving(checkpoint or shipped_checkpoint()) as url, open_page(url + "/") as page:

@@ -5,7 +5,7 @@ verbatim (it makes a virtual environment, installs tinymnist and torch, and trai
 
 With --data-dir (or $TINYMNIST_DATA) the MNIST files are taken from there, as offline machines must; without it the
 command downloads them, and that download is part of the time. The result, with the host as the machine reports it
-(tinymnist.device.cpu_info), the commit and the Python version, is written atomically; the README's set-up line is
+(tinymnist.accel.device.cpu_info), the commit and the Python version, is written atomically; the README's set-up line is
 generated from it by `tinymnist report`. Run it on a machine doing nothing else: it measures wall time.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from tinymnist.device import cpu_info  # noqa: E402
+from tinymnist.accel.device import cpu_info  # noqa: E402
 from tinymnist.fileio import write_json  # noqa: E402
 
 

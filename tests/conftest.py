@@ -88,9 +88,9 @@ def trained_run(real_data_dir, tmp_path_factory) -> Path:
 @pytest.fixture
 def untrained_checkpoint(tmp_path) -> Path:
     """A valid checkpoint of an untrained default model, for tests that only need the file format."""
-    from tinymnist.experiments import last_step
-    from tinymnist.model import create_model
-    from tinymnist.runs import save_checkpoint
+    from tinymnist.lab.series import last_step
+    from tinymnist.models.model import create_model
+    from tinymnist.core.runs import save_checkpoint
 
     cfg = last_step().config
     path = tmp_path / "model.pt"

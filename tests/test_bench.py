@@ -49,9 +49,9 @@ def test_bench_writes_every_figure_and_ratio(tmp_path, capsys):
 def test_classic_dataset_matches_our_normalisation():
     import torch
 
-    from tinymnist.bench import ClassicDataset
-    from tinymnist.config import AugConfig
-    from tinymnist.data import normalize
+    from tinymnist.apps.bench import ClassicDataset
+    from tinymnist.core.config import AugConfig
+    from tinymnist.core.data import normalize
 
     images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
     ds = ClassicDataset(images, torch.arange(4), AugConfig())  # zero magnitude: no change but normalisation

@@ -45,7 +45,7 @@ def test_help_shows_defaults(capsys):
 
 
 def test_models_lists_every_model_with_its_size(capsys):
-    from tinymnist.model import create_model, list_models
+    from tinymnist.models.model import create_model, list_models
 
     code, out, _ = run(capsys, "models")
     assert code == 0
@@ -110,8 +110,8 @@ def test_a_closed_pipe_ends_quietly():
 
 def test_resume_finishes_a_stopped_run_as_if_it_never_stopped(tmp_path, capsys):
     from conftest import synthetic_mnist
-    from tinymnist.config import TrainConfig
-    from tinymnist.runs import STATE_FILE, train_run
+    from tinymnist.core.config import TrainConfig
+    from tinymnist.core.runs import STATE_FILE, train_run
 
     synthetic_mnist(tmp_path / "d", n_train=256, n_test=64)
     cfg = TrainConfig(model="Model_6", epochs=3, batch_size=64, dropout=0.1, ema=0.9)
@@ -153,8 +153,8 @@ def test_recipe_options_are_generated_from_the_config(capsys, verb):
     --kernels names every operation the C kernels run."""
     import dataclasses
 
-    from tinymnist.config import TrainConfig
-    from tinymnist.kernels import OPS
+    from tinymnist.core.config import TrainConfig
+    from tinymnist.accel.kernels import OPS
 
     code, out, _ = run(capsys, verb, "--help")
     flat = " ".join(out.split())
@@ -231,7 +231,7 @@ def test_a_step_trains_the_same_history_and_weights_at_1_and_2_threads(tmp_path,
     package with no results/ trains the check's own seed 0 at any thread count."""
     import torch
     from conftest import synthetic_mnist
-    from tinymnist.kernels import library
+    from tinymnist.accel.kernels import library
 
     if library()[0] is None:
         pytest.skip("no C compiler here: the kernels do not run")

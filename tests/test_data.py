@@ -3,8 +3,8 @@ import gzip
 import pytest
 import torch
 
-from tinymnist.config import AugConfig
-from tinymnist.data import Loader, affine_matrices, augment, load_mnist, parse_idx, read_idx, warp
+from tinymnist.core.config import AugConfig
+from tinymnist.core.data import Loader, affine_matrices, augment, load_mnist, parse_idx, read_idx, warp
 from tinymnist.errors import DataError
 
 from conftest import idx_bytes, synthetic_mnist
@@ -76,7 +76,7 @@ def test_missing_file_without_download(tmp_path):
 
 
 def test_data_dir_precedence(monkeypatch, tmp_path):
-    from tinymnist.data import default_data_dir, resolve_data_dir
+    from tinymnist.core.data import default_data_dir, resolve_data_dir
 
     monkeypatch.setenv("TINYMNIST_DATA", str(tmp_path / "env"))
     assert resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"
@@ -159,7 +159,7 @@ def test_loader_limit_batches(synth_dir):
 
 
 def test_validation_split_is_stratified_disjoint_and_fixed():
-    from tinymnist.data import split_fingerprint, validation_split
+    from tinymnist.core.data import split_fingerprint, validation_split
 
     g = torch.Generator().manual_seed(3)
     labels = torch.cat([torch.full((n,), k) for k, n in enumerate([590, 674, 596, 613, 584, 542, 592, 627, 585, 597])])
@@ -175,7 +175,7 @@ def test_validation_split_is_stratified_disjoint_and_fixed():
 
 
 def test_validation_split_rejects_impossible_sizes():
-    from tinymnist.data import validation_split
+    from tinymnist.core.data import validation_split
     from tinymnist.errors import DataError
 
     with pytest.raises(DataError, match="cannot hold out"):
@@ -185,8 +185,8 @@ def test_validation_split_rejects_impossible_sizes():
 def test_fit_with_val_records_val_metrics_trains_on_the_rest_and_never_reads_the_test_set(synth_dir):
     from dataclasses import replace
 
-    from tinymnist.config import TrainConfig
-    from tinymnist.engine import fit
+    from tinymnist.core.config import TrainConfig
+    from tinymnist.core.engine import fit
 
     data = load_mnist(synth_dir, download=False)
     cfg = TrainConfig(model="Model_7", epochs=2, batch_size=16, val=16)
@@ -251,7 +251,7 @@ def test_raw_twins_are_verified_too(tmp_path, real_data_dir):
 def test_each_file_is_hashed_once_then_trusted_until_it_changes(tmp_path, real_data_dir, monkeypatch):
     import os
 
-    import tinymnist.data as data
+    import tinymnist.core.data as data
 
     d = _real_copy(tmp_path, real_data_dir)
     hashed = []

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinymnist.demo import find_checkpoint, make_server, shipped_checkpoint
+from tinymnist.apps.demo import find_checkpoint, make_server, shipped_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def drawn(digit_u8: np.ndarray, size: int = 280) -> bytes:
 
 @pytest.fixture(scope="module")
 def test_digits(real_data_dir):
-    from tinymnist.data import load_mnist
+    from tinymnist.core.data import load_mnist
 
     m = load_mnist(real_data_dir, progress=False)
     return m.test_images[:20].numpy(), m.test_labels[:20].tolist()
@@ -100,7 +100,7 @@ def test_predict_returns_top3_and_the_28x28_input(server, test_digits):
 
 
 def test_same_preprocessing_as_predict(server, test_digits, model_path, tmp_path):
-    from tinymnist.predict import load_image
+    from tinymnist.apps.predict import load_image
 
     images, _ = test_digits
     (tmp_path / "d.png").write_bytes(drawn(images[3]))
@@ -240,7 +240,7 @@ def test_checkpoint_choice(tmp_path, model_path):
     """Given none, the demo shows the answer: the newest run of the answer's recipe, else the shipped one."""
     from dataclasses import replace
 
-    from tinymnist.experiments import answer, get_step
+    from tinymnist.lab.series import answer, get_step
 
     assert find_checkpoint(str(model_path)) == model_path
     assert find_checkpoint(None, tmp_path / "no-runs") == shipped_checkpoint()
@@ -327,9 +327,9 @@ def test_clear_removes_the_prediction(page):
 
 
 def test_the_shipped_model_scores_what_its_history_recorded(real_data_dir):
-    from tinymnist.data import load_mnist
-    from tinymnist.mistakes import collect_errors
-    from tinymnist.runs import load_checkpoint
+    from tinymnist.core.data import load_mnist
+    from tinymnist.apps.misclassified import collect_errors
+    from tinymnist.core.runs import load_checkpoint
 
     shipped = shipped_checkpoint()
     history = json.loads((shipped.parent / "history.json").read_text())

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tinymnist.device import cpu_info, native_bf16, resolve_memory_format, resolve_precision
+from tinymnist.accel.device import cpu_info, native_bf16, resolve_memory_format, resolve_precision
 from tinymnist.errors import TinyMnistError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -47,7 +47,7 @@ def test_explicit_bf16_without_native_support_warns_in_one_line_and_fp32_never_d
 
 
 def test_bf16_warning_reaches_the_cli_as_one_line(tmp_path, monkeypatch, capsys):
-    import tinymnist.device as device
+    import tinymnist.accel.device as device
     from tinymnist.cli import main
 
     from conftest import synthetic_mnist
@@ -70,8 +70,8 @@ def test_memory_format_rule_and_record(tmp_path):
 
 
 def test_both_memory_formats_compute_the_same_training_step():
-    from tinymnist.engine import make_optimizer
-    from tinymnist.experiments import last_step
+    from tinymnist.core.engine import make_optimizer
+    from tinymnist.lab.series import last_step
     import torch.nn.functional as F
 
     cfg = last_step().config
@@ -133,7 +133,7 @@ def test_configs_saved_before_memory_format_existed_mean_contiguous():
     import json
     from pathlib import Path
 
-    from tinymnist.config import TrainConfig
+    from tinymnist.core.config import TrainConfig
 
     saved = json.loads((Path(__file__).resolve().parent / "data" / "legacy" / "config-before-memory-format.json").read_text())
     assert "memory_format" not in saved["config"]
@@ -145,7 +145,7 @@ def test_configs_saved_before_memory_format_existed_mean_contiguous():
 # library's own policy the same block is mapped and handed back. glibc's mallinfo2 counts both.
 _HEAP = """
 import ctypes, tinymnist
-from tinymnist import runtime
+from tinymnist.accel import runtime
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
                                                "uordblks", "fordblks", "keepcost")]

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from tinymnist.data import ensure_files, load_mnist
+from tinymnist.core.data import ensure_files, load_mnist
 from tinymnist.errors import DataError
 
 from conftest import synthetic_mnist

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinymnist.config import AugConfig, TrainConfig, override
-from tinymnist.data import load_mnist
-from tinymnist.engine import fit
+from tinymnist.core.config import AugConfig, TrainConfig, override
+from tinymnist.core.data import load_mnist
+from tinymnist.core.engine import fit
 from tinymnist.errors import TinyMnistError
-from tinymnist.runs import load_checkpoint, save_checkpoint
+from tinymnist.core.runs import load_checkpoint, save_checkpoint
 
 from conftest import synthetic_mnist
 
@@ -74,8 +74,8 @@ def test_config_dict_roundtrip():
 
 
 def test_ema_averages_weights_and_bn_statistics():
-    from tinymnist.engine import EMA
-    from tinymnist.model import create_model
+    from tinymnist.core.engine import EMA
+    from tinymnist.models.model import create_model
 
     model = create_model("Model_6")
     ema = EMA(model, decay=0.9)
@@ -117,8 +117,8 @@ def test_bf16_precision_trains_and_is_validated(tmp_path):
 def test_a_run_stopped_after_every_epoch_and_resumed_matches_one_that_never_stopped(tmp_path, kernels):
     # every piece of state a later epoch reads: momentum, the LR schedule, the EMA, dropout's global RNG, the
     # loader's order and augmentation generators, Python's and NumPy's RNGs (through torch.save, as on disk)
-    from tinymnist.engine import Trainer
-    from tinymnist.kernels import library
+    from tinymnist.core.engine import Trainer
+    from tinymnist.accel.kernels import library
 
     if kernels == "fused" and library()[0] is None:
         pytest.skip("no C compiler here: the kernels do not run")
@@ -145,8 +145,8 @@ def test_a_run_stopped_after_every_epoch_and_resumed_matches_one_that_never_stop
 
 
 def test_aug_epochs_augments_the_first_epochs_only(tmp_path, monkeypatch):
-    import tinymnist.data as data_module
-    from tinymnist.engine import Trainer
+    import tinymnist.core.data as data_module
+    from tinymnist.core.engine import Trainer
 
     synthetic_mnist(tmp_path, n_train=128, n_test=32)
     data = load_mnist(tmp_path, download=False)
@@ -168,7 +168,7 @@ def test_aug_epochs_augments_the_first_epochs_only(tmp_path, monkeypatch):
 def test_a_run_records_whether_its_checkout_differs_from_the_commit(tmp_path):
     import subprocess
 
-    from tinymnist.runs import _git_commit, _git_dirty
+    from tinymnist.core.runs import _git_commit, _git_dirty
 
     assert _git_dirty(tmp_path) is None and _git_commit(tmp_path) is None  # not a checkout: an installed wheel
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
@@ -186,7 +186,7 @@ def test_a_run_records_whether_its_checkout_differs_from_the_commit(tmp_path):
 def test_the_distillation_loss_is_the_labels_loss_plus_the_softened_kl_to_the_teacher():
     import torch.nn.functional as F
 
-    from tinymnist.engine import distillation_loss
+    from tinymnist.core.engine import distillation_loss
 
     torch.manual_seed(0)
     out, other, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
@@ -199,13 +199,16 @@ def test_the_distillation_loss_is_the_labels_loss_plus_the_softened_kl_to_the_te
 
 
 def test_a_distilled_run_trains_its_teacher_on_the_same_images_first_and_resumes_as_if_it_never_stopped(tmp_path):
-    from tinymnist.engine import Trainer
+    from tinymnist.core.engine import Trainer
+    from tinymnist.lab.series import teacher_recipe
 
     synthetic_mnist(tmp_path, n_train=192, n_test=64)
     data = load_mnist(tmp_path, download=False)
     cfg = TrainConfig(model="Model_6", epochs=2, batch_size=32, lr=0.05, ema=0.9, val=32, limit_batches=2,
                       aug=AugConfig(rotate=10), teacher="writeup-002", distill=0.7, distill_temp=3.0)
-    straight = Trainer(cfg, data)
+    with pytest.raises(TinyMnistError, match="its teacher's recipe must be given"):
+        Trainer(cfg, data)  # the core trains recipes; it never looks a step up by name
+    straight = Trainer(cfg, data, teacher=teacher_recipe(cfg))
     while not straight.done:
         straight.run_epoch(progress=False, verbose=False)
     teacher = straight.teacher_history
@@ -213,7 +216,7 @@ def test_a_distilled_run_trains_its_teacher_on_the_same_images_first_and_resumes
     assert all("val_acc" in r and "test_acc" not in r for r in teacher)  # the student's split: no test set read
     state = None
     for _ in range(cfg.epochs):  # stopped after every epoch: the teacher comes back from the state, not retrained
-        trainer = Trainer(cfg, data)
+        trainer = Trainer(cfg, data, teacher=teacher_recipe(cfg))
         if state is not None:
             torch.save(state, tmp_path / "s.pt")
             trainer.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
@@ -226,8 +229,8 @@ def test_a_distilled_run_trains_its_teacher_on_the_same_images_first_and_resumes
 
 
 def test_a_teacher_must_be_a_step_that_trains_on_the_labels(monkeypatch):
-    from tinymnist import experiments
-    from tinymnist.engine import teacher_recipe
+    from tinymnist.lab import series as experiments
+    from tinymnist.lab.series import teacher_recipe
 
     with pytest.raises(TinyMnistError, match="unknown step 'nobody'"):
         teacher_recipe(TrainConfig(model="Model_6", teacher="nobody"))
@@ -243,7 +246,7 @@ def test_a_teacher_must_be_a_step_that_trains_on_the_labels(monkeypatch):
 
 
 def test_a_distilled_check_states_its_teachers_epochs_beside_the_students(tmp_path, capsys):
-    from tinymnist.check import run_check
+    from tinymnist.lab.check import run_check
 
     synthetic_mnist(tmp_path / "d", n_train=192, n_test=64)
     cfg = TrainConfig(model="Model_6", epochs=2, batch_size=32, lr=0.05, val=32, limit_batches=2,

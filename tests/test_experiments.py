@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinymnist.check import verdict
-from tinymnist.experiments import ANSWER, STEPS, answer, get_step, last_step
-from tinymnist.model import create_model, list_models
-from tinymnist.report import PAGES, SECTIONS, generated_section, page_section, step_result
+from tinymnist.lab.check import verdict
+from tinymnist.lab.series import ANSWER, STEPS, answer, get_step, last_step
+from tinymnist.models.model import create_model, list_models
+from tinymnist.pages.report import PAGES, SECTIONS, generated_section, page_section, step_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def _passing_checks() -> dict:
     step's current recipe."""
     import json
 
-    from tinymnist.config import TrainConfig
+    from tinymnist.core.config import TrainConfig
 
     passing = {}
     for path in sorted((ROOT / "results").glob("check-*.json")):
@@ -64,9 +64,9 @@ def test_the_answer_is_the_smallest_step_whose_5_seed_check_passes():
 def test_the_shipped_model_is_the_answer():
     import json
 
-    from tinymnist.config import TrainConfig
-    from tinymnist.demo import shipped_checkpoint
-    from tinymnist.runs import load_checkpoint
+    from tinymnist.core.config import TrainConfig
+    from tinymnist.apps.demo import shipped_checkpoint
+    from tinymnist.core.runs import load_checkpoint
 
     shipped = shipped_checkpoint()
     saved = TrainConfig.from_dict(json.loads((shipped.parent / "config.json").read_text())["config"])
@@ -84,7 +84,7 @@ def test_train_with_no_step_trains_the_answer_and_says_why(tmp_path, capsys, mon
         seen.update(cfg=cfg, name=name)
         return Path(out), [{"epoch": 1, "test_acc": 10.0}]
 
-    monkeypatch.setattr("tinymnist.runs.train_run", fake_train_run)
+    monkeypatch.setattr("tinymnist.core.runs.train_run", fake_train_run)
     assert cli.main(["train", "--out", str(tmp_path / "run")]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert seen["name"] == ANSWER and seen["cfg"] == answer().config
@@ -96,7 +96,7 @@ def test_a_searched_step_trains_the_recipe_its_trial_chose(step):
     import json
     from dataclasses import replace
 
-    from tinymnist.space import load_space
+    from tinymnist.lab.space import load_space
 
     study, number = step.chosen_by
     trials = json.loads((ROOT / "results" / f"sweep-{study}" / "trials.json").read_text())["trials"]
@@ -133,7 +133,7 @@ def test_report_regenerates_every_page_byte_for_byte(tmp_path):
     """`tinymnist report` on a copy of the pages with every generated section emptied gives the committed pages."""
     import shutil
 
-    from tinymnist.report import markers, update_pages
+    from tinymnist.pages.report import markers, update_pages
 
     for page, sections in PAGES.items():
         text = (ROOT / page).read_text()
@@ -152,7 +152,7 @@ def test_report_regenerates_every_page_byte_for_byte(tmp_path):
 
 def test_a_page_without_its_markers_is_one_clear_error(tmp_path):
     from tinymnist.errors import TinyMnistError
-    from tinymnist.report import update_pages
+    from tinymnist.pages.report import update_pages
 
     for page in PAGES:
         (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +167,7 @@ def _links(page: Path) -> list[str]:
 
 
 def _anchors(page: Path) -> set[str]:
-    from tinymnist.report import _anchor
+    from tinymnist.pages.report import _anchor
 
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
     return {_anchor(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
@@ -247,7 +247,7 @@ def test_the_pass_rate_bound_is_clopper_pearsons_one_sided_95_percent(passes, se
 
 
 def test_a_proof_counts_the_seeds_that_pass_and_calls_a_step_reliable_at_19_of_20():
-    from tinymnist.check import proof
+    from tinymnist.lab.check import proof
 
     def ev(worsts, params_ok=True):
         return {"last": 5, "passed": False, "metric": "test_acc", "threshold": 99.4,
@@ -265,8 +265,8 @@ def test_a_second_check_at_a_budget_is_recorded_as_the_second_look_at_test(tmp_p
     import dataclasses
     import json
 
-    from tinymnist import experiments
-    from tinymnist.check import earlier_test_looks
+    from tinymnist.lab import series as experiments
+    from tinymnist.lab.check import earlier_test_looks
 
     later = dataclasses.replace(get_step("half"), name="half-again")
     monkeypatch.setattr(experiments, "STEPS", experiments.STEPS + (later,))
@@ -306,7 +306,7 @@ def test_the_searches_page_marks_the_trial_each_step_refits_with_its_per_seed_sc
 def test_step_prose_names_the_numbers_results_hold_instead_of_typing_them():
     import re
 
-    from tinymnist.report import NOT_CONFIRMED, PLACEHOLDER, fill
+    from tinymnist.pages.report import NOT_CONFIRMED, PLACEHOLDER, fill
 
     for s in STEPS:
         for text in (s.target, s.analysis):
@@ -323,8 +323,8 @@ def test_the_validation_check_that_earned_a_look_is_named_not_typed():
     import json
     import statistics
 
-    from tinymnist.check import worst_of_last
-    from tinymnist.report import fill
+    from tinymnist.lab.check import worst_of_last
+    from tinymnist.pages.report import fill
 
     def worsts(path):
         ev = json.loads(path.read_text())
@@ -341,7 +341,7 @@ def test_the_validation_check_that_earned_a_look_is_named_not_typed():
 
 def test_an_unknown_placeholder_is_one_error_naming_the_step():
     from tinymnist.errors import TinyMnistError
-    from tinymnist.report import fill
+    from tinymnist.pages.report import fill
 
     with pytest.raises(TinyMnistError, match=r"steps/final.md: no number \{check.luck\}"):
         fill("the {check.luck} of it", get_step("final"), ROOT / "results")
@@ -354,7 +354,7 @@ def test_an_unknown_placeholder_is_one_error_naming_the_step():
 def test_a_screened_step_trains_its_candidates_recipe_on_all_the_images():
     from dataclasses import replace
 
-    from tinymnist.screen import read_screen
+    from tinymnist.lab.screen import read_screen
 
     for s in STEPS:
         if s.screened_by:
@@ -373,7 +373,7 @@ def test_the_frontier_draws_one_validation_point_per_budget_the_best_of_its_conf
     import json
     import statistics
 
-    from tinymnist.report import _validation_points
+    from tinymnist.pages.report import _validation_points
 
     results = ROOT / "results"
     by_budget: dict[int, list[tuple[float, str]]] = {}
@@ -396,7 +396,7 @@ def test_only_the_answer_names_the_shipped_checkpoint_in_its_errors_section():
     """results/<step>/errors/errors.json records the checkpoint it evaluated, and for a step that was once the answer
     that is the package's model.pt, which now holds another step's run: the page then names the run instead, and
     says where its config.json is."""
-    from tinymnist.report import RESULTS, _errors_section
+    from tinymnist.pages.report import RESULTS, _errors_section
 
     shown = {}
     for step in STEPS:

@@ -15,7 +15,7 @@ import pytest
 from nbformat import v4
 
 from tinymnist.cli import main
-from tinymnist.grade import accuracies, find_claim, grade, judge_claim, judge_log, pick_log, Log
+from tinymnist.apps.grade import accuracies, find_claim, grade, judge_claim, judge_log, pick_log, Log
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASS = ROOT / "examples" / "class"
@@ -82,7 +82,7 @@ def test_a_claim_is_held_to_the_log():
 def graded(tmp_path_factory):
     out = tmp_path_factory.mktemp("graded")
     shutil.copytree(CLASS, out / "class")
-    from tinymnist.sandbox import Limits
+    from tinymnist.models.sandbox import Limits
 
     rows = grade([out / "class"], Limits(seconds=float(TIMEOUT)), log=lambda line: None)
     return {r.submission: r for r in rows}, out
@@ -124,7 +124,7 @@ def test_the_hostile_submission_costs_only_its_row(graded):
 
 def test_the_committed_class_table_is_what_grade_writes(graded, tmp_path):
     rows, out = graded
-    from tinymnist.grade import markdown_table, sort_rows
+    from tinymnist.apps.grade import markdown_table, sort_rows
 
     page = ROOT / "docs" / "class" / "grades.md"
     table = markdown_table(sort_rows(list(rows.values())), page.with_suffix(""), page)
@@ -224,7 +224,7 @@ def test_grading_never_imports_the_submission_in_the_graders_process(tmp_path):
                                              "    def __init__(self):\n        super().__init__()\n"
                                              "        self.c = nn.Conv2d(1, 10, 28)\n"
                                              "    def forward(self, x):\n        return self.c(x).flatten(1)\n")
-    code = ("import sys; from tinymnist.grade import grade\n"
+    code = ("import sys; from tinymnist.apps.grade import grade\n"
             f"rows = grade([{str(tmp_path / 's')!r}], log=lambda l: None)\n"
             "assert rows[0].params == 7850, rows[0]\n"
             "import torch.nn as nn\n"
@@ -299,7 +299,7 @@ def test_two_machines_share_the_retraining_through_postgres(postgres, tmp_path):
     assert len(trained) == 6 and len(set(trained)) == 6, trained  # every run once, shared between the two
     import optuna
 
-    from tinymnist.sweep import driver_url
+    from tinymnist.lab.sweep import driver_url
 
     study = optuna.load_study(study_name=out_a.split(" in study ")[1].split(";")[0], storage=driver_url(postgres))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -317,7 +317,7 @@ def test_a_killed_grading_loses_only_the_run_it_was_training(tmp_path):
     import optuna
     from conftest import synthetic_mnist
 
-    from tinymnist.sweep import driver_url
+    from tinymnist.lab.sweep import driver_url
 
     synthetic_mnist(tmp_path / "d", n_train=2048, n_test=64)
     shutil.copytree(CLASS / "alice", tmp_path / "class" / "alice")

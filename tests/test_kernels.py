@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinymnist import kernels
+from tinymnist.accel import kernels
 from tinymnist.errors import TinyMnistError
-from tinymnist.kernels import BatchNormAct, fuse_bn_act, resolve_kernels, use_kernels
+from tinymnist.accel.kernels import BatchNormAct, fuse_bn_act, resolve_kernels, use_kernels
 
 CPU = torch.device("cpu")
 CL = torch.channels_last
@@ -85,7 +85,7 @@ def test_fused_results_do_not_depend_on_the_thread_count(built):
 
 
 def test_fusing_keeps_checkpoint_names_values_and_evaluation(built):
-    from tinymnist.model import create_model
+    from tinymnist.models.model import create_model
 
     plain = create_model("Model_7").to(memory_format=CL)
     fused = copy.deepcopy(plain)
@@ -100,8 +100,8 @@ def test_fusing_keeps_checkpoint_names_values_and_evaluation(built):
 
 
 def test_a_fused_training_step_equals_the_native_one(built):
-    from tinymnist.engine import make_optimizer
-    from tinymnist.experiments import get_step
+    from tinymnist.core.engine import make_optimizer
+    from tinymnist.lab.series import get_step
 
     cfg = get_step("final").config
     x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=CL)
@@ -144,7 +144,7 @@ def test_unbuildable_kernels_fall_back_with_one_line_or_refuse(monkeypatch):
 
 def test_a_failing_compiler_is_a_reason_and_leaves_no_file(tmp_path):
     # in a fresh process, so this process's cached library stays as it is
-    code = "from tinymnist import kernels; print(kernels.library()[1])"
+    code = "from tinymnist.accel import kernels; print(kernels.library()[1])"
     env = {**os.environ, "CC": "false", "TINYMNIST_CACHE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "could not build kernels.c" in out.stdout
@@ -153,7 +153,7 @@ def test_a_failing_compiler_is_a_reason_and_leaves_no_file(tmp_path):
 
 def test_cc_may_carry_a_wrapper_and_flags(built, tmp_path):
     # CC is a command line ("ccache gcc", "gcc -m64"): the whole of it compiles, not just its first word
-    code = "from tinymnist import kernels; lib, why = kernels.library(); print(lib is not None, why)"
+    code = "from tinymnist.accel import kernels; lib, why = kernels.library(); print(lib is not None, why)"
     env = {**os.environ, "CC": "env LC_ALL=C cc", "TINYMNIST_CACHE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.startswith("True"), out.stdout
@@ -164,7 +164,7 @@ def test_configs_saved_before_kernels_existed_mean_native():
     import json
     from pathlib import Path
 
-    from tinymnist.config import TrainConfig
+    from tinymnist.core.config import TrainConfig
 
     saved = json.loads((Path(__file__).resolve().parent / "data" / "legacy" / "config-before-kernels.json").read_text())
     assert "kernels" not in saved["config"] and saved["config"]["memory_format"] == "channels_last"
@@ -176,7 +176,7 @@ def test_configs_saved_before_kernels_existed_mean_native():
 
 @pytest.mark.parametrize("shape", [(4, 16, 24, 24), (3, 10, 7, 9), (2, 3, 5, 5)])  # odd sizes drop a row/column
 def test_the_max_pool_kernel_is_bit_identical_to_pytorchs_with_ties_and_nan(built, shape):
-    from tinymnist.kernels import MaxPool2x2
+    from tinymnist.accel.kernels import MaxPool2x2
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     x[:, :, ::3, ::2] = 0.5  # ties inside windows: the first maximum wins in both
@@ -192,7 +192,7 @@ def test_the_max_pool_kernel_is_bit_identical_to_pytorchs_with_ties_and_nan(buil
 
 
 def test_use_kernels_swaps_only_what_it_can_run():
-    from tinymnist.kernels import MaxPool2x2, use_kernels
+    from tinymnist.accel.kernels import MaxPool2x2, use_kernels
 
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.Dropout(0.1), nn.ReLU(),  # not adjacent
@@ -226,7 +226,7 @@ def _conv_case(n, ci, h, w, co, k, seed=0):
                                   (2, 10, 12, 12, 16, 3), (2, 3, 9, 7, 26, 3), (2, 5, 11, 11, 20, 5),
                                   (3, 16, 3, 3, 16, 3), (2, 7, 4, 6, 3, 2)])
 def test_the_convolution_kernel_matches_pytorch_in_both_directions(built, case):
-    from tinymnist.kernels import Conv2d
+    from tinymnist.accel.kernels import Conv2d
 
     x, weight, g = _conv_case(*case)
     conv = Conv2d(case[1], case[4], case[5], bias=False)
@@ -249,7 +249,7 @@ def test_the_convolution_kernel_matches_pytorch_in_both_directions(built, case):
 @pytest.mark.parametrize("case", [(4, 10, 12, 12, 3), (3, 32, 10, 10, 3), (2, 3, 9, 7, 3), (2, 13, 11, 11, 5),
                                   (3, 16, 3, 3, 3), (2, 7, 4, 6, 1), (64, 32, 8, 8, 3)])
 def test_the_depthwise_kernel_matches_pytorch_in_both_directions(built, case):
-    from tinymnist.kernels import Conv2d, use_kernels
+    from tinymnist.accel.kernels import Conv2d, use_kernels
 
     n, c, h, w, k = case
     gen = torch.Generator().manual_seed(1)
@@ -275,7 +275,7 @@ def test_the_depthwise_kernel_matches_pytorch_in_both_directions(built, case):
 
 
 def test_depthwise_results_do_not_depend_on_the_thread_count(built):
-    from tinymnist.kernels import use_kernels
+    from tinymnist.accel.kernels import use_kernels
 
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(128, 32, 10, 10, generator=gen).contiguous(memory_format=CL)  # above the serial threshold
@@ -298,7 +298,7 @@ def test_depthwise_results_do_not_depend_on_the_thread_count(built):
 
 
 def test_the_convolution_kernel_skips_dx_when_the_input_needs_no_gradient(built):
-    from tinymnist.kernels import Conv2d
+    from tinymnist.accel.kernels import Conv2d
 
     x, weight, g = _conv_case(3, 1, 10, 10, 8, 3)
     conv = Conv2d(1, 8, 3, bias=False)
@@ -308,7 +308,7 @@ def test_the_convolution_kernel_skips_dx_when_the_input_needs_no_gradient(built)
 
 
 def test_convolution_results_do_not_depend_on_the_thread_count(built):
-    from tinymnist.kernels import Conv2d
+    from tinymnist.accel.kernels import Conv2d
 
     x, weight, g = _conv_case(128, 8, 26, 26, 16, 3)  # Model_7's widest layer: above the serial threshold
     before, results = torch.get_num_threads(), []
@@ -329,7 +329,7 @@ def test_convolution_results_do_not_depend_on_the_thread_count(built):
 
 
 def test_the_convolution_evaluates_with_pytorchs_op(built):
-    from tinymnist.kernels import Conv2d
+    from tinymnist.accel.kernels import Conv2d
 
     conv = Conv2d(8, 16, 3, bias=False).eval()
     x = torch.randn(2, 8, 9, 9).contiguous(memory_format=CL)
@@ -337,7 +337,7 @@ def test_the_convolution_evaluates_with_pytorchs_op(built):
 
 
 def _conv_step(threads: int):
-    from tinymnist.kernels import Conv2d
+    from tinymnist.accel.kernels import Conv2d
 
     torch.set_num_threads(threads)
     x, weight, g = _conv_case(128, 8, 26, 26, 16, 3, seed=3)
@@ -390,7 +390,7 @@ def test_the_kernel_threads_survive_fewer_threads_more_threads_and_a_fork(built)
     ({"TINYMNIST_SPIN_US": "350", "OMP_WAIT_POLICY": "ACTIVE"}, 350),  # the explicit window wins
 ])
 def test_the_helpers_wait_as_the_user_asked(monkeypatch, env, expected):
-    from tinymnist import runtime
+    from tinymnist.accel import runtime
 
     for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TINYMNIST_OMP_DEFAULTS", "TINYMNIST_SPIN_US"):
         monkeypatch.delenv(k, raising=False)
@@ -402,7 +402,7 @@ def test_the_helpers_wait_as_the_user_asked(monkeypatch, env, expected):
 def test_two_python_threads_may_train_on_the_kernels_at_once(built):
     import threading
 
-    from tinymnist.kernels import Conv2d
+    from tinymnist.accel.kernels import Conv2d
 
     cases = [_conv_case(64, 8, 26, 26, 16, 3, seed=s) for s in (5, 6)]
 
@@ -438,7 +438,7 @@ def test_the_declared_argtypes_are_the_c_prototypes():
     import ctypes
     import re
 
-    from tinymnist.kernels import PROTOTYPES, SOURCE
+    from tinymnist.accel.kernels import PROTOTYPES, SOURCE
 
     text = re.sub(r"/\*.*?\*/", "", SOURCE.read_text(), flags=re.S)
     found = {}
@@ -452,7 +452,7 @@ def test_the_declared_argtypes_are_the_c_prototypes():
 
 
 def test_the_support_rule_is_the_c_librarys():
-    from tinymnist.kernels import library, supports
+    from tinymnist.accel.kernels import library, supports
 
     if library()[0] is None:
         pytest.skip("no C compiler here")
@@ -463,7 +463,7 @@ def test_the_support_rule_is_the_c_librarys():
 @pytest.mark.parametrize("act,slope", [("relu", 0.0), ("gelu", 0.0), ("silu", 0.0), ("leaky_relu", 0.1)])
 @pytest.mark.parametrize("shape", [(8, 16, 6, 6), (3, 12, 5, 7), (3, 33, 5, 7), (32, 8, 26, 26)])
 def test_each_fused_activation_matches_pytorch_in_float64(built, act, slope, shape):
-    from tinymnist.kernels import _activate
+    from tinymnist.accel.kernels import _activate
 
     torch.manual_seed(shape[1])
     ref = nn.BatchNorm2d(shape[1]).double()

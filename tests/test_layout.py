@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from tinymnist.config import TrainConfig
+from tinymnist.core.config import TrainConfig
 from tinymnist.errors import TinyMnistError
-from tinymnist.model import Net, create_model, list_models, model_class, parse_layout
-from tinymnist.summary import summarize
+from tinymnist.models.model import Net, create_model, list_models, model_class, parse_layout
+from tinymnist.models.summary import summarize
 
 
 def _counted(layers, bn: bool) -> int:
@@ -95,7 +95,7 @@ def test_a_tied_repeat_is_one_weight_deeper():
     """c4r3: three conv layers (the map shrinks and the receptive field grows three times) that train one weight:
     a step moves all three, the optimizer, the summary and the weight average see it once, and a checkpoint
     loads back tied."""
-    from tinymnist.engine import EMA
+    from tinymnist.core.engine import EMA
 
     model = Net(layout="c4 c4r3 G o")
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -123,9 +123,9 @@ def test_a_tied_repeat_is_one_weight_deeper():
 def test_an_activation_replaces_every_relu_and_keeps_the_parameters():
     """TrainConfig.activation swaps the nonlinearity of every conv block of our models (the weights stay the same
     shapes, so the same seed draws the same initial weights); a bad name, or one for a user's own class, is one error."""
-    from tinymnist.config import for_user_model
-    from tinymnist.kernels import coverage, use_kernels
-    from tinymnist.model import ACTIVATIONS
+    from tinymnist.core.config import for_user_model
+    from tinymnist.accel.kernels import coverage, use_kernels
+    from tinymnist.models.model import ACTIVATIONS
 
     relu = TrainConfig(model="Model_12").validate().build_model()
     for name in ACTIVATIONS:

@@ -33,7 +33,7 @@ def test_every_check_file_becomes_a_proof_picture(tmp_path):
     import shutil
     from pathlib import Path
 
-    from tinymnist.report import replot_checks
+    from tinymnist.pages.report import replot_checks
 
     # a frozen copy of a real check's evidence (results/check-final.json, which a new check would overwrite)
     shutil.copy(Path(__file__).resolve().parent / "data" / "check-final.json", tmp_path / "check-final.json")
@@ -45,7 +45,7 @@ def test_errors_never_writes_into_the_package(tmp_path):
     from pathlib import Path
 
     import tinymnist
-    from tinymnist.mistakes import PACKAGED_OUT, default_out
+    from tinymnist.apps.misclassified import PACKAGED_OUT, default_out
 
     shipped = Path(tinymnist.__file__).resolve().parent / "assets" / "model.pt"
     assert default_out(shipped) == PACKAGED_OUT and not PACKAGED_OUT.is_absolute()  # under the current directory

@@ -12,7 +12,7 @@ import pytest
 
 from tinymnist.cli import main
 from tinymnist.errors import TinyMnistError
-from tinymnist.parallel import Job, plan, run_jobs
+from tinymnist.core.parallel import Job, plan, run_jobs
 
 from conftest import synthetic_mnist
 
@@ -95,7 +95,7 @@ def test_check_histories_do_not_depend_on_jobs(tmp_path):
 def test_on_the_c_kernels_a_history_does_not_depend_on_the_thread_count(tmp_path):
     # the kernels sum over fixed slices and PyTorch's remaining training ops are elementwise or small: measured on
     # the full recipe too (results/check-final-jobs*.json: 2 threads per run and 1, the same five histories)
-    from tinymnist.kernels import library
+    from tinymnist.accel.kernels import library
 
     if library()[0] is None:
         pytest.skip("no C compiler here: the kernels do not run")
@@ -151,7 +151,7 @@ def test_ctrl_c_or_kill_stops_every_worker_with_one_line_and_leaves_no_partial_f
 
 _STRAY_SIGTERM = """
 import signal, threading, time, multiprocessing as mp
-from tinymnist import parallel
+from tinymnist.core import parallel
 inbox = mp.get_context("spawn").Queue()  # empty: the worker waits for its next piece
 signal.signal(signal.SIGTERM, parallel._terminated)
 def poke():
@@ -186,7 +186,7 @@ def _session_members(sid: int) -> list[int]:
 
 def _simulate(parts, workers):
     """Pieces of one time unit each, handed out as run_jobs hands them: (makespan, finish time per run)."""
-    from tinymnist.parallel import Schedule
+    from tinymnist.core.parallel import Schedule
 
     schedule, t, finished = Schedule(parts, workers), 0, {}
     while not schedule.finished:

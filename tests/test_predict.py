@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from tinymnist.cli import main
-from tinymnist.data import load_mnist
-from tinymnist.predict import ImageError, load_image, preprocess_image
+from tinymnist.core.data import load_mnist
+from tinymnist.apps.predict import ImageError, load_image, preprocess_image
 
 
 def user_image(digit_u8: torch.Tensor, mode: str = "L") -> Image.Image:
@@ -105,8 +105,8 @@ HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnx
 def test_onnx_export_matches_pytorch(trained_run, real_data_dir, tmp_path, capsys):
     import onnxruntime as ort
 
-    from tinymnist.data import normalize
-    from tinymnist.runs import load_checkpoint
+    from tinymnist.core.data import normalize
+    from tinymnist.core.runs import load_checkpoint
 
     out = tmp_path / "model.onnx"
     code, _, err = run(capsys, "export", str(trained_run / "model.pt"), "--onnx", str(out))
@@ -136,7 +136,7 @@ def test_a_damaged_checkpoint_is_one_clear_error(tmp_path):
     import torch
 
     from tinymnist.errors import TinyMnistError
-    from tinymnist.runs import CHECKPOINT_FORMAT, load_checkpoint
+    from tinymnist.core.runs import CHECKPOINT_FORMAT, load_checkpoint
 
     for payload in ({"format": CHECKPOINT_FORMAT}, {"format": CHECKPOINT_FORMAT, "config": {"model": "Model_7"},
                                                     "state_dict": {}},

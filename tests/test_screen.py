@@ -6,7 +6,7 @@ import pytest
 
 from tinymnist.cli import main
 from tinymnist.errors import TinyMnistError
-from tinymnist.screen import earns_test_look, read_screen, summarize_evidence
+from tinymnist.lab.screen import earns_test_look, read_screen, summarize_evidence
 
 from conftest import synthetic_mnist
 
@@ -52,7 +52,7 @@ def test_the_gate_compares_worst_and_mean_with_the_yardstick():
 
 
 def test_one_seed_spread_and_one_top_spread_for_every_page():
-    from tinymnist.check import seed_gap, top_spread
+    from tinymnist.lab.check import seed_gap, top_spread
 
     assert seed_gap([[99.30, 99.40], [99.35, 99.35, 99.39], [99.2]]) == pytest.approx(0.07)  # (0.10 + 0.04) / 2
     assert seed_gap([[99.3], [99.4]]) is None  # one seed each: no spread to state
@@ -108,8 +108,8 @@ def test_a_screen_ranks_confirms_resumes_and_never_reads_the_test_set(tmp_path, 
     assert confirm["seeds"][:2] == ev["seeds"] and confirm["seeds"][2]["seed"] == 2
     assert len(list((tmp_path / "runs").iterdir())) == 5
     # ... and it is the check that trains all 3 seeds afresh, history for history
-    from tinymnist.check import run_check
-    from tinymnist.config import TrainConfig
+    from tinymnist.lab.check import run_check
+    from tinymnist.core.config import TrainConfig
 
     afresh = run_check("budget-5000", 3, 2, data_dir=str(tmp_path / "d"), out_root=str(tmp_path / "fresh"),
                        progress=False, threads=1, jobs=2, recipe=TrainConfig.from_dict(confirm["config"]))

@@ -1,7 +1,7 @@
 import pytest
 from torch import nn
 
-from tinymnist.summary import summarize
+from tinymnist.models.summary import summarize
 
 
 def test_receptive_field_of_a_known_stack():
@@ -42,7 +42,7 @@ def test_frozen_params_are_not_trainable():
 
 @pytest.mark.parametrize("name", ["Model_1", "Model_6"])
 def test_series_models_cover_the_digit(name):
-    from tinymnist.model import create_model
+    from tinymnist.models.model import create_model
 
     assert summarize(create_model(name)).rf >= 28
 
@@ -69,7 +69,7 @@ class _DeclaredOutOfOrder(nn.Module):
 
 
 def test_any_network_in_the_order_its_modules_run():
-    from tinymnist.summary import format_summary
+    from tinymnist.models.summary import format_summary
 
     s = summarize(_DeclaredOutOfOrder())
     assert [x.kind for x in s.layers] == ["Conv2d", "BatchNorm2d", "Conv2d", "AvgPool2d", "Linear"]

@@ -18,7 +18,7 @@ optuna = pytest.importorskip("optuna")
 
 from tinymnist.cli import main  # noqa: E402
 from tinymnist.errors import TinyMnistError  # noqa: E402
-from tinymnist.space import parse_space  # noqa: E402
+from tinymnist.lab.space import parse_space  # noqa: E402
 
 from conftest import synthetic_mnist  # noqa: E402
 
@@ -45,7 +45,7 @@ def write_space(path: Path, epochs: int = 2) -> Path:
 
 
 def trials_of(url: str, study: str):
-    from tinymnist.sweep import open_storage
+    from tinymnist.lab.sweep import open_storage
 
     return optuna.load_study(study_name=study, storage=open_storage(url, None)).get_trials()
 
@@ -270,7 +270,7 @@ def test_searching_epochs_is_refused():
 
 def test_pruner_warmup_holds_for_every_seed():
     """A trial far below the median is never pruned in the first warmup_epochs - 1 epochs of any seed."""
-    from tinymnist.sweep import _pruner
+    from tinymnist.lab.sweep import _pruner
 
     epochs, warmup = 4, 3
     space = parse_space({"seeds": 2, "fixed": {"epochs": epochs}, "last": 2,
@@ -293,7 +293,7 @@ def test_pruner_warmup_holds_for_every_seed():
 def test_a_trial_with_one_strong_seed_sets_no_higher_bar_than_its_objective():
     """The objective is the minimum over seeds: a complete trial whose seed 0 was strong and whose seed 1 ended low
     bars the others at its objective, not at its strong seed's values."""
-    from tinymnist.sweep import _pruner
+    from tinymnist.lab.sweep import _pruner
 
     epochs = 4
     space = parse_space({"seeds": 2, "fixed": {"epochs": epochs}, "last": 1,
@@ -314,7 +314,7 @@ def test_a_trial_with_one_strong_seed_sets_no_higher_bar_than_its_objective():
 def test_two_seed_sweep_prunes_no_trial_before_the_warmup_of_its_second_seed(tmp_path):
     from optuna.trial import TrialState
 
-    from tinymnist.sweep import create_study
+    from tinymnist.lab.sweep import create_study
 
     synthetic_mnist(tmp_path / "d", n_train=512, n_test=64, learnable=True)
     epochs, warmup = 3, 2
@@ -337,8 +337,8 @@ warmup_epochs = {warmup}
 """)
     out = tmp_path / "out"
     # a good recipe first, then one that learns nothing: the median rule must prune the second, after warm-up
-    from tinymnist.space import load_space
-    from tinymnist.sweep import storage_url
+    from tinymnist.lab.space import load_space
+    from tinymnist.lab.sweep import storage_url
 
     study = create_study(load_space(space), storage_url(None, out), "two")
     study.enqueue_trial({"lr": 0.1})

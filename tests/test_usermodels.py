@@ -147,7 +147,7 @@ def test_the_demo_serves_a_user_model(trained):
 
     from PIL import Image
 
-    from tinymnist.demo import make_server
+    from tinymnist.apps.demo import make_server
 
     srv = make_server(trained / "model.pt", "127.0.0.1", 0, models=str(MODELS))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -176,8 +176,8 @@ def test_a_user_checkpoint_needs_its_models_file_named(trained, capsys):
 
 
 def test_a_changed_models_file_loads_after_one_warning_naming_both_hashes(trained, tmp_path, capsys):
-    from tinymnist.runs import load_checkpoint
-    from tinymnist.usermodels import file_sha256
+    from tinymnist.core.runs import load_checkpoint
+    from tinymnist.models.userfile import file_sha256
 
     changed = tmp_path / "model.py"
     changed.write_text(MODELS.read_text() + "\n# tuned later\n")
@@ -234,7 +234,7 @@ def test_an_unknown_model_lists_the_valid_names(capsys):
 
 def test_register_model_makes_a_notebook_class_trainable_and_checkable(data_dir, tmp_path, monkeypatch):
     import tinymnist
-    from tinymnist import model
+    from tinymnist.models import model
 
     monkeypatch.setattr(model, "_REGISTERED", {})  # registered for this test only
 
@@ -304,8 +304,8 @@ def test_resume_of_a_run_of_your_model_takes_the_file_again_checked_and_never_im
     import subprocess
     import sys
 
-    from tinymnist.config import TrainConfig
-    from tinymnist.runs import train_run
+    from tinymnist.core.config import TrainConfig
+    from tinymnist.core.runs import train_run
 
     own = tmp_path / "model.py"
     shutil.copy(MODELS, own)

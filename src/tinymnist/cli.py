@@ -61,8 +61,8 @@ _port = _checked(int, lambda v: 0 <= v <= 65535, "a port number from 0 to 65535"
 def _shared_options() -> dict[str, argparse.ArgumentParser]:
     """Every option that several verbs take, each defined once, as an argparse parent parser; a verb lists the ones
     it takes. Defaults and choices come from the constants of the modules that own them."""
-    from .data import ENV_VAR, default_data_dir
-    from .device import DEVICES
+    from .core.data import ENV_VAR, default_data_dir
+    from .accel.device import DEVICES
 
     def parent(name: str, *args, **kwargs) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(add_help=False)
@@ -106,10 +106,10 @@ def _add_models(p: argparse.ArgumentParser, what: str = "--model NAME picks one"
 def _user_model(args: argparse.Namespace, name: Optional[str], flag: str = "--model") -> Optional[str]:
     """The model a command names, checked against the --models file (or tinymnist's models and registered ones);
     with a --models file and no name, its only class. An unknown name is a usage error listing the valid ones."""
-    from .model import list_models
+    from .models.model import list_models
 
     if getattr(args, "models", None):
-        from .usermodels import load_models_file
+        from .models.userfile import load_models_file
 
         found = load_models_file(args.models)
         if name is None:
@@ -127,7 +127,7 @@ def _user_model(args: argparse.Namespace, name: Optional[str], flag: str = "--mo
 
 def _recipe_for(step, args: argparse.Namespace, **extra):
     """A step's recipe with the command's overrides, for --model/--models when given; validated."""
-    from .check import check_recipe
+    from .lab.check import check_recipe
 
     model = _user_model(args, getattr(args, "model", None))
     return check_recipe(step, model, args.models, _overrides(args, **extra)).validate()
@@ -137,7 +137,7 @@ def recipe_options() -> list:
     """The TrainConfig fields the training verbs take as --options (their metadata says cli)."""
     import dataclasses
 
-    from .config import TrainConfig
+    from .core.config import TrainConfig
 
     return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli")]
 
@@ -145,7 +145,7 @@ def recipe_options() -> list:
 def _add_recipe_overrides(p: argparse.ArgumentParser) -> None:
     """Options that override single fields of a step's recipe, generated from TrainConfig's field metadata (help,
     choices, accepted values); unset ones keep the recipe's value."""
-    from .kernels import OPS
+    from .accel.kernels import OPS
 
     g = p.add_argument_group("recipe overrides (default: the step's own value)")
     for f in recipe_options():
@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_model_verbs(verb) -> None:
     """The verbs about models and training one: models, summary, train, resume, experiments."""
-    from .experiments import ANSWER_WHY, answer, step_names
-    from .model import list_models
+    from .lab.series import ANSWER_WHY, answer, step_names
+    from .models.model import list_models
 
     p = verb("models", "list the models and their parameter counts", cmd_models)
     _add_models(p, "list its models instead of tinymnist's")
@@ -218,8 +218,8 @@ def _add_model_verbs(verb) -> None:
 
 def _add_series_verbs(verb) -> None:
     """The verbs about the series and its evidence: reproduce, report, check, screen, sweep, sweep-report."""
-    from .experiments import ANSWER_WHY, answer, step_names
-    from .space import HEARTBEAT, SPACE_FORMAT
+    from .lab.series import ANSWER_WHY, answer, step_names
+    from .lab.space import HEARTBEAT, SPACE_FORMAT
     from .target import LAST, MAX_PARAMS, SEEDS, budget_words
 
     p = verb("reproduce", "train the steps, write results/ and regenerate the README and docs/", cmd_reproduce,
@@ -313,9 +313,9 @@ def _add_series_verbs(verb) -> None:
 
 def _add_use_verbs(verb) -> None:
     """The verbs that use a trained model, and the benchmark: errors, demo, predict, export, bench."""
-    from .config import PRECISIONS
-    from .demo import DEFAULT_PORT
-    from .experiments import answer
+    from .accel.device import PRECISIONS
+    from .apps.demo import DEFAULT_PORT
+    from .lab.series import answer
 
     p = verb("errors", "the test images a checkpoint gets wrong: a picture grid, the confusion matrix and errors.json",
              cmd_errors, "data", "device")
@@ -365,10 +365,10 @@ def _add_use_verbs(verb) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .model import count_params, create_model, list_models
+    from .models.model import count_params, create_model, list_models
 
     if args.models:
-        from .usermodels import check_forward, load_models_file
+        from .models.userfile import check_forward, load_models_file
 
         found = load_models_file(args.models)
         built = {name: found.build(name) for name in found.classes}
@@ -394,14 +394,14 @@ def _first_sentence(doc: Optional[str]) -> str:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from .config import TrainConfig
-    from .summary import format_summary, summarize
+    from .core.config import TrainConfig
+    from .models.summary import format_summary, summarize
 
     name = _user_model(args, args.model, "MODEL")
     cfg = TrainConfig(model=name, models_file=args.models or "")
     model = cfg.build_model()
     if cfg.user_model:
-        from .usermodels import check_forward
+        from .models.userfile import check_forward
 
         check_forward(model, name, args.models or "")
     print(format_summary(summarize(model), title=name))
@@ -409,10 +409,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .check import held_out_line
-    from .experiments import ANSWER_WHY, answer, get_step
-    from .model import count_params
-    from .runs import train_run
+    from .lab.check import held_out_line
+    from .lab.series import ANSWER_WHY, answer, get_step, teacher_recipe
+    from .models.model import count_params
+    from .core.runs import train_run
 
     step = get_step(args.step) if args.step else answer()
     cfg = _recipe_for(step, args, seed=args.seed)
@@ -425,14 +425,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         source = f" from {args.models}" if args.models else ""
         print(f"training {cfg.model}{source} ({size}) with the recipe of step {step.name}", flush=True)
     run_dir, history = train_run(cfg, out=args.out, data_dir=args.data_dir, device=args.device, name=name,
-                                 progress=_progress(args), threads=args.threads)
+                                 progress=_progress(args), threads=args.threads,
+                                 teacher=teacher_recipe(cfg) if cfg.teacher else None)
     print(f"{held_out_line(history)}; run directory: {run_dir}")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from .check import held_out_line
-    from .runs import resume_run
+    from .lab.check import held_out_line
+    from .core.runs import resume_run
 
     run_dir, history = resume_run(args.run_dir, data_dir=args.data_dir, threads=args.threads, models=args.models,
                                   progress=_progress(args))
@@ -441,7 +442,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_experiments(args: argparse.Namespace) -> int:
-    from .experiments import STEPS
+    from .lab.series import STEPS
 
     width = max(len(s.name) for s in STEPS) + 2
     for s in STEPS:
@@ -451,15 +452,21 @@ def cmd_experiments(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .report import reproduce
+    from .lab.reproduce import reproduce
+    from .pages.report import update_and_say
 
-    reproduce(args.only, args.results, args.root, args.runs, jobs=args.jobs, threads=args.threads,
-              data_dir=args.data_dir, device=args.device, progress=_progress(args))
+    failed = reproduce(args.only, args.results, args.runs, jobs=args.jobs, threads=args.threads,
+                       data_dir=args.data_dir, device=args.device, progress=_progress(args))
+    update_and_say(args.root, args.results)
+    if failed:
+        from .lab.series import step_names
+
+        raise TinyMnistError(f"{len(failed)} of {len(args.only or step_names())} steps failed: {', '.join(failed)}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import regenerate
+    from .pages.report import regenerate
 
     regenerate(args.results, args.root)
     return 0
@@ -468,11 +475,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .check import reusable_evidence, run_check
-    from .experiments import answer, get_step
+    from .lab.check import reusable_evidence, run_check
+    from .lab.series import answer, get_step
     from .fileio import write_json
-    from .mistakes import plot_proof
-    from .runs import new_run_dir
+    from .pages.plots import plot_proof
+    from .core.runs import new_run_dir
 
     step = get_step(args.step) if args.step else answer()
     cfg = _recipe_for(step, args)
@@ -491,8 +498,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"proof plot written to {plot}")
     if args.markdown:
         from .fileio import atomic_path
-        from .report import render_card
-        from .summary import summarize
+        from .pages.report import render_card
+        from .models.summary import summarize
 
         with atomic_path(args.markdown) as tmp:
             tmp.write_text(render_card(evidence, Path(args.markdown), plot, summarize(cfg.build_model())) + "\n")
@@ -501,8 +508,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_grade(args: argparse.Namespace) -> int:
-    from .grade import grade, timing_line, write_outputs
-    from .sandbox import Limits
+    from .apps.grade import grade, timing_line, write_outputs
+    from .models.sandbox import Limits
 
     t0 = time.perf_counter()
     rows = grade(args.paths, Limits(seconds=args.timeout, memory_mb=args.memory))
@@ -510,7 +517,7 @@ def cmd_grade(args: argparse.Namespace) -> int:
     evidence = {}
     seeds = args.retrain or args.retrain_all
     if seeds:
-        from .retrain import retrain
+        from .apps.retrain import retrain
 
         evidence = retrain(rows, seeds, everyone=bool(args.retrain_all), state=args.state, jobs=args.jobs,
                            threads=args.threads, data_dir=args.data_dir, device=args.device, storage=args.storage,
@@ -524,7 +531,7 @@ def cmd_grade(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import format_report, run_sweep
+    from .lab.sweep import format_report, run_sweep
 
     summary = run_sweep(args.space, args.trials, jobs=args.jobs, storage=args.storage, study=args.study, out=args.out,
                         data_dir=args.data_dir, device=args.device, threads=args.threads, heartbeat=args.heartbeat,
@@ -534,7 +541,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
-    from .screen import run_screen
+    from .lab.screen import run_screen
 
     run_screen(args.file, args.results, jobs=args.jobs, threads=args.threads, data_dir=args.data_dir,
                device=args.device, runs=args.runs, progress=_progress(args), train=not args.no_train)
@@ -545,7 +552,7 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .fileio import write_json
-    from .sweep import format_report, load_study, plot_study, resolve_storage, summarize_study
+    from .lab.sweep import format_report, load_study, plot_study, resolve_storage, summarize_study
 
     url = resolve_storage(args.target)
     st = load_study(url, args.study)
@@ -561,7 +568,7 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
 
 
 def cmd_errors(args: argparse.Namespace) -> int:
-    from .mistakes import CONFUSION_FILE, ERRORS_FILE, GRID_FILE, run_errors
+    from .apps.misclassified import CONFUSION_FILE, ERRORS_FILE, GRID_FILE, run_errors
 
     out, result = run_errors(args.checkpoint, args.out, args.data_dir, args.device, models=args.models)
     print(f"{result['errors']} of {result['test_images']:,} test images misclassified "
@@ -571,7 +578,7 @@ def cmd_errors(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import serve
+    from .apps.demo import serve
 
     serve(args.checkpoint, args.host, args.port, models=args.models)
     return 0
@@ -582,8 +589,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .device import pick_device
-    from .predict import ImageError, classify, load_classifier, load_image
+    from .accel.device import pick_device
+    from .apps.predict import ImageError, classify, load_classifier, load_image
 
     model = load_classifier(args.checkpoint, pick_device(args.device), models=args.models)
     images, names, failed = [], [], 0
@@ -605,8 +612,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
-    from .runs import load_checkpoint
+    from .apps.export import export_onnx
+    from .core.runs import load_checkpoint
 
     model, cfg = load_checkpoint(args.checkpoint, models=args.models)
     path = export_onnx(model, args.onnx)
@@ -617,10 +624,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .bench import run_bench
-    from .data import load_mnist
-    from .device import configure_threads, pick_device
-    from .experiments import answer
+    from .apps.bench import run_bench
+    from .core.data import load_mnist
+    from .accel.device import configure_threads, pick_device
+    from .lab.series import answer
     from .fileio import write_json
 
     model = _user_model(args, args.model)
@@ -632,7 +639,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        epoch=not args.no_epoch, workers=args.workers, data_dir=args.data_dir,
                        concurrency=args.concurrency)
     if args.train_runs:
-        from .bench import time_training
+        from .apps.bench import time_training
 
         result["train_runs"] = time_training(args.train_runs, args.data_dir, args.device, args.precision)
     if args.json:

@@ -1,0 +1,445 @@
+"""Throughput of our tensor pipeline against the classic per-sample Dataset + DataLoader pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import replace
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..accel import runtime
+from ..core.config import AugConfig, TrainConfig
+from ..core.data import MEAN, MNIST, STD, Loader, load_mnist
+from ..accel.device import (autocast, available_cores, configure_threads, hardware, seed_everything, sync,
+                     torch_memory_format)
+from ..core.engine import build_for, evaluate, make_optimizer, resolve_for, train_epoch
+from ..models.summary import summarize
+
+
+class ClassicDataset(torch.utils.data.Dataset):
+    """The usual pipeline: one PIL image per __getitem__, randomly rotated and shifted, then ToTensor + Normalize."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, aug: AugConfig):
+        self.images = images.cpu().numpy()
+        self.labels = labels.cpu().numpy()
+        self.aug = aug
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = Image.fromarray(self.images[i], mode="L")
+        a, t, s = self.aug.rotate, self.aug.translate, self.aug.scale
+        angle = math.radians(np.random.uniform(-a, a))
+        zoom = 1 + np.random.uniform(-s, s)
+        dx, dy = (np.random.uniform(-t, t, size=2) * 28)
+        # inverse map output -> input about the image centre, as PIL's AFFINE transform expects
+        cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
+        cx = cy = 14.0
+        matrix = (cos, sin, cx - cos * (cx + dx) - sin * (cy + dy), -sin, cos, cy + sin * (cx + dx) - cos * (cy + dy))
+        img = img.transform((28, 28), Image.AFFINE, matrix, resample=Image.BILINEAR, fillcolor=0)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).unsqueeze(0)
+        return (x - MEAN) / STD, int(self.labels[i])
+
+
+def _worker_init(worker_id: int) -> None:
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def _timed_steps(batches, step: Callable, steps: int, device: torch.device) -> float:
+    """Images per second over `steps` training steps drawn from the iterator `batches`."""
+    n = 0
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        x, y = next(batches)
+        step(x, y)
+        n += y.shape[0]
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+FLOPS_PER_MAC = 6  # a training image costs forward + 2 backward passes, each 2 FLOPs per multiply-accumulate
+
+
+def gemm_peak_gflops(device: torch.device, n: int = 1024, seconds: float = 1.5) -> float:
+    """The machine's own fp32 matrix-multiply rate at the current thread count: the ceiling a step is measured on."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        torch.mm(a, b)
+    sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b)
+        reps += 1
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+class _Step:
+    """One training step of a fresh model: forward, loss, backward, SGD step; the recipe's format and precision."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.fmt = torch_memory_format(cfg.memory_format)
+        self.optimizer = make_optimizer(model, cfg)
+
+    def __call__(self, x, y):
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
+        y = y.to(self.device, non_blocking=True)
+        with autocast(self.device, self.cfg.precision):
+            loss = F.cross_entropy(self.model(x).float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def _train_step(model_name: str, cfg: TrainConfig, device: torch.device):
+    seed_everything(0)
+    model = build_for(replace(cfg, model=model_name), device).train()
+    return model, _Step(model, cfg, device)
+
+
+@contextlib.contextmanager
+def _child_env(values: dict):
+    """Set (or, for None, remove) environment variables while child processes start: a spawned child reads them
+    before it imports torch. The parent's own values come back afterwards."""
+    def put(env: dict) -> None:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        put(values)
+        yield
+    finally:
+        put(saved)
+
+
+def _faults_per_step(step: Callable, batch, steps: int) -> Optional[float]:
+    """Minor page faults per training step (the kernel mapping and zero-filling a page): what the heap policy
+    changes. Linux and macOS count them; elsewhere None."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        step(*batch)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+
+
+def _step_server(model_name: str, config: dict, device: str, threads: int, batch, conn) -> None:
+    """In a fresh process (with its own heap and thread settings): build a training step, then answer each request
+    of `steps` (an int) with the images/s of that many steps on one fixed batch, each ("gemm", seconds) with
+    the fp32 matrix-multiply GFLOP/s at the same thread count, and each ("faults", steps) with the minor page faults
+    per step; None ends it."""
+    configure_threads(threads)
+    dev = torch.device(device)
+    _, step = _train_step(model_name, TrainConfig.from_dict(config), dev)
+    batches = iter(lambda: batch, None)  # the same batch forever
+    while (request := conn.recv()) is not None:
+        if isinstance(request, tuple) and request[0] == "faults":
+            conn.send(_faults_per_step(step, batch, request[1]))
+        elif isinstance(request, tuple):
+            conn.send(gemm_peak_gflops(dev, seconds=request[1]))
+        else:
+            conn.send(_timed_steps(batches, step, request, dev))
+
+
+def steps_interleaved(configs: dict, model_name: str, device: torch.device, batch, steps: int, repeats: int,
+                      heaps: Optional[dict] = None, gemm_in: Optional[str] = None) -> dict:
+    """Images/s of each named recipe's step, each in its own process, taking turns repeat by repeat so that a host
+    whose speed drifts biases none. `heaps` names the heap policy (runtime.HEAP_ENV) a process starts with. With
+    `gemm_in`, that recipe's process also measures the matrix-multiply rate right after each of its timings,
+    returned under "gemm": a peak and a step measured seconds apart, in one process, on a host whose speed drifts.
+    After the timings, each process counts its minor page faults per step over `steps` more steps, returned under
+    "faults" by name."""
+    import multiprocessing as mp
+
+    from ..accel.runtime import HEAP_ENV
+
+    ctx = mp.get_context("spawn")
+    servers = {}
+    for name, cfg in configs.items():
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=_step_server, args=(model_name, cfg.to_dict(), str(device),
+                                                      torch.get_num_threads(), batch, there), daemon=True)
+        with _child_env({HEAP_ENV: (heaps or {}).get(name, "retain")}):
+            proc.start()
+        servers[name] = (proc, here)
+    rates: dict = {name: [] for name in configs} | ({"gemm": []} if gemm_in else {})
+    try:
+        for name, (_, conn) in servers.items():  # warm-up: kernels, and the heap grown to its working size
+            conn.send(10)
+            conn.recv()
+        for _ in range(repeats):
+            for name, (_, conn) in servers.items():
+                conn.send(steps)
+                rates[name].append(conn.recv())
+                if name == gemm_in:
+                    conn.send(("gemm", 1.0))
+                    rates["gemm"].append(conn.recv())
+        rates["faults"] = {}
+        for name, (_, conn) in servers.items():
+            conn.send(("faults", steps))
+            rates["faults"][name] = conn.recv()
+    except EOFError:
+        raise RuntimeError("a bench process died (see its output above)") from None
+    finally:
+        for proc, conn in servers.values():
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+    return rates
+
+
+def _pipeline_rate(data_dir: Optional[str], model_name: str, config: dict, threads: int, seconds: float,
+                   barrier, results) -> None:
+    """In a fresh process: train on our pipeline for `seconds` once every process is ready; report images/s."""
+    configure_threads(threads)
+    cfg = TrainConfig.from_dict(config)
+    data = load_mnist(data_dir, progress=False)
+    _, step = _train_step(model_name, cfg, torch.device("cpu"))
+    loader = Loader(data.train_images, data.train_labels, cfg.batch_size, shuffle=True, seed=0, aug=cfg.aug)
+    batches = iter(loader)
+
+    def next_batch():
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            return next(batches)
+
+    for _ in range(5):
+        step(*next_batch())
+    barrier.wait()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x, y = next_batch()
+        step(x, y)
+        n += y.shape[0]
+    results.put(n / (time.perf_counter() - t0))
+
+
+def _wait_vars(wait_policy: Optional[str]) -> dict:
+    """The environment a child starts with for a wait policy (None: the parent's own): without GOMP_SPINCOUNT,
+    which would otherwise set libgomp's spinning whatever the policy."""
+    return {"OMP_WAIT_POLICY": wait_policy, "GOMP_SPINCOUNT": None} if wait_policy else {}
+
+
+def _together(count: int, threads: int, data_dir, model_name, cfg: TrainConfig, seconds: float,
+              wait_policy: Optional[str] = None) -> list[float]:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(count), ctx.Queue()
+    procs = [ctx.Process(target=_pipeline_rate, args=(data_dir, model_name, cfg.to_dict(), threads, seconds,
+                                                      barrier, results)) for _ in range(count)]
+    with _child_env(_wait_vars(wait_policy)):
+        for p in procs:
+            p.start()
+    try:
+        rates = [results.get(timeout=300) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    return rates
+
+
+def concurrent_runs(data_dir: Optional[str], model_name: str, cfg: TrainConfig, seconds: float = 6.0,
+                    log: Optional[Callable[[str], None]] = print) -> dict:
+    """Separate training processes on our pipeline, each timed over the same window: one alone with every core,
+    one single-thread process per core, and two default (all-core) runs side by side; then one alone again with
+    OpenMP threads that spin (ACTIVE), to show what that policy does to a run that is alone."""
+
+    cores = available_cores()
+    policy, spin = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
+    out = {}
+    for key, count, threads, wait in (("single_run", 1, cores, None), ("multi_run", cores, 1, None),
+                                      ("two_runs", 2, cores, None), ("single_run_spinning", 1, cores, "ACTIVE")):
+        rates = _together(count, threads, data_dir, model_name, cfg, seconds, wait)
+        with _child_env(_wait_vars(wait)):
+            pool_spin = runtime.pool_spin_us()  # what the children's kernel helpers did: the same environment
+        out[key] = {"images_per_s": round(sum(rates), 1), "processes": count, "threads_each": threads,
+                    "omp_wait_policy": wait or policy, "gomp_spincount": None if wait else spin,
+                    "pool_spin_us": pool_spin,
+                    "per_process": [round(r, 1) for r in rates],
+                    "seconds": seconds}
+        if log:
+            log(f"{key:<19} {sum(rates):>9,.0f} images/s  ({count} process(es) x {threads} thread(s), together; "
+                f"OMP_WAIT_POLICY={wait or policy}, GOMP_SPINCOUNT={None if wait else spin}, kernel helpers' spin "
+                f"{pool_spin} us)")
+    return out
+
+
+def run_bench(data: MNIST, model_name: str, cfg: TrainConfig, steps: int = 60, repeats: int = 3,
+              epoch: bool = True, workers: int = 2, log: Optional[Callable[[str], None]] = print,
+              data_dir: Optional[str] = None, concurrency: float = 6.0) -> dict:
+    """Measure ours, classic, model-only (as configured) and plain (contiguous fp32) throughput on the same model,
+    batch size and augmentation, the machine's matrix-multiply peak, and concurrent training processes."""
+    device = data.train_images.device
+    facts = hardware(device)
+    cfg = resolve_for(cfg, device, facts)
+    model, step = _train_step(model_name, cfg, device)
+    ours_loader = Loader(data.train_images, data.train_labels, cfg.batch_size, shuffle=True, seed=0, aug=cfg.aug)
+    results: dict = {}
+
+    def record(name: str, rates: list[float]) -> None:
+        results[name] = {"images_per_s": round(statistics.median(rates), 1), "runs": [round(r, 1) for r in rates],
+                         "steps": steps, "batch_size": cfg.batch_size}
+        if log:
+            log(f"{name:<11} {statistics.median(rates):>9,.0f} images/s  (median of {len(rates)} x {steps} steps)")
+
+    peaks = _lean_rows(cfg, model_name, device, next(iter(ours_loader)), steps, repeats, results, record)
+    _pipeline_rows(data, cfg, ours_loader, step, device, steps, repeats, workers, record)
+    if epoch:
+        _epoch_row(data, cfg, model, step, device, results["ours"], log)
+    _ratios(results, summarize(model).macs, peaks, log)
+    if concurrency and device.type == "cpu":
+        results.update(concurrent_runs(data_dir, model_name, cfg, seconds=concurrency, log=log))
+        single, multi = results["single_run"]["images_per_s"], results["multi_run"]["images_per_s"]
+        results["ratios"]["multi-run/single"] = round(multi / single, 3)
+        results["ratios"]["two-runs/one"] = round(results["two_runs"]["images_per_s"] / single, 3)
+    from ..core.runs import environment  # versions, git commit, hardware: as every run records them
+
+    results["env"] = {**environment(device), "hardware": facts,
+                      "precision": cfg.precision, "memory_format": cfg.memory_format, "kernels": cfg.kernels,
+                      "classic_workers": workers, "model": model_name, "batch_size": cfg.batch_size,
+                      "aug": {"rotate": cfg.aug.rotate, "translate": cfg.aug.translate, "scale": cfg.aug.scale},
+                      "processor": platform.processor() or platform.machine(), "cpu_count": available_cores()}
+    if log:
+        log("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in results["ratios"].items()))
+    return results
+
+
+def _lean_rows(cfg: TrainConfig, model_name: str, device: torch.device, fixed, steps: int, repeats: int,
+               results: dict, record: Callable) -> list[float]:
+    """The step as configured against the step as the code first ran it (contiguous NCHW, fp32, and the C library's
+    own heap policy), each in its own process, alternating repeat by repeat; the same step under the C library's
+    heap policy alone (system_heap: what the retained heap adds, in speed and in page faults per step); and, when
+    the recipe trains on the fused kernels, the same step on PyTorch's ops: what the kernels add. Returns the
+    machine's peak, measured in the model-only process right after each of its step timings."""
+    configs = {"model_only": cfg, "plain": replace(cfg, precision="fp32", memory_format="contiguous",
+                                                   kernels="native"), "system_heap": cfg}
+    if cfg.kernels == "fused":
+        configs["native_kernels"] = replace(cfg, kernels="native")
+    heaps = {name: runtime.state()["heap"] for name in configs} | {"plain": "system", "system_heap": "system"}
+    lean = steps_interleaved(configs, model_name, device, tuple(t.cpu() for t in fixed), steps, max(repeats, 5),
+                             heaps=heaps, gemm_in="model_only")
+    peaks, faults = lean.pop("gemm"), lean.pop("faults")
+    for name, r in lean.items():
+        record(name, r)
+        results[name].update(heap=heaps[name], memory_format=configs[name].memory_format,
+                             kernels=configs[name].kernels, page_faults_per_step=faults[name])
+    return peaks
+
+
+def _pipeline_rows(data: MNIST, cfg: TrainConfig, ours_loader, step, device: torch.device, steps: int,
+                   repeats: int, workers: int, record: Callable) -> None:
+    """Ours against the classic per-image Dataset + DataLoader pipeline, on the same step. They take turns repeat by
+    repeat, so a host whose speed drifts biases neither (a one-sided slow spell once put ours at 2,492 images/s
+    while the same bench's full epoch ran at 3,390). The classic workers prefetch a few batches while ours runs,
+    which if anything favours classic."""
+    def endless(make_iter):
+        while True:
+            yield from make_iter()
+
+    classic = torch.utils.data.DataLoader(
+        ClassicDataset(data.train_images, data.train_labels, cfg.aug), batch_size=cfg.batch_size, shuffle=True,
+        num_workers=workers, worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(0))
+    pipelines = {"ours": endless(lambda: iter(ours_loader)), "classic": endless(lambda: iter(classic))}
+    for batches in pipelines.values():
+        _timed_steps(batches, step, 5, device)  # warm-up: allocator, kernels, worker start-up
+    rates: dict = {name: [] for name in pipelines}
+    for _ in range(repeats):
+        for name, batches in pipelines.items():
+            rates[name].append(_timed_steps(batches, step, steps, device))
+    for name in pipelines:
+        record(name, rates[name])
+    pipelines["classic"].close()  # drops the DataLoader iterator, which stops its workers before the epoch timing
+
+
+def _epoch_row(data: MNIST, cfg: TrainConfig, model, step, device: torch.device, ours: dict,
+               log: Optional[Callable[[str], None]]) -> None:
+    """One full epoch of ours and a test pass, timed; added to the `ours` row."""
+    fmt = torch_memory_format(cfg.memory_format)
+    full = Loader(data.train_images, data.train_labels, cfg.batch_size, shuffle=True, seed=0, aug=cfg.aug)
+    test = Loader(data.test_images, data.test_labels, cfg.eval_batch_size)
+    sync(device)
+    t0 = time.perf_counter()
+    train_epoch(model, full, step.optimizer, progress=False, precision=cfg.precision, memory_format=fmt)
+    t1 = time.perf_counter()
+    evaluate(model, test, verbose=False, precision=cfg.precision, memory_format=fmt)
+    sync(device)
+    t2 = time.perf_counter()
+    ours.update(epoch_s=round(t1 - t0, 2), test_pass_s=round(t2 - t1, 2), epoch_plus_test_s=round(t2 - t0, 2))
+    if log:
+        log(f"ours: one full epoch {t1 - t0:.1f} s + test pass {t2 - t1:.1f} s = {t2 - t0:.1f} s")
+
+
+def _ratios(results: dict, macs: int, peaks: list[float], log: Optional[Callable[[str], None]]) -> None:
+    """The model step against the machine's peak (each timing against the peak measured seconds after it, in the
+    same process; the median of those), and the pipelines' ratios; added to `results`."""
+    ours, classic_r, ceiling = (results[k]["images_per_s"] for k in ("ours", "classic", "model_only"))
+    step_gflops = ceiling * FLOPS_PER_MAC * macs / 1e9
+    fractions = [r * FLOPS_PER_MAC * macs / 1e9 / p for r, p in zip(results["model_only"]["runs"], peaks)]
+    if log:
+        log(f"fp32 matrix multiply: {', '.join(f'{p:,.0f}' for p in peaks)} GFLOP/s, each after a model-only "
+            f"timing ({torch.get_num_threads()} threads); model step / peak per pair: "
+            + ", ".join(f"{f:.2f}" for f in fractions))
+    results["gemm_peak_gflops"] = round(max(peaks), 1)
+    results["gemm_peak_runs"] = [round(p, 1) for p in peaks]  # paired with model_only's runs, in order
+    results["model_step"] = {"macs_per_image": macs, "flops_per_image": FLOPS_PER_MAC * macs,
+                             "gflops": round(step_gflops, 2),
+                             "fraction_of_peak_runs": [round(f, 3) for f in fractions]}
+    results["ratios"] = {"ours/classic": round(ours / classic_r, 3), "ours/model-only": round(ours / ceiling, 3),
+                         "lean/plain": round(ceiling / results["plain"]["images_per_s"], 3),
+                         "heap/system": round(ceiling / results["system_heap"]["images_per_s"], 3),
+                         **({"fused/native": round(ceiling / results["native_kernels"]["images_per_s"], 3)}
+                            if "native_kernels" in results else {}),
+                         "model-step/peak": round(statistics.median(fractions), 3)}
+
+
+def time_training(runs: int, data_dir: Optional[str], device: str, precision: str = "fp32",
+                  log: Optional[Callable[[str], None]] = print) -> dict:
+    """Wall time of the full default `tinymnist train`, as `time` would measure it, `runs` times."""
+    import subprocess
+    import sys
+    import tempfile
+
+    seconds = []
+    cmd = [sys.executable, "-m", "tinymnist.cli", "train", "--no-progress", "--device", device, "--precision", precision]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    for i in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            p = subprocess.run(cmd + ["--out", os.path.join(tmp, "run")], capture_output=True, text=True)
+            dt = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"training run failed: {p.stderr.strip().splitlines()[-1:]}")
+        seconds.append(round(dt, 1))
+        if log:
+            log(f"tinymnist train (full default recipe), run {i + 1}/{runs}: {dt:.1f} s")
+    shown = "tinymnist train" + (f" --precision {precision}" if precision != "fp32" else "")
+    return {"command": shown, "seconds": seconds, "median_s": statistics.median(seconds)}
