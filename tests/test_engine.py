@@ -118,6 +118,7 @@ def test_a_run_stopped_after_every_epoch_and_resumed_matches_one_that_never_stop
     # every piece of state a later epoch reads: momentum, the LR schedule, the EMA, dropout's global RNG, the
     # loader's order and augmentation generators, Python's and NumPy's RNGs (through torch.save, as on disk)
     from tinymnist.core.engine import Trainer
+    from tinymnist.core.plan import make_plan
     from tinymnist.accel.kernels import library
 
     if kernels == "fused" and library()[0] is None:
@@ -127,12 +128,12 @@ def test_a_run_stopped_after_every_epoch_and_resumed_matches_one_that_never_stop
     cfg = TrainConfig(model="Model_7", epochs=3, batch_size=32, lr=0.05, dropout=0.1, ema=0.9, val=32,
                       label_smoothing=0.1, aug=AugConfig(rotate=10, translate=0.1, erase_p=0.5), aug_epochs=2,
                       memory_format="channels_last", kernels=kernels)
-    straight = Trainer(cfg, data)
+    straight = Trainer(make_plan(cfg, data))
     while not straight.done:
         straight.run_epoch(progress=False, verbose=False)
     state = None
     for _ in range(cfg.epochs):
-        trainer = Trainer(cfg, data)  # a new process would start the same way: seeded, then the saved state
+        trainer = Trainer(make_plan(cfg, data))  # a new process would start the same way: seeded, then the saved state
         if state is not None:
             torch.save(state, tmp_path / "s.pt")
             trainer.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
@@ -147,6 +148,7 @@ def test_a_run_stopped_after_every_epoch_and_resumed_matches_one_that_never_stop
 def test_aug_epochs_augments_the_first_epochs_only(tmp_path, monkeypatch):
     import tinymnist.core.data as data_module
     from tinymnist.core.engine import Trainer
+    from tinymnist.core.plan import make_plan
 
     synthetic_mnist(tmp_path, n_train=128, n_test=32)
     data = load_mnist(tmp_path, download=False)
@@ -154,7 +156,7 @@ def test_aug_epochs_augments_the_first_epochs_only(tmp_path, monkeypatch):
     monkeypatch.setattr(data_module, "augment", lambda *a: calls.append(1) or real(*a))
     aug = AugConfig(rotate=10, translate=0.1)
     cfg = TrainConfig(model="Model_6", epochs=3, batch_size=32, lr=0.05, aug=aug, aug_epochs=2)
-    trainer, per_epoch = Trainer(cfg, data), []
+    trainer, per_epoch = Trainer(make_plan(cfg, data)), []
     while not trainer.done:
         trainer.run_epoch(progress=False, verbose=False)
         per_epoch.append(len(calls))
@@ -200,6 +202,7 @@ def test_the_distillation_loss_is_the_labels_loss_plus_the_softened_kl_to_the_te
 
 def test_a_distilled_run_trains_its_teacher_on_the_same_images_first_and_resumes_as_if_it_never_stopped(tmp_path):
     from tinymnist.core.engine import Trainer
+    from tinymnist.core.plan import make_plan
     from tinymnist.lab.series import teacher_recipe
 
     synthetic_mnist(tmp_path, n_train=192, n_test=64)
@@ -207,8 +210,8 @@ def test_a_distilled_run_trains_its_teacher_on_the_same_images_first_and_resumes
     cfg = TrainConfig(model="Model_6", epochs=2, batch_size=32, lr=0.05, ema=0.9, val=32, limit_batches=2,
                       aug=AugConfig(rotate=10), teacher="writeup-002", distill=0.7, distill_temp=3.0)
     with pytest.raises(TinyMnistError, match="its teacher's recipe must be given"):
-        Trainer(cfg, data)  # the core trains recipes; it never looks a step up by name
-    straight = Trainer(cfg, data, teacher=teacher_recipe(cfg))
+        make_plan(cfg, data)  # the core trains recipes; it never looks a step up by name
+    straight = Trainer(make_plan(cfg, data, teacher=teacher_recipe(cfg)))
     while not straight.done:
         straight.run_epoch(progress=False, verbose=False)
     teacher = straight.teacher_history
@@ -216,7 +219,7 @@ def test_a_distilled_run_trains_its_teacher_on_the_same_images_first_and_resumes
     assert all("val_acc" in r and "test_acc" not in r for r in teacher)  # the student's split: no test set read
     state = None
     for _ in range(cfg.epochs):  # stopped after every epoch: the teacher comes back from the state, not retrained
-        trainer = Trainer(cfg, data, teacher=teacher_recipe(cfg))
+        trainer = Trainer(make_plan(cfg, data, teacher=teacher_recipe(cfg)))
         if state is not None:
             torch.save(state, tmp_path / "s.pt")
             trainer.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))

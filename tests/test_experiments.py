@@ -9,7 +9,8 @@ import torch
 from tinymnist.lab.check import verdict
 from tinymnist.lab.series import ANSWER, STEPS, answer, get_step, last_step
 from tinymnist.models.model import create_model, list_models
-from tinymnist.pages.report import PAGES, SECTIONS, generated_section, page_section, step_result
+from tinymnist.pages.common import step_result
+from tinymnist.pages.report import PAGES, SECTIONS, generated_section, page_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +134,8 @@ def test_report_regenerates_every_page_byte_for_byte(tmp_path):
     """`tinymnist report` on a copy of the pages with every generated section emptied gives the committed pages."""
     import shutil
 
-    from tinymnist.pages.report import markers, update_pages
+    from tinymnist.pages.common import markers
+    from tinymnist.pages.report import update_pages
 
     for page, sections in PAGES.items():
         text = (ROOT / page).read_text()
@@ -167,7 +169,7 @@ def _links(page: Path) -> list[str]:
 
 
 def _anchors(page: Path) -> set[str]:
-    from tinymnist.pages.report import _anchor
+    from tinymnist.pages.common import _anchor
 
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
     return {_anchor(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
@@ -306,7 +308,8 @@ def test_the_searches_page_marks_the_trial_each_step_refits_with_its_per_seed_sc
 def test_step_prose_names_the_numbers_results_hold_instead_of_typing_them():
     import re
 
-    from tinymnist.pages.report import NOT_CONFIRMED, PLACEHOLDER, fill
+    from tinymnist.pages.common import NOT_CONFIRMED
+    from tinymnist.pages.series_page import PLACEHOLDER, fill
 
     for s in STEPS:
         for text in (s.target, s.analysis):
@@ -324,7 +327,7 @@ def test_the_validation_check_that_earned_a_look_is_named_not_typed():
     import statistics
 
     from tinymnist.lab.check import worst_of_last
-    from tinymnist.pages.report import fill
+    from tinymnist.pages.series_page import fill
 
     def worsts(path):
         ev = json.loads(path.read_text())
@@ -341,7 +344,7 @@ def test_the_validation_check_that_earned_a_look_is_named_not_typed():
 
 def test_an_unknown_placeholder_is_one_error_naming_the_step():
     from tinymnist.errors import TinyMnistError
-    from tinymnist.pages.report import fill
+    from tinymnist.pages.series_page import fill
 
     with pytest.raises(TinyMnistError, match=r"steps/final.md: no number \{check.luck\}"):
         fill("the {check.luck} of it", get_step("final"), ROOT / "results")
@@ -373,7 +376,7 @@ def test_the_frontier_draws_one_validation_point_per_budget_the_best_of_its_conf
     import json
     import statistics
 
-    from tinymnist.pages.report import _validation_points
+    from tinymnist.pages.frontier import _validation_points
 
     results = ROOT / "results"
     by_budget: dict[int, list[tuple[float, str]]] = {}
@@ -396,7 +399,8 @@ def test_only_the_answer_names_the_shipped_checkpoint_in_its_errors_section():
     """results/<step>/errors/errors.json records the checkpoint it evaluated, and for a step that was once the answer
     that is the package's model.pt, which now holds another step's run: the page then names the run instead, and
     says where its config.json is."""
-    from tinymnist.pages.report import RESULTS, _errors_section
+    from tinymnist.pages.common import RESULTS
+    from tinymnist.pages.series_page import _errors_section
 
     shown = {}
     for step in STEPS:

@@ -79,10 +79,14 @@ def test_bad_layouts_are_one_clear_error(text, fragment):
 
 
 def test_shapes_that_do_not_fit_28x28_are_caught_before_training():
+    from tinymnist.core.plan import checked_model
+
+    # a recipe is plain data: validating it builds nothing; the network is built and checked once, by the plan
+    TrainConfig(model="Model_7", layout="c8 P P P P c8 G o").validate()
     with pytest.raises(TinyMnistError, match="does not fit a 28x28 input"):
-        TrainConfig(model="Model_7", layout="c8 P P P P c8 G o").validate()
+        checked_model(TrainConfig(model="Model_7", layout="c8 P P P P c8 G o"))
     with pytest.raises(TinyMnistError, match="not \\(10,\\)"):
-        TrainConfig(model="Model_7", layout="c8 c8 o").validate()  # no GAP: a 24x24 map of logits
+        checked_model(TrainConfig(model="Model_7", layout="c8 c8 o"))  # no GAP: a 24x24 map of logits
 
 
 def test_config_layout_builds_and_round_trips():

@@ -395,29 +395,25 @@ def _first_sentence(doc: Optional[str]) -> str:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from .core.config import TrainConfig
+    from .core.plan import checked_model
     from .models.summary import format_summary, summarize
 
     name = _user_model(args, args.model, "MODEL")
-    cfg = TrainConfig(model=name, models_file=args.models or "")
-    model = cfg.build_model()
-    if cfg.user_model:
-        from .models.userfile import check_forward
-
-        check_forward(model, name, args.models or "")
-    print(format_summary(summarize(model), title=name))
+    print(format_summary(summarize(checked_model(TrainConfig(model=name, models_file=args.models or ""))), title=name))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .lab.check import held_out_line
     from .lab.series import ANSWER_WHY, answer, get_step, teacher_recipe
-    from .models.model import count_params
+    from .core.plan import checked_model
     from .core.runs import train_run
+    from .models.model import count_params
 
     step = get_step(args.step) if args.step else answer()
     cfg = _recipe_for(step, args, seed=args.seed)
     name = step.name if cfg.model == step.config.model and not cfg.user_model else cfg.model
-    size = f"{count_params(cfg.build_model()):,} parameters, seed {cfg.seed}"
+    size = f"{count_params(checked_model(cfg)):,} parameters, seed {cfg.seed}"  # a bad network fails before data loads
     if name == step.name:
         why = f"the answer: {ANSWER_WHY}" if step is answer() else "chosen with --step"
         print(f"training step {step.name} ({cfg.model}, {size}): {why}", flush=True)
@@ -498,7 +494,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"proof plot written to {plot}")
     if args.markdown:
         from .fileio import atomic_path
-        from .pages.report import render_card
+        from .apps.card import render_card
         from .models.summary import summarize
 
         with atomic_path(args.markdown) as tmp:

@@ -21,7 +21,8 @@ from ..core.config import AugConfig, TrainConfig
 from ..core.data import MEAN, MNIST, STD, Loader, load_mnist
 from ..accel.device import (autocast, available_cores, configure_threads, hardware, seed_everything, sync,
                      torch_memory_format)
-from ..core.engine import build_for, evaluate, make_optimizer, resolve_for, train_epoch
+from ..core.engine import evaluate, make_optimizer, train_epoch
+from ..core.plan import build_for, resolve_for
 from ..models.summary import summarize
 
 

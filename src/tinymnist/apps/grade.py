@@ -627,7 +627,7 @@ def card(row: Row, evidence: Optional[dict] = None, plot: Optional[str] = None) 
         out += ["", f"Loaded and built in a child process with {', '.join(row.isolation)}; imports allowed: "
                     f"{', '.join(ALLOWED_IMPORTS[:-1])} and the submission's own files."]
     if evidence is not None:
-        from ..pages.report import proof_lines
+        from ..pages.common import proof_lines
 
         out += ["", "#### Retrained with tinymnist's check", ""]
         out += proof_lines(evidence, plot, f"{row.model}: test accuracy per epoch, every seed")
@@ -637,7 +637,7 @@ def card(row: Row, evidence: Optional[dict] = None, plot: Optional[str] = None) 
 def timing_line(rows: Sequence[Row], seconds: float, limit: float) -> str:
     """How long the grading took and on what, as the command prints it and the page states it."""
     from ..accel.device import cpu_info
-    from ..pages.report import hardware_text
+    from ..pages.common import hardware_text
 
     times = sorted(r.seconds for r in rows)
     slow = sum("timed out" in r.model_note for r in rows)

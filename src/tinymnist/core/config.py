@@ -129,8 +129,9 @@ class TrainConfig:
                               "it")
 
     def validate(self) -> "TrainConfig":
-        """Raise TinyMnistError on a value that cannot train; return self."""
-        from ..models.model import OURS_ONLY, check_activation, list_models  # avoid an import cycle at module load
+        """Raise TinyMnistError on a value that cannot train; return self. A recipe is plain data: this checks its
+        values and builds no network (plan.checked_model builds and checks that)."""
+        from ..models.model import OURS_ONLY, check_activation, list_models, parse_layout
 
         if self.user_model:
             if self.dropout is not None or self.layout or self.activation:
@@ -139,6 +140,8 @@ class TrainConfig:
             raise TinyMnistError(f"unknown model {self.model!r} (choose from {', '.join(list_models())})")
         if self.activation:
             check_activation(self.activation)
+        if self.layout:
+            parse_layout(self.layout)  # the grammar only: the plan builds the network and checks its shapes
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
             if meta.get("choices") and value not in meta["choices"]:
@@ -146,12 +149,6 @@ class TrainConfig:
             if meta.get("ok") and not meta["ok"](value):
                 raise TinyMnistError(f"{f.name} must be {meta['expected']}, got {value}")
         self.aug.validate()
-        if self.layout:
-            self.build_model().check_shapes()
-        elif self.user_model:
-            from ..models.userfile import check_forward
-
-            check_forward(self.build_model(), self.model, self.models_file)
         return self
 
     @property

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -15,13 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .config import TrainConfig
-from .data import MNIST, Loader, validation_split
-from ..accel.device import (autocast, hardware, resolve_memory_format, resolve_precision, seed_everything, sync,
-                     torch_memory_format)
-from ..errors import TinyMnistError, first_line
-from ..accel.kernels import resolve_kernels, use_kernels
+from ..accel.device import autocast, sync
+from ..errors import TinyMnistError
 from ..models.model import Net
+from .config import TrainConfig
+from .data import MNIST, Loader
+from .plan import Plan, build_for, make_plan
 
 
 @dataclass(frozen=True)
@@ -58,52 +56,6 @@ class EMA:
         torch._foreach_lerp_([a for a, _ in self._float], [b for _, b in self._float], 1.0 - decay)
         for a, b in self._other:
             a.copy_(b)
-
-
-def resolve_for(cfg: TrainConfig, device: torch.device, facts: dict, warn: bool = True) -> TrainConfig:
-    """The recipe with 'auto' precision, memory format and kernels replaced by what this machine gets (the rules of
-    device.py and kernels.py); an explicit bf16 without native support, or fused kernels that do not build here,
-    is one line on stderr."""
-    import sys
-
-    warn = (lambda line: print(line, file=sys.stderr, flush=True)) if warn else None
-    precision = resolve_precision(cfg.precision, device, facts, warn=warn)
-    memory_format = resolve_memory_format(cfg.memory_format, device, facts)
-    if cfg.memory_format == "auto" and memory_format == "channels_last" and cfg.user_model:
-        memory_format = _channels_last_trains(cfg, device, warn)
-    kernels = resolve_kernels(cfg.kernels, device, precision, memory_format, note=warn)
-    threads = torch.get_num_threads()
-    if warn is not None and kernels == "native" and device.type == "cpu" and threads > 1:
-        # the C kernels sum over fixed slices of the batch; PyTorch's batch norm and convolutions split their sums
-        # by thread, so only on them does a run's history depend on its thread count
-        warn(f"tinymnist: note: this run trains on PyTorch's own batch norm and convolutions (kernels native), whose "
-             f"sums depend on the thread count: its history is the one of {threads} threads, not of another count")
-    return dataclasses.replace(cfg, precision=precision, memory_format=memory_format, kernels=kernels)
-
-
-def _channels_last_trains(cfg: TrainConfig, device: torch.device, warn) -> str:
-    """A user's network may reshape with .view, which channels_last activations do not allow: one training step on
-    a small random batch says whether it trains in channels_last; if not, it trains contiguous (one line says so).
-    The probe draws from its own RNG state, so the run's history does not depend on it."""
-    with torch.random.fork_rng(devices=[]):
-        try:
-            model = cfg.build_model().to(device, memory_format=torch.channels_last).train()
-            x = torch.randn(4, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
-            F.cross_entropy(model(x), torch.zeros(4, dtype=torch.long, device=device)).backward()
-            return "channels_last"
-        except RuntimeError as e:
-            if warn is not None:
-                warn(f"tinymnist: note: {cfg.model} does not train in channels_last memory ("
-                     f"{first_line(e)[:120]}); training it contiguous")
-            return "contiguous"
-
-
-def build_for(cfg: TrainConfig, device: torch.device) -> Net:
-    """The untrained network of a resolved recipe, on `device`, in its memory format, with its kernels."""
-    model = cfg.build_model().to(device, memory_format=torch_memory_format(cfg.memory_format))
-    if cfg.kernels == "fused":
-        use_kernels(model)
-    return model
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -239,23 +191,17 @@ class Trainer:
     in this process or another, gives the same history as a run that never stopped (the same seed, device and
     threads). That is what lets parallel runs move between worker processes at epoch boundaries."""
 
-    def __init__(self, cfg: TrainConfig, data: MNIST, warn: bool = False, teacher: Optional[TrainConfig] = None):
-        """`teacher`: a distilled recipe's teacher, as a recipe (the series' teacher_recipe resolves a step name to
-        it, or a resumed run's saved state holds it): the core trains recipes and never looks a step up."""
-        if cfg.teacher and teacher is None:
-            raise TinyMnistError(f"the recipe is distilled from {cfg.teacher!r}: its teacher's recipe must be given")
-        device = data.train_images.device
-        seed_everything(cfg.seed)
-        # the one place a recipe is resolved for this machine ("auto" precision, memory format, kernels); a resolved
-        # recipe (a resumed run's) stays as it is. `warn`: say in one line what the machine could not give
-        cfg = resolve_for(cfg, device, hardware(device), warn=warn)
-        self.cfg, self.device = cfg, device
-        self.fmt = torch_memory_format(cfg.memory_format)
-        self.model = build_for(cfg, device)
+    def __init__(self, plan: Plan):
+        """Train a plan (plan.make_plan: the recipe resolved once, its network built, its split drawn)."""
+        cfg, data = plan.cfg, plan.data
+        self.plan = plan
+        self.cfg, self.device = cfg, plan.device
+        self.fmt = plan.memory_format
+        self.model = plan.model
         train_images, train_labels = data.train_images, data.train_labels
         self.val = None
-        if cfg.val:
-            keep, held = (i.to(device) for i in validation_split(data.train_labels, cfg.val))
+        if plan.split is not None:
+            keep, held = plan.split.keep, plan.split.held
             self.val = Loader(train_images[held], train_labels[held], cfg.eval_batch_size,
                               limit_batches=cfg.limit_batches)
             train_images, train_labels = train_images[keep], train_labels[keep]
@@ -271,7 +217,7 @@ class Trainer:
         self.history: list[dict] = []
         self.data = data
         # distillation: the teacher trains before the first epoch, or comes back with a resumed run's state
-        self.teacher_cfg = teacher if cfg.teacher else None
+        self.teacher_cfg = plan.teacher
         self.teacher: Optional[nn.Module] = None
         self.teacher_history: list[dict] = []
 
@@ -322,7 +268,7 @@ class Trainer:
             print(f"teacher: {self.cfg.teacher} ({self.teacher_cfg.model}), {self.teacher_cfg.epochs} epochs first")
         saved = (random.getstate(), np.random.get_state())
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            trainer = Trainer(self.teacher_cfg, self.data)
+            trainer = Trainer(make_plan(self.teacher_cfg, self.data))
             trainer.run(progress=progress, verbose=verbose)
         random.setstate(saved[0])
         np.random.set_state(saved[1])
@@ -371,7 +317,7 @@ class Trainer:
         if self.teacher_cfg is not None and state.get("teacher"):
             saved = state["teacher"]
             cfg = TrainConfig.from_dict(saved["config"])
-            model = build_for(cfg, self.device)
+            model = build_for(cfg, self.device)  # a resolved recipe, saved with the state
             model.load_state_dict(saved["model"])
             self._set_teacher(model, cfg, saved["history"])
         rng = state["rng"]
@@ -397,7 +343,7 @@ def fit(cfg: TrainConfig, data: MNIST, on_epoch: Optional[Callable[[dict, Net], 
     """Train `cfg` on `data` (already on the training device); return the model and per-epoch history.
 
     With cfg.ema, the averaged model is the one evaluated and returned; train metrics are the raw model's."""
-    trainer = Trainer(cfg, data)
+    trainer = Trainer(make_plan(cfg, data))
     trainer.run(on_epoch=None if on_epoch is None else lambda record: on_epoch(record, trainer.final),
                 progress=progress, verbose=verbose)
     return trainer.final, trainer.history

@@ -16,14 +16,14 @@ import torch
 
 from ..version import __version__
 from .config import TrainConfig
-from .data import MNIST, VAL_SEED, load_mnist, resolve_data_dir, split_fingerprint, validation_split
+from .data import MNIST, load_mnist, resolve_data_dir
 from ..accel.device import configure_threads, hardware, pick_device
 from .engine import Trainer
+from .plan import make_plan
 from ..errors import TinyMnistError, first_line
 from ..fileio import atomic_path, read_json, write_json
 from ..accel.kernels import OPS as KERNEL_OPS
-from ..accel.kernels import coverage
-from ..models.model import count_params, model_class
+from ..models.model import count_params
 from .curves import plot_curves
 
 CHECKPOINT_FORMAT = "tinymnist-checkpoint-v1"
@@ -67,8 +67,9 @@ def _git_dirty(cwd: Path = _HERE) -> Optional[bool]:
     return None if status is None else bool(status)
 
 
-def environment(device: torch.device) -> dict:
-    """What produced a result: versions, device, threads and the hardware as the machine reports it."""
+def environment(device: torch.device, facts: Optional[dict] = None) -> dict:
+    """What produced a result: versions, device, threads and the hardware as the machine reports it (`facts`, when
+    a plan has read them already)."""
     return {
         "tinymnist": __version__,
         "git_commit": _git_commit(),
@@ -78,7 +79,7 @@ def environment(device: torch.device) -> dict:
         "platform": platform.platform(),
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "hardware": hardware(device),
+        "hardware": facts if facts is not None else hardware(device),
         "kernel_ops": list(KERNEL_OPS),  # what kernels="fused" runs in C, in this version
     }
 
@@ -165,32 +166,26 @@ def train_run(cfg: TrainConfig, out: Optional[str | os.PathLike] = None, data_di
     `data` (already on the device) skips loading; `on_epoch` sees each record after history.json holds it, and
     may raise to stop the run (a sweep's pruner does): the epochs done stay on disk, with the state to resume
     them. `until` stops after that many epochs (resume_run continues). `teacher`: a distilled recipe's teacher's recipe."""
-    cfg.validate()
-    if cfg.dropout is None and not cfg.user_model:  # record the dropout actually used, not "model default"
-        cfg = replace(cfg, dropout=model_class(cfg.model).default_dropout)
     dev = pick_device(device)
     configure_threads(threads)
-    env = environment(dev)
     if data is None:
         data = load_mnist(data_dir, device=dev, progress=progress is not False)
-    trainer = Trainer(cfg, data, warn=True, teacher=teacher)
-    cfg = trainer.cfg  # resolved for this machine, as the run records it
+    plan = make_plan(cfg, data, teacher=teacher, warn=True)
+    trainer = Trainer(plan)
+    cfg = plan.cfg  # filled in and resolved for this machine, as the run records it
     run_dir = Path(out) if out else new_run_dir(name or cfg.model)
     run_dir.mkdir(parents=True, exist_ok=True)
-    params = count_params(trainer.model)
-    meta = {"name": name or cfg.model, "model": cfg.model, "params": params, "seed": cfg.seed,
-            "config": cfg.to_dict(), "env": env,
-            "kernels_applied": coverage(trainer.model) if cfg.kernels == "fused" else {},  # what trains in C
+    meta = {"name": name or cfg.model, **plan.record(), "env": environment(dev, plan.facts),
+            "kernels_applied": plan.kernels_applied(),  # what trains in C
             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:]}
     if cfg.models_file:
         meta["models_file"] = _models_file_record(cfg)  # what resume needs named again, and checks
-    if cfg.val:
-        _, held = validation_split(data.train_labels, cfg.val)
-        meta["val_split"] = {"images": cfg.val, "seed": VAL_SEED, "stratified": True,
-                             "fingerprint": split_fingerprint(held)}
+    if plan.split is not None:
+        meta["val_split"] = plan.split.record
     write_json(run_dir / "config.json", meta)
     if verbose:
-        print(f"{meta['name']}: {cfg.model}, {params:,} parameters, {cfg.epochs} epochs on {dev}; writing {run_dir}")
+        print(f"{meta['name']}: {cfg.model}, {meta['params']:,} parameters, {cfg.epochs} epochs on {dev}; writing "
+              f"{run_dir}")
     return run_dir, _advance(run_dir, meta, trainer, until, progress, verbose, on_epoch)
 
 
@@ -213,7 +208,7 @@ def resume_run(run_dir: str | os.PathLike, data_dir: Optional[str] = None, progr
     if data is None:
         data = load_mnist(data_dir, device=dev, progress=progress is not False)
     teacher = TrainConfig.from_dict(state["teacher"]["config"]) if state.get("teacher") else None
-    trainer = Trainer(cfg, data, teacher=teacher)
+    trainer = Trainer(make_plan(cfg, data, teacher=teacher))
     trainer.load_state_dict(state)
     if verbose:
         print(f"{meta['name']}: resuming {cfg.model} after epoch {state['epoch']} of {cfg.epochs}; writing {run_dir}")

@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 from ..core.config import MACHINE_FIELDS as RESOLVED  # recipe fields that "auto" resolves per machine
 from ..errors import TinyMnistError
 from ..fileio import read_json
+from ..core.plan import checked_model
+from ..models.model import count_params
 from .series import teacher_recipe
 from ..target import (CONFIDENCE, LAST, MAX_EPOCHS, MAX_PARAMS, RELIABLE_PASSES, RELIABLE_SEEDS, SEEDS, THRESHOLD,
                      budget_words, is_reliable, pass_rate_bound, pass_rate_words, verdict_word, within)
@@ -223,6 +225,7 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
 
     step = get_step(step_name) if step_name else answer()
     base = (recipe or check_recipe(step, model, models_file, overrides)).validate()
+    params = count_params(checked_model(base))  # a network that cannot train fails here, before any worker starts
     metric = "val_acc" if base.val else "test_acc"
     if last > base.epochs:
         raise TinyMnistError(f"--last {last} is more than the step's {base.epochs} epochs")
@@ -269,7 +272,7 @@ def run_check(step_name: Optional[str] = None, seeds: int = 5, last: int = LAST,
         run["reused"] = {"seeds": sorted(taken), "threads_per_run": reuse.get("threads_per_run"),
                          "wall_s": reuse.get("wall_s"), "trained": reuse.get("trained"), "env": reuse.get("env")}
     results = sorted([*fresh, *taken.values()], key=lambda r: r["seed"])
-    return _evidence(step, label, base, results, last, metric, max_params, results_dir, run, fresh or None)
+    return _evidence(step, label, base, results, last, metric, max_params, results_dir, run, fresh or None, params)
 
 
 def _may_look_again(step: str, results_dir) -> None:
@@ -332,9 +335,8 @@ def _evidence(step, label: str, base, results: list, last: int, metric: str, max
     now (default: all), whose saved config tells what 'auto' became and the environment; with none, a reused
     check's. `params`: the model's count where building it here is not allowed (a stranger's, counted apart)."""
     from ..fileio import read_json
-    from ..models.model import count_params
 
-    params = count_params(base.build_model()) if params is None else params
+    params = count_params(checked_model(base)) if params is None else params
     fresh = results if fresh is None else fresh
     if fresh:
         saved = read_json(Path(fresh[0]["run_dir"]) / "config.json")

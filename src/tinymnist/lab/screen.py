@@ -171,6 +171,7 @@ def run_screen(path: str | Path, results: str | Path = "results", jobs: int = 0,
     train=False nothing trains: screen.json is written from the evidence already there (a stage not yet run is
     pending), to commit a running screen's progress."""
     from ..core.config import TrainConfig
+    from ..core.plan import checked_model
     from ..models.model import count_params
 
     screen = read_screen(path)
@@ -193,7 +194,7 @@ def run_screen(path: str | Path, results: str | Path = "results", jobs: int = 0,
                 return ev  # done before: the screen resumes
             raise TinyMnistError(f"{file} holds another recipe than candidate {cand.name!r} has now: give the "
                                  "changed candidate a new name")
-        params = count_params(cfg.build_model())
+        params = count_params(checked_model(cfg))
         if params > screen.max_params:
             log(f"{cand.name}: {params:,} parameters > max_params {screen.max_params:,}: rejected, not trained")
             return None

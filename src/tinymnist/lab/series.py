@@ -16,7 +16,7 @@ from ..target import MAX_PARAMS
 class Step:
     """One step of the series: its recipe and what it stands for. Its prose, a Target written before it ran and an
     Analysis written after, lives in steps/<name>.md beside this module, where a writer looks for it; a number there
-    that results/ holds is a {placeholder} that the report fills from results/ (report.py, PLACEHOLDERS)."""
+    that results/ holds is a {placeholder} that the report fills from results/ (pages/series_page.py, PLACEHOLDER)."""
 
     name: str  # short id used on the command line and under results/
     title: str  # heading in the README, without its number: the number is the step's position in the series

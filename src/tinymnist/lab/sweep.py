@@ -152,6 +152,7 @@ class Objective:
 
     def _judge(self, trial) -> float:
         from .check import mean_of_last, worst_of_last
+        from ..core.plan import checked_model
         from ..models.model import count_params
         from ..core.runs import train_run
         from ..models.summary import summarize
@@ -163,7 +164,7 @@ class Objective:
             trial.set_user_attr("duplicate_of", dup)
             raise optuna.TrialPruned(f"same parameters as trial {dup}")
         cfg = space.config(values)
-        model = cfg.build_model()
+        model = checked_model(cfg)
         params, macs = count_params(model), summarize(model).macs
         trial.set_user_attr("params", params)
         trial.set_user_attr("macs", macs)

@@ -1,0 +1,282 @@
+"""The README's headline, answer and frontier: the smallest step that passes 5 of 5, the smallest reliable one, and the
+write-ups beside ours."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Optional
+
+from ..lab.check import CHECK_FILE, RATE_FILE, Proof, proof
+from ..core.data import TRAIN_IMAGES
+from ..lab.space import DEFAULT_VAL
+from ..lab.series import STEPS, answer
+from ..fileio import read_json
+from ..models.summary import summarize
+from ..target import LAST, pass_rate_bound, RELIABLE_PASSES, RELIABLE_SEEDS, SEEDS, budget_words
+from .common import NOTE, RESULTS, _anchor, _host, hardware_text, markers, recipe_words, seconds_per_epoch
+
+
+def _checked_steps(results: Path):
+    """(step, its check evidence) for every step of the series with a committed results/check-<step>.json."""
+    for s in STEPS:
+        path = results / CHECK_FILE.format(step=s.name)
+        if path.is_file():
+            yield s, read_json(path)
+
+
+def _rate_proof(step: str, results: Path) -> Optional[Proof]:
+    """The Proof of a step's committed pass-rate check (over seeds 0..19 on test), or None."""
+    path = results / RATE_FILE.format(step=step)
+    return proof(read_json(path)) if path.is_file() else None
+
+
+def rate_cell(pr: Proof, wide: Optional[Proof] = None) -> str:
+    """A step's pass rate as the tables show it: k of n seeds and the rate's 95% lower bound, from its widest check."""
+    best = wide or pr
+    text = f"{best.passes} of {best.seeds} (≥ {best.rate_bound:.2f})"
+    if wide is not None:
+        text += ": **reliable**" if wide.reliable else ": not reliable"
+    return text
+
+
+def _smallest(results: Path) -> tuple[Optional[tuple], Optional[tuple]]:
+    """(the smallest step whose test check passed over every seed, the smallest reliable step), each as
+    (step, its parameters, its Proof, its pass-rate Proof or None), or None where there is none."""
+    rows = sorted(((ev["params"], s, proof(ev), _rate_proof(s.name, results)) for s, ev in _checked_steps(results)
+                   if ev.get("metric", "test_acc") == "test_acc"), key=lambda r: (r[0], r[1].name))
+    five = next(((s, n, pr, wide) for n, s, pr, wide in rows if pr.passed), None)
+    reliable = next(((s, n, pr, wide) for n, s, pr, wide in rows if wide is not None and wide.reliable), None)
+    return five, reliable
+
+
+def render_headline(results: Path = RESULTS) -> str:
+    """The proven results, one row per step checked over seeds: the assignment's answer and the smallest."""
+    start, end = markers("headline")
+    rows = []
+    for s, ev in _checked_steps(results):
+        pr = proof(ev)
+        # a distilled step's teacher trained first in every run: its epochs are stated beside the student's
+        epochs = f"{ev['epochs']} + {ev['teacher']['epochs']} ({ev['teacher']['step']}, the teacher)" if ev.get(
+            "teacher") else ev["epochs"]
+        rows.append(f"| [{s.name}](docs/series.md#{_anchor(s.heading)}) | {s.role} | `{ev['model']}` | **{ev['params']:,}** | {epochs} | "
+                    f"{len(pr.seed_worsts)} | {pr.worst:.2f}% | {pr.mean:.2f} ± {pr.std:.2f}% | {pr.verdict} | "
+                    f"{rate_cell(pr, _rate_proof(s.name, results))} |")
+    if not rows:
+        return "\n".join([start, NOTE, "", "No step has been checked over seeds yet.", "", end])
+    return "\n".join([start, NOTE, "", _smallest_words(results), "",
+                      f"| step | what it is | model | parameters | epochs | seeds | worst of the last {LAST} test "
+                      "accuracies, all seeds | final test accuracy | verdict | seeds that pass (95% bound on the "
+                      "pass rate) |",
+                      "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+                      *rows, "", end])
+
+
+def _smallest_words(results: Path) -> str:
+    """The headline's two answers: the smallest step that passed its 5-seed check, and the smallest reliable one."""
+    five, reliable = _smallest(results)
+
+    def name(found) -> str:
+        s, params, pr, wide = found
+        return f"[{s.name}](docs/series.md#{_anchor(s.heading)}), **{params:,}** parameters: {(wide or pr).rate}"
+
+    out = [f"**The smallest step that passed {SEEDS} of {SEEDS} seeds:** " + (name(five) if five else "none yet") + "."]
+    rule = f"at least {RELIABLE_PASSES} of {RELIABLE_SEEDS} seeds pass on test"
+    if reliable:
+        out.append(f"**The smallest reliable step** ({rule}): {name(reliable)}.")
+    else:
+        tried = [(s, wide) for s, ev in _checked_steps(results) if (wide := _rate_proof(s.name, results))]
+        seen = "; ".join(f"{s.name}, {wide.passes} of {wide.seeds}" for s, wide in tried)
+        out.append(f"**The smallest reliable step** ({rule}): none yet" + (f" ({seen})" if seen else "") + ".")
+    return " ".join(out)
+
+
+def render_answer(results: Path = RESULTS) -> str:
+    """The README's picture of the answer: its proof over seeds, one line and the plot."""
+    start, end = markers("answer")
+    step = answer()
+    path = results / CHECK_FILE.format(step=step.name)
+    if not path.is_file():
+        return "\n".join([start, NOTE, "", f"The answer, `{step.name}`, has no committed check yet.", "", end])
+    ev = read_json(path)
+    k, worst = ev["last"], proof(ev).worst
+    return "\n".join([
+        start, NOTE, "",
+        f"The answer, [`{step.name}`](docs/series.md#{_anchor(step.heading)}) ({ev['params']:,} parameters), over "
+        f"{len(ev['seeds'])} seeds: test accuracy per epoch, every seed at or above {ev['threshold']:.2f}% in each "
+        f"of its last {k} epochs (worst {worst:.2f}%). {_rate_sentence(step.name, ev, results)} From "
+        f"`results/{path.name}`.", "",
+        f"![proof over seeds: {step.name}](results/{path.with_suffix('.png').name})", "", end])
+
+
+def _rate_sentence(step: str, ev: dict, results: Path) -> str:
+    """The pass rate of a step's widest test check, as one sentence naming its file."""
+    wide = _rate_proof(step, results)
+    if wide is None:
+        return f"{proof(ev).rate}."
+    verdict = "reliable" if wide.reliable else f"not reliable: at least {RELIABLE_PASSES} of {RELIABLE_SEEDS} must pass"
+    return f"Over seeds 0–{wide.seeds - 1} (`results/{RATE_FILE.format(step=step)}`): {wide.rate}, {verdict}."
+
+
+FRONTIER_PNG = "frontier.png"
+
+
+def _frontier_rows(results: Path) -> list[dict]:
+    """Every step with a committed test check, smallest first, with what the frontier shows of it."""
+
+    rows = []
+    for s, ev in _checked_steps(results):
+        if ev.get("metric", "test_acc") != "test_acc":
+            continue
+        worst = list(proof(ev).seed_worsts)
+        seconds = seconds_per_epoch([x["history"] for x in ev["seeds"]])
+        objective = None
+        if s.chosen_by:
+            study, number = s.chosen_by
+            trials = read_json(results / f"sweep-{study}" / "trials.json")["trials"]
+            objective = next(r["objective"] for r in trials if r["trial"] == number)
+        tried = sum(sum(read_json(results / f"sweep-{q}" / "trials.json")["counts"].values()) for q in s.searches)
+        if s.screened_by:  # the 5-seed validation check's worst seed, and the screen's candidates
+            screen, cand = s.screened_by
+            objective = proof(read_json(results / f"screen-{screen}" / f"confirm-{cand}.json")).worst
+            tried += len(read_json(results / f"screen-{screen}" / "screen.json")["candidates"])
+        rows.append({"name": s.name, "title": s.heading, "budget": s.budget, "params": ev["params"],
+                     "macs": summarize(s.config.build_model()).macs, "seconds": seconds,
+                     "threads": ev.get("threads_per_run"), "host": _host(ev), "objective": objective, "worst": worst,
+                     "passed": ev["passed"], "tried": tried, "look": ev.get("test_look", 1),
+                     "verdict": proof(ev).verdict, "threshold": ev["threshold"], "last": ev["last"],
+                     "rate": rate_cell(proof(ev), _rate_proof(s.name, results)).replace("**", ""),
+                     "reliable": bool((wide := _rate_proof(s.name, results)) and wide.reliable),
+                     "rate_short": f"{proof(ev).passes}/{proof(ev).seeds}"
+                                   + (f", {wide.passes}/{wide.seeds}" if wide else "")
+                                   + f" (≥ {(wide or proof(ev)).rate_bound:.2f})"})
+    return sorted(rows, key=lambda r: (r["params"], r["name"]))
+
+
+def rate_cell_row(r: dict) -> str:
+    """A frontier row's pass-rate cell, with a reliable step in bold."""
+    return r["rate"].replace(": reliable", ": **reliable**")
+
+
+def replot_frontier(results: Path = RESULTS) -> Optional[Path]:
+    """Draw results/frontier.png from the committed checks (None if there are none)."""
+    from .plots import plot_frontier
+
+    rows = _frontier_rows(results)
+    if not rows:
+        return None
+    plot_frontier(rows, rows[0]["threshold"], results / FRONTIER_PNG, validation=_validation_points(results))
+    return results / FRONTIER_PNG
+
+
+def _validation_points(results: Path) -> list[dict]:
+    """The frontier's validation evidence: the yardstick's 5-seed validation check, and the screens' confirmed
+    candidates (their own 5-seed validation checks), so a budget that has not earned a look at test has a point. Of
+    the confirmations under one budget (a screen's max_params) the best by the gate's measure (the mean of the seeds'
+    worsts) stands for them all, named with its budget and how many there were; the searches page lists every one."""
+
+    def point(name: str, path: Path) -> dict:
+        ev = read_json(path)
+        return {"name": name, "params": ev["params"], "worst": list(proof(ev).seed_worsts), "passed": ev["passed"]}
+
+    points = [point(f"{read_json(p)['step']} (validation)", p) for p in sorted(results.glob("valcheck-*.json"))]
+    confirmed: dict[int, list[dict]] = {}
+    for path in sorted(results.glob("screen-*/screen.json")):
+        sc = read_json(path)
+        for c in sc["confirmed"]:
+            if (path.parent / f"confirm-{c['name']}.json").is_file():
+                p = point(f"{sc['screen']}: {c['name']}", path.parent / f"confirm-{c['name']}.json")
+                confirmed.setdefault(sc["max_params"], []).append(p)
+    for budget, group in sorted(confirmed.items()):
+        best = max(group, key=lambda p: statistics.mean(p["worst"]))
+        tally = f"best of {len(group)} confirmed ≤ {budget:,}" if len(group) > 1 else f"confirmed ≤ {budget:,}"
+        points.append({**best, "name": f"{best['name']}\n({tally})"})
+    return points
+
+
+def render_frontier(results: Path = RESULTS) -> str:
+    """The frontier: parameters against the worst seed, as a plot and a table, with the smallest passing step."""
+    start, end = markers("frontier")
+    rows = _frontier_rows(results)
+    if not rows:
+        return "\n".join([start, NOTE, "", "No step has been checked on test yet.", "", end])
+    passing = [r for r in rows if r["passed"]]
+    smallest = (f"The smallest step that passes over every seed: **{passing[0]['name']}, {passing[0]['params']:,} "
+                "parameters**." if passing else "No checked step passes yet.")
+    below = [r for r in rows if not r["passed"] and (not passing or r["params"] < passing[0]["params"])]
+    if below and passing:
+        names = ", ".join(f"{r['name']} ({r['params']:,})" for r in below)
+        smallest += (f" Below it, {names} "
+                     f"{'fails' if len(below) == 1 else 'fail'}: the curve crosses {rows[0]['threshold']:.2f}% "
+                     f"between {below[-1]['params']:,} and {passing[0]['params']:,} parameters.")
+    out = [start, NOTE, "", f"**The reliability frontier.** Every step checked on test over {SEEDS} seeds: each dot is one "
+           f"seed's worst test accuracy of its last {rows[0]['last']} epochs, the bar the step's worst seed. "
+           + smallest, "", f"![the reliability frontier](results/{FRONTIER_PNG})", "",
+           "| budget | step | parameters | MACs per image | s per epoch | validation objective | test: worst seed | "
+           "verdict | seeds that pass (95% bound) | recipes tried |",
+           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
+    hosts = list(dict.fromkeys(r["host"] for r in rows))  # each measured host a letter, in order of size
+    for r in rows:
+        budget = budget_words(r["budget"])
+        look = f" (look {r['look']} at test for this budget)" if r["look"] > 1 else ""
+        objective = "—" if r["objective"] is None else f"{r['objective']:.2f}%"
+        out.append(f"| {budget} | [{r['name']}](docs/series.md#{_anchor(r['title'])}) | {r['params']:,} | "
+                   f"{r['macs']:,} | {r['seconds']:.1f} ({chr(65 + hosts.index(r['host']))}) | {objective} | "
+                   f"{min(r['worst']):.2f}% | "
+                   f"{r['verdict']}{look} | {rate_cell_row(r)} | {r['tried'] or '—'} |")
+    out += ["", "The validation objective is the search's: the worst validation accuracy of the last epochs, the "
+                f"minimum over the trial's seeds, on {DEFAULT_VAL:,} held-out training images (for a step a screen "
+                "earned, the worst seed of its 5-seed validation check); the test column is the check's, "
+                f"after a refit on all {TRAIN_IMAGES:,}. Seconds per epoch are the median over the check's epochs (training and "
+                "the test pass), each run with the threads and code its evidence records, on the host the letter names "
+                "(compare within one check only): " + "; ".join(f"{chr(65 + i)}: {h}" for i, h in enumerate(hosts))
+                + ". Recipes tried counts every trial of the searches behind the step, pruned and failed ones "
+                f"included. Seeds that pass: of the step's widest test check, with the one-sided 95% Clopper–Pearson "
+                f"lower bound on a run's pass rate; a step is reliable once at least {RELIABLE_PASSES} of "
+                f"{RELIABLE_SEEDS} seeds pass, which {SEEDS} of {SEEDS} cannot show (its bound is "
+                f"{pass_rate_bound(SEEDS, SEEDS):.2f}).", "", end]
+    return "\n".join(out)
+
+
+WRITEUPS_FILE = "writeups.json"  # published networks of this assignment, rebuilt and checked: the claim beside ours
+
+
+def render_writeups(results: Path = RESULTS) -> str:
+    """Published networks rebuilt from their write-ups and checked over seeds: what the write-up claimed (quoted in
+    results/writeups.json) beside our verdict and accuracy (the check evidence it names)."""
+    start, end = markers("writeups")
+    path = results / WRITEUPS_FILE
+    entries = read_json(path) if path.is_file() else []
+    if not entries:
+        return "\n".join([start, NOTE, "", "No published network has been checked yet.", "", end])
+    out = [start, NOTE, "", "| write-up | network | claimed | ours: parameters | ours: worst of the last epochs, "
+           "every seed | ours: final accuracy | verdict |", "| --- | --- | --- | ---: | ---: | ---: | --- |"]
+    for e in entries:
+        c = e["claimed"]
+        claim = (f"{c['params']:,} parameters, test {c['test_acc']:.2f}%, {c['consistency']} ({c['runs']} run)")
+        ev_path = results / e["evidence"]
+        who = f"`{Path(e['writeup']).name}`, {e['section']}"
+        net = f"`{e['class']}` in [`{e['models_file']}`]({e['models_file']})"
+        if not ev_path.is_file():
+            out.append(f"| {who} | {net} | {claim} | not checked yet | | | |")
+            continue
+        ev = read_json(ev_path)
+        pr = proof(ev)
+        out.append(f"| {who} | {net} | {claim} | {ev['params']:,} | {', '.join(f'{w:.2f}%' for w in pr.seed_worsts)} "
+                   f"(last {pr.last} of {ev['epochs']}) | {pr.mean:.2f} ± {pr.std:.2f}% ({len(pr.seed_worsts)} seeds) | "
+                   f"{pr.verdict} |")
+    ev0 = next((read_json(results / e["evidence"]) for e in entries if (results / e["evidence"]).is_file()), None)
+    if ev0 is not None:
+        from ..core.config import TrainConfig
+
+        cfg = TrainConfig.from_dict(ev0["config"])
+        out += ["", f"Ours: `tinymnist check --models {ev0['models_file']['path']} --model {ev0['model']} --seeds "
+                    f"{len(ev0['seeds'])} --json results/{entries[0]['evidence']}`, which trains the class with the "
+                    f"recipe of the step `{ev0['step']}`, the answer then ({recipe_words(cfg)}) on "
+                    f"{hardware_text(ev0.get('env', {}))}. The write-up's own recipe differs (its text names a step "
+                    "LR schedule and random rotation), and its claim is one run judged by eye.",
+                ""]
+        png = (results / entries[0]["evidence"]).with_suffix(".png")
+        if png.is_file():
+            out += [f"![proof over seeds: {ev0['model']} of the write-up](results/{png.name})", ""]
+    return "\n".join(out + ["", end])
