@@ -398,3 +398,14 @@ class Model_14(Net):
     # (N,8,22,22) RF 7 | (N,8,11,11) RF 8 | dw + 1x1 x3: (N,32,5,5) RF 20 | GAP + 1x1 (N,10,1,1) RF 28
     layout = "c8 c8 c8 P dw c32/1 dw c32/1 dw c32/1 G o"
     activation = "gelu"
+
+
+@register
+class Model_15(Net):
+    """Model_14 grown to 7,628 parameters for a margin: an 8-12-12 front and three depthwise-separable blocks to 40
+    channels, with GELU after every batch norm. Chosen on validation in screens/dw-8000.toml (2 seeds, then a 5-seed
+    validation check past the gate), never on the test set."""
+
+    # (N,12,22,22) RF 7 | (N,12,11,11) RF 8 | dw + 1x1 x3: (N,40,5,5) RF 20 | GAP + 1x1 (N,10,1,1) RF 28
+    layout = "c8 c12 c12 P dw c40/1 dw c40/1 dw c40/1 G o"
+    activation = "gelu"

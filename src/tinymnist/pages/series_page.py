@@ -291,7 +291,7 @@ def _fact(name: str, step: Step, results: Path) -> str:
                  "seed_worsts": ", ".join(f"{w:.2f}%" for w in pr.seed_worsts),
                  "commit": (ev.get("env", {}).get("git_commit") or "?")[:7]}
         return facts[parts[1]]
-    raise TinyMnistError(f"steps/{step.name}.md: no number {{{name}}} in results/ (see report.PLACEHOLDER)")
+    raise TinyMnistError(f"steps/{step.name}.md: no number {{{name}}} in results/ (see pages/series_page.PLACEHOLDER)")
 
 
 def _confirmed(results: Path, screen: str, candidate: str, what: str) -> str:
