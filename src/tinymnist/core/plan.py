@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -15,7 +16,7 @@ from ..accel.device import hardware, resolve_memory_format, resolve_precision, s
 from ..accel.kernels import coverage, resolve_kernels, use_kernels
 from ..errors import TinyMnistError, first_line
 from ..models.model import Net, count_params, model_class
-from ..models.userfile import check_forward
+from ..models.userfile import check_forward, file_sha256
 from .config import TrainConfig
 from .data import MNIST, VAL_SEED, split_fingerprint, validation_split
 
@@ -43,6 +44,9 @@ class Plan:
     model: Net
     split: Optional[Split]
     teacher: Optional[TrainConfig]
+    params: int
+    kernels_applied: dict  # what of the network trains on the C kernels (empty when the recipe's are native)
+    models_file: Optional[dict]  # a user's models file as a run records it (models_file_record), or None
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -50,12 +54,7 @@ class Plan:
 
     def record(self) -> dict:
         """What config.json keeps of the plan, in its order: the model, its parameters, the seed, the recipe."""
-        return {"model": self.cfg.model, "params": count_params(self.model), "seed": self.cfg.seed,
-                "config": self.cfg.to_dict()}
-
-    def kernels_applied(self) -> dict:
-        """What of the network trains on the C kernels (empty when the recipe's kernels are native)."""
-        return coverage(self.model) if self.cfg.kernels == "fused" else {}
+        return {"model": self.cfg.model, "params": self.params, "seed": self.cfg.seed, "config": self.cfg.to_dict()}
 
 
 def make_plan(cfg: TrainConfig, data: MNIST, teacher: Optional[TrainConfig] = None, warn: bool = False) -> Plan:
@@ -78,7 +77,15 @@ def make_plan(cfg: TrainConfig, data: MNIST, teacher: Optional[TrainConfig] = No
         keep, held = (i.to(device) for i in validation_split(data.train_labels, cfg.val))
         split = Split(keep, held, {"images": cfg.val, "seed": VAL_SEED, "stratified": True,
                                    "fingerprint": split_fingerprint(held)})
-    return Plan(cfg, data, device, facts, model, split, teacher if cfg.teacher else None)
+    return Plan(cfg, data, device, facts, model, split, teacher if cfg.teacher else None, count_params(model),
+                coverage(model) if cfg.kernels == "fused" else {},
+                models_file_record(cfg) if cfg.models_file else None)
+
+
+def models_file_record(cfg: TrainConfig) -> dict:
+    """What a checkpoint and a run's config.json record of a user's models file: what to name again, never code to
+    run."""
+    return {"path": str(Path(cfg.models_file).resolve()), "sha256": file_sha256(cfg.models_file), "class": cfg.model}
 
 
 def checked_model(cfg: TrainConfig) -> Net:

@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .data import MNIST, load_mnist, resolve_data_dir
 from ..accel.device import configure_threads, hardware, pick_device
 from .engine import Trainer
-from .plan import make_plan
+from .plan import make_plan, models_file_record
 from ..errors import TinyMnistError, first_line
 from ..fileio import atomic_path, read_json, write_json
 from ..accel.kernels import OPS as KERNEL_OPS
@@ -91,17 +91,9 @@ def save_checkpoint(path: Path, model: torch.nn.Module, cfg: TrainConfig) -> Non
     payload = {"format": CHECKPOINT_FORMAT, "model": cfg.model, "config": cfg.to_dict(),
                "params": count_params(model), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     if cfg.models_file:
-        payload["models_file"] = _models_file_record(cfg)
+        payload["models_file"] = models_file_record(cfg)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-
-
-def _models_file_record(cfg: TrainConfig) -> dict:
-    """What a checkpoint and a run's config.json record of a user's models file: what to name again, never code to
-    run."""
-    from ..models.userfile import file_sha256
-
-    return {"path": str(Path(cfg.models_file).resolve()), "sha256": file_sha256(cfg.models_file), "class": cfg.model}
 
 
 def _user_recipe(path: Path, payload: dict, cfg: TrainConfig, models: Optional[str],
@@ -176,10 +168,10 @@ def train_run(cfg: TrainConfig, out: Optional[str | os.PathLike] = None, data_di
     run_dir = Path(out) if out else new_run_dir(name or cfg.model)
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"name": name or cfg.model, **plan.record(), "env": environment(dev, plan.facts),
-            "kernels_applied": plan.kernels_applied(),  # what trains in C
+            "kernels_applied": plan.kernels_applied,  # what trains in C
             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:]}
-    if cfg.models_file:
-        meta["models_file"] = _models_file_record(cfg)  # what resume needs named again, and checks
+    if plan.models_file is not None:
+        meta["models_file"] = plan.models_file  # what resume needs named again, and checks
     if plan.split is not None:
         meta["val_split"] = plan.split.record
     write_json(run_dir / "config.json", meta)
