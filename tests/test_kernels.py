@@ -504,3 +504,45 @@ def test_each_fused_activation_is_the_same_at_1_2_and_3_threads(built, act):
         torch.set_num_threads(before)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_a_model_wholly_on_the_kernels_trains_its_steps_on_the_kernels_threads_and_pytorchs_on_one(built):
+    """training_threads: inside, the kernels keep the run's thread count and PyTorch's ops take one thread; outside
+    (evaluation) PyTorch has them all back. The counts are each Python thread's own, as PyTorch's (OpenMP's) are:
+    another thread's block changes nothing in this one. A network with a convolution on PyTorch's ops (here a padded one) keeps PyTorch's threads."""
+    import threading
+
+    from tinymnist.accel.kernels import threads, trains_on_kernels, training_threads
+
+    ours = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8), nn.GELU(), nn.MaxPool2d(2))
+    mixed = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    use_kernels(ours), use_kernels(mixed)
+    assert trains_on_kernels(ours) and not trains_on_kernels(mixed) and not trains_on_kernels(nn.Linear(2, 2))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with training_threads(mixed):
+            assert torch.get_num_threads() == 3 and threads() == 3
+        inside, entered, leave = [], threading.Event(), threading.Event()
+
+        def other():
+            torch.set_num_threads(3)  # a new thread has OpenMP's default count until it sets its own
+            with training_threads(ours):
+                entered.set()
+                leave.wait(30)
+                inside.append((torch.get_num_threads(), threads()))
+
+        t = threading.Thread(target=other)
+        t.start()
+        entered.wait(30)
+        assert torch.get_num_threads() == 3 and threads() == 3
+        with training_threads(ours):
+            assert torch.get_num_threads() == 1 and threads() == 3
+            x = torch.randn(4, 1, 12, 12).contiguous(memory_format=CL)
+            ours(x).sum().backward()  # the kernels run at the run's count
+        leave.set()
+        t.join(30)
+        assert inside == [(1, 3)]  # the other thread's block was still open when this one closed
+        assert torch.get_num_threads() == 3 and threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -43,6 +43,7 @@ outputs, gradients and running statistics.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -52,6 +53,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -182,6 +184,50 @@ def resolve_kernels(requested: str, device: torch.device, precision: str, memory
     return "fused"
 
 
+# The kernels' thread count while this Python thread trains a model on them (unset: PyTorch's intra-op count). Like
+# PyTorch's own count (OpenMP's, which is per thread), it belongs to one thread. See training_threads.
+_local = threading.local()
+
+
+def threads() -> int:
+    """How many threads of the kernels' pool each kernel call uses."""
+    return getattr(_local, "threads", None) or torch.get_num_threads()
+
+
+def trains_on_kernels(model: nn.Module) -> bool:
+    """Whether every convolution and batch norm of `model` trains on the kernels (after use_kernels), and it has
+    at least one: then PyTorch's own ops in its step are the small ones (see training_threads)."""
+    mods = list(model.modules())
+    convs = [m for m in mods if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    return bool(convs) and all(isinstance(m, (Conv2d, BatchNormAct)) for m in convs)
+
+
+@contextlib.contextmanager
+def training_threads(model: nn.Module):
+    """While a model that trains on the kernels takes its training steps: the kernels keep the run's thread count
+    and PyTorch's own ops (the loss, the optimizer, the EMA, the augmentation) run on one thread.
+
+    Why: at small batches those ops are each below PyTorch's parallel grain, so they ran on one thread already;
+    but with 2 intra-op threads, an op that does cross the grain (autograd's gradient buffers) wakes an OpenMP
+    worker, which then takes the second core from the kernels' pool. Measured on a 2-core AMD EPYC: batch norm +
+    GELU forward and backward of a (32, 12, 24, 24) input whose gradient autograd accumulates took 1.13 ms at 2
+    threads against 0.38 ms when nothing accumulates, and a whole step of Model_15 at batch 32 was slower at 2
+    threads than at 1 (17.5 against 11.8 ms). Neither count changes a result: the kernels are thread-invariant,
+    and PyTorch's ops in such a step are elementwise or reduce fewer elements than its grain. Only a model that
+    trains wholly on the kernels (trains_on_kernels) gets this; a network with convolutions on PyTorch's ops keeps
+    their threads. Evaluation (large batches, PyTorch's ops) runs outside this block, with every thread."""
+    if not trains_on_kernels(model) or getattr(_local, "threads", None):
+        yield
+        return
+    _local.threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this thread's count (OpenMP's is per thread), so another thread keeps its own
+    try:
+        yield
+    finally:
+        torch.set_num_threads(_local.threads)
+        _local.threads = None
+
+
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
@@ -234,7 +280,7 @@ class _BatchNormAct(torch.autograd.Function):
         coef = x.new_empty((3, c))  # 1/std, weight/std and the shift, for backward
         weight, bias = weight.detach().contiguous(), bias.detach().contiguous()  # alive through the call
         _check(lib.tm_bn_act_forward(_ptr(x), n * h * w, c, _ptr(weight), _ptr(bias), eps, act, slope, _ptr(out),
-                                     _ptr(stats[0]), _ptr(stats[1]), _ptr(coef), torch.get_num_threads()))
+                                     _ptr(stats[0]), _ptr(stats[1]), _ptr(coef), threads()))
         ctx.save_for_backward(x, out, stats, coef)
         ctx.act, ctx.slope = act, slope
         ctx.mark_non_differentiable(stats)
@@ -249,7 +295,7 @@ class _BatchNormAct(torch.autograd.Function):
         dx, dweight, dbias = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
         _check(lib.tm_bn_act_backward(_ptr(grad), _ptr(out), _ptr(x), n * h * w, c, _ptr(stats[0]), _ptr(coef),
                                       ctx.act, ctx.slope, _ptr(dx), _ptr(dweight), _ptr(dbias),
-                                      torch.get_num_threads()))
+                                      threads()))
         return dx, dweight, dbias, None, None, None
 
 
@@ -314,7 +360,7 @@ class _MaxPool2x2(torch.autograd.Function):
         n, c, h, w = x.shape
         out = torch.empty((n, c, h // 2, w // 2), memory_format=torch.channels_last)
         idx = torch.empty((n, c, h // 2, w // 2), dtype=torch.uint8, memory_format=torch.channels_last)
-        lib.tm_maxpool2_forward(_ptr(x), n, h, w, c, _ptr(out), _ptr(idx), torch.get_num_threads())
+        lib.tm_maxpool2_forward(_ptr(x), n, h, w, c, _ptr(out), _ptr(idx), threads())
         ctx.save_for_backward(idx)
         ctx.shape = (n, c, h, w)
         return out
@@ -326,7 +372,7 @@ class _MaxPool2x2(torch.autograd.Function):
         n, c, h, w = ctx.shape
         grad = grad.contiguous(memory_format=torch.channels_last)
         dx = torch.empty((n, c, h, w), memory_format=torch.channels_last)
-        lib.tm_maxpool2_backward(_ptr(grad), _ptr(idx), n, h, w, c, _ptr(dx), torch.get_num_threads())
+        lib.tm_maxpool2_backward(_ptr(grad), _ptr(idx), n, h, w, c, _ptr(dx), threads())
         return dx
 
 
@@ -378,7 +424,7 @@ class _Conv2d(torch.autograd.Function):
         co, k = weight.shape[0], weight.shape[-1]
         out = torch.empty((n, co, h - k + 1, w - k + 1), memory_format=torch.channels_last)
         kernel = lib.tm_dwconv_forward if depthwise else lib.tm_conv_forward
-        _check(kernel(_ptr(x), n, h, w, ci, _ptr(weight), co, k, _ptr(out), torch.get_num_threads()),
+        _check(kernel(_ptr(x), n, h, w, ci, _ptr(weight), co, k, _ptr(out), threads()),
                "convolution kernel")
         ctx.save_for_backward(x, weight)
         ctx.depthwise = depthwise
@@ -395,7 +441,7 @@ class _Conv2d(torch.autograd.Function):
         dweight = torch.empty_like(weight)
         kernel = lib.tm_dwconv_backward if ctx.depthwise else lib.tm_conv_backward
         _check(kernel(_ptr(x), n, h, w, ci, _ptr(weight), co, k, _ptr(grad), None if dx is None else _ptr(dx),
-                      _ptr(dweight), torch.get_num_threads()), "convolution kernel")
+                      _ptr(dweight), threads()), "convolution kernel")
         return dx, dweight, None
 
 

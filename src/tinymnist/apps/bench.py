@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..accel import runtime
+from ..accel.kernels import training_threads
 from ..core.config import AugConfig, TrainConfig
 from ..core.data import MEAN, MNIST, STD, Loader, load_mnist
 from ..accel.device import (autocast, available_cores, configure_threads, hardware, seed_everything, sync,
@@ -97,11 +98,12 @@ class _Step:
     def __call__(self, x, y):
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
         y = y.to(self.device, non_blocking=True)
-        with autocast(self.device, self.cfg.precision):
-            loss = F.cross_entropy(self.model(x).float(), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        with training_threads(self.model):  # as train_epoch runs a step
+            with autocast(self.device, self.cfg.precision):
+                loss = F.cross_entropy(self.model(x).float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
 
 
 def _train_step(model_name: str, cfg: TrainConfig, device: torch.device):

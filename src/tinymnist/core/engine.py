@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..accel.device import autocast, sync
+from ..accel.kernels import training_threads
 from ..errors import TinyMnistError
 from ..models.model import Net
 from .config import TrainConfig
@@ -136,30 +137,31 @@ def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimiz
     # progress=None lets tqdm decide: a bar on a terminal, nothing in a log file
     bar = tqdm(loader, desc=desc, leave=False, disable=None if progress is None else not progress, dynamic_ncols=True)
     refresh = max(1, len(loader) // 25)  # the bar reads the counters ~25 times an epoch, not every step
-    for i, (x, y) in enumerate(bar):
-        x = x.contiguous(memory_format=memory_format)  # a restride, not a copy: the batch has one channel
-        with autocast(device, precision):
-            out = model(x)
-            if teacher is None:
-                loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
-            else:
-                with torch.no_grad():
-                    soft = teacher(x).float()
-                loss = distillation_loss(out.float(), soft, y, distill, distill_temp, label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if ema is not None:
-            ema.update(model)
-        n = y.shape[0]
-        seen += n
-        loss_sum += loss.detach() * n
-        correct += (out.detach().argmax(1) == y).sum()
-        if not bar.disable and (i + 1) % refresh == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}%",
-                            lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+    with training_threads(model):  # the C kernels keep the run's threads; PyTorch's ops of a step take one
+        for i, (x, y) in enumerate(bar):
+            x = x.contiguous(memory_format=memory_format)  # a restride, not a copy: the batch has one channel
+            with autocast(device, precision):
+                out = model(x)
+                if teacher is None:
+                    loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+                else:
+                    with torch.no_grad():
+                        soft = teacher(x).float()
+                    loss = distillation_loss(out.float(), soft, y, distill, distill_temp, label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            n = y.shape[0]
+            seen += n
+            loss_sum += loss.detach() * n
+            correct += (out.detach().argmax(1) == y).sum()
+            if not bar.disable and (i + 1) % refresh == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}%",
+                                lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
     return Metrics(loss_sum.item() / max(1, seen), int(correct.item()), seen)
 
 
