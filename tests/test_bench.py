@@ -57,3 +57,28 @@ def test_classic_dataset_matches_our_normalisation():
     ds = ClassicDataset(images, torch.arange(4), AugConfig())  # zero magnitude: no change but normalisation
     x, y = ds[2]
     assert y == 2 and torch.allclose(x, normalize(images[2:3])[0], atol=1e-5)
+
+
+def test_small_batch_rows_pair_each_setting_with_its_own_peak_and_state_the_ratios(tmp_path):
+    """bench --small-batches: per recipe and batch, 1 thread, n threads with the kernels on PyTorch's threads
+    (before) and n threads as training runs now (after), each with the peak its own process measured."""
+    from tinymnist.apps.bench import FLOPS_PER_MAC, small_batch_rows
+    from tinymnist.core.data import load_mnist
+    from tinymnist.lab.series import get_step
+
+    synthetic_mnist(tmp_path / "d", n_train=64, n_test=16)
+    data = load_mnist(str(tmp_path / "d"))
+    final = get_step("final").config
+    result = small_batch_rows(data, {"final": ("Model_7", final)}, batches=(8,), threads=2, steps=2, repeats=1,
+                              log=None, gemm_seconds=0.05)
+    assert [(r["recipe"], r["batch_size"]) for r in result["rows"]] == [("final", 8)]
+    for row in result["rows"]:
+        for name in ("one_thread", "before", "after"):
+            cell = row[name]
+            assert cell["images_per_s"] > 0 and len(cell["runs"]) == len(cell["gemm_peak_gflops"]) == 1
+            expect = cell["runs"][0] * FLOPS_PER_MAC * row["macs_per_image"] / 1e9 / cell["gemm_peak_gflops"][0]
+            assert abs(cell["fraction_of_peak"] - expect) < 2e-3 * max(1, expect)
+        assert row["after/before"] == round(row["after"]["images_per_s"] / row["before"]["images_per_s"], 3)
+        assert row["threads/one"] == round(row["after"]["images_per_s"] / row["one_thread"]["images_per_s"], 3)
+        assert row["threads"] == 2 and row["macs_per_image"] > 0
+    assert result["env"]["hardware"]["cpu_model"] and result["env"]["torch"]

@@ -208,14 +208,18 @@ def training_threads(model: nn.Module):
     and PyTorch's own ops (the loss, the optimizer, the EMA, the augmentation) run on one thread.
 
     Why: at small batches those ops are each below PyTorch's parallel grain, so they ran on one thread already;
-    but with 2 intra-op threads, an op that does cross the grain (autograd's gradient buffers) wakes an OpenMP
-    worker, which then takes the second core from the kernels' pool. Measured on a 2-core AMD EPYC: batch norm +
-    GELU forward and backward of a (32, 12, 24, 24) input whose gradient autograd accumulates took 1.13 ms at 2
-    threads against 0.38 ms when nothing accumulates, and a whole step of Model_15 at batch 32 was slower at 2
-    threads than at 1 (17.5 against 11.8 ms). Neither count changes a result: the kernels are thread-invariant,
-    and PyTorch's ops in such a step are elementwise or reduce fewer elements than its grain. Only a model that
-    trains wholly on the kernels (trains_on_kernels) gets this; a network with convolutions on PyTorch's ops keeps
-    their threads. Evaluation (large batches, PyTorch's ops) runs outside this block, with every thread."""
+    but with 2 intra-op threads, an op that does cross it (autograd's gradient buffers) wakes an OpenMP worker,
+    and where OpenMP's workers spin after their work (its default wait policy) they take the second core from the
+    kernels' pool. runtime.py sets a passive wait before torch loads, but a script or notebook that imports torch
+    before tinymnist keeps OpenMP's default. Measured on a 2-core AMD EPYC (AVX-512), a step of Model_15 at batch
+    32 and 2 threads, in one process taking turns (a scratch script): with torch imported first, 15.6-16.2 ms with
+    the kernels on PyTorch's threads against 8.3-8.7 ms in this block; with runtime's wait in force, 9.9-10.4
+    against 9.7-10.3 ms, the same within noise (`tinymnist bench --small-batches` measures that pair, with
+    runtime's wait in force, in processes of their own). Neither count changes a result: the kernels are
+    thread-invariant, and PyTorch's ops in such a step are elementwise or reduce fewer elements than its grain.
+    Only a model that trains wholly on the kernels (trains_on_kernels) gets this; a network with convolutions on
+    PyTorch's ops keeps their threads. Evaluation (large batches, PyTorch's ops) runs outside this block, with
+    every thread."""
     if not trains_on_kernels(model) or getattr(_local, "threads", None):
         yield
         return

@@ -90,15 +90,17 @@ def gemm_peak_gflops(device: torch.device, n: int = 1024, seconds: float = 1.5) 
 class _Step:
     """One training step of a fresh model: forward, loss, backward, SGD step; the recipe's format and precision."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, own_threads: bool = True):
         self.model, self.cfg, self.device = model, cfg, device
         self.fmt = torch_memory_format(cfg.memory_format)
         self.optimizer = make_optimizer(model, cfg)
+        # False: the kernels share PyTorch's threads, as every step ran before training_threads (for a before/after)
+        self.threads = training_threads if own_threads else (lambda _: contextlib.nullcontext())
 
     def __call__(self, x, y):
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
         y = y.to(self.device, non_blocking=True)
-        with training_threads(self.model):  # as train_epoch runs a step
+        with self.threads(self.model):  # as train_epoch runs a step
             with autocast(self.device, self.cfg.precision):
                 loss = F.cross_entropy(self.model(x).float(), y)
             self.optimizer.zero_grad(set_to_none=True)
@@ -106,10 +108,10 @@ class _Step:
             self.optimizer.step()
 
 
-def _train_step(model_name: str, cfg: TrainConfig, device: torch.device):
+def _train_step(model_name: str, cfg: TrainConfig, device: torch.device, own_threads: bool = True):
     seed_everything(0)
     model = build_for(replace(cfg, model=model_name), device).train()
-    return model, _Step(model, cfg, device)
+    return model, _Step(model, cfg, device, own_threads)
 
 
 @contextlib.contextmanager
@@ -144,14 +146,15 @@ def _faults_per_step(step: Callable, batch, steps: int) -> Optional[float]:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
 
 
-def _step_server(model_name: str, config: dict, device: str, threads: int, batch, conn) -> None:
+def _step_server(model_name: str, config: dict, device: str, threads: int, batch, conn, own_threads: bool = True,
+                 ) -> None:
     """In a fresh process (with its own heap and thread settings): build a training step, then answer each request
     of `steps` (an int) with the images/s of that many steps on one fixed batch, each ("gemm", seconds) with
     the fp32 matrix-multiply GFLOP/s at the same thread count, and each ("faults", steps) with the minor page faults
     per step; None ends it."""
     configure_threads(threads)
     dev = torch.device(device)
-    _, step = _train_step(model_name, TrainConfig.from_dict(config), dev)
+    _, step = _train_step(model_name, TrainConfig.from_dict(config), dev, own_threads)
     batches = iter(lambda: batch, None)  # the same batch forever
     while (request := conn.recv()) is not None:
         if isinstance(request, tuple) and request[0] == "faults":
@@ -163,13 +166,17 @@ def _step_server(model_name: str, config: dict, device: str, threads: int, batch
 
 
 def steps_interleaved(configs: dict, model_name: str, device: torch.device, batch, steps: int, repeats: int,
-                      heaps: Optional[dict] = None, gemm_in: Optional[str] = None) -> dict:
+                      heaps: Optional[dict] = None, gemm_in: Optional[str | tuple] = None,
+                      threads: Optional[dict] = None, shared: frozenset = frozenset(), gemm_seconds: float = 1.0,
+                      ) -> dict:
     """Images/s of each named recipe's step, each in its own process, taking turns repeat by repeat so that a host
     whose speed drifts biases none. `heaps` names the heap policy (runtime.HEAP_ENV) a process starts with. With
     `gemm_in`, that recipe's process also measures the matrix-multiply rate right after each of its timings,
     returned under "gemm": a peak and a step measured seconds apart, in one process, on a host whose speed drifts.
+    With a tuple of names, each of those processes does, returned under "gemm:<name>".
     After the timings, each process counts its minor page faults per step over `steps` more steps, returned under
-    "faults" by name."""
+    "faults" by name. `threads` gives a process its thread count (default: this process's); a process named in
+    `shared` runs its kernels on PyTorch's threads, as every step did before training_threads."""
     import multiprocessing as mp
 
     from ..accel.runtime import HEAP_ENV
@@ -178,12 +185,14 @@ def steps_interleaved(configs: dict, model_name: str, device: torch.device, batc
     servers = {}
     for name, cfg in configs.items():
         here, there = ctx.Pipe()
-        proc = ctx.Process(target=_step_server, args=(model_name, cfg.to_dict(), str(device),
-                                                      torch.get_num_threads(), batch, there), daemon=True)
+        count = (threads or {}).get(name, torch.get_num_threads())
+        proc = ctx.Process(target=_step_server, args=(model_name, cfg.to_dict(), str(device), count, batch, there,
+                                                      name not in shared), daemon=True)
         with _child_env({HEAP_ENV: (heaps or {}).get(name, "retain")}):
             proc.start()
         servers[name] = (proc, here)
-    rates: dict = {name: [] for name in configs} | ({"gemm": []} if gemm_in else {})
+    rates: dict = {name: [] for name in configs} | ({"gemm": []} if isinstance(gemm_in, str) else
+                                                    {f"gemm:{n}": [] for n in gemm_in or ()})
     try:
         for name, (_, conn) in servers.items():  # warm-up: kernels, and the heap grown to its working size
             conn.send(10)
@@ -192,9 +201,9 @@ def steps_interleaved(configs: dict, model_name: str, device: torch.device, batc
             for name, (_, conn) in servers.items():
                 conn.send(steps)
                 rates[name].append(conn.recv())
-                if name == gemm_in:
-                    conn.send(("gemm", 1.0))
-                    rates["gemm"].append(conn.recv())
+                if name == gemm_in or (isinstance(gemm_in, tuple) and name in gemm_in):
+                    conn.send(("gemm", gemm_seconds))
+                    rates["gemm" if name == gemm_in else f"gemm:{name}"].append(conn.recv())
         rates["faults"] = {}
         for name, (_, conn) in servers.items():
             conn.send(("faults", steps))
@@ -421,6 +430,54 @@ def _ratios(results: dict, macs: int, peaks: list[float], log: Optional[Callable
                          **({"fused/native": round(ceiling / results["native_kernels"]["images_per_s"], 3)}
                             if "native_kernels" in results else {}),
                          "model-step/peak": round(statistics.median(fractions), 3)}
+
+
+SMALL_BATCHES = (32, 64, 128)
+
+
+def small_batch_rows(data: MNIST, recipes: dict, batches=SMALL_BATCHES, threads: int = 2, steps: int = 60,
+                     repeats: int = 3, log: Optional[Callable[[str], None]] = print, gemm_seconds: float = 1.0,
+                     ) -> dict:
+    """The model step of each named recipe (name -> (model name, TrainConfig)) at each batch size, in images/s,
+    each setting in its own process, taking turns repeat by repeat: at 1 thread; at `threads` threads with the
+    kernels on PyTorch's threads ("before": how every step ran until training_threads); and at `threads` threads
+    as train_epoch runs it now ("after"). Each against the fp32 matrix-multiply peak that its own process measured
+    at its own thread count right after each timing. Ratios are within one run on one host: after/before, and
+    after (n threads) against 1 thread, the second core's worth to one run."""
+    device = data.train_images.device
+    facts = hardware(device)
+    rows = []
+    for label, (model_name, recipe) in recipes.items():
+        for batch_size in batches:
+            cfg = resolve_for(replace(recipe, batch_size=batch_size), device, facts, warn=False)
+            loader = Loader(data.train_images, data.train_labels, batch_size, shuffle=True, seed=0, aug=cfg.aug)
+            fixed = tuple(t.cpu() for t in next(iter(loader)))
+            names = ("one_thread", "before", "after")
+            rates = steps_interleaved(dict.fromkeys(names, cfg), model_name, device, fixed, steps, repeats,
+                                      gemm_in=names, threads={"one_thread": 1, "before": threads, "after": threads},
+                                      shared=frozenset({"before"}), gemm_seconds=gemm_seconds)
+            macs = summarize(build_for(replace(cfg, model=model_name), device)).macs
+            row = {"recipe": label, "model": model_name, "batch_size": batch_size, "kernels": cfg.kernels,
+                   "threads": threads, "macs_per_image": macs}
+            for name in names:
+                fractions = [r * FLOPS_PER_MAC * macs / 1e9 / p for r, p in zip(rates[name], rates[f"gemm:{name}"])]
+                row[name] = {"images_per_s": round(statistics.median(rates[name]), 1),
+                             "runs": [round(r, 1) for r in rates[name]],
+                             "gemm_peak_gflops": [round(p, 1) for p in rates[f"gemm:{name}"]],
+                             "fraction_of_peak": round(statistics.median(fractions), 3)}
+            row["after/before"] = round(row["after"]["images_per_s"] / row["before"]["images_per_s"], 3)
+            row["threads/one"] = round(row["after"]["images_per_s"] / row["one_thread"]["images_per_s"], 3)
+            rows.append(row)
+            if log:
+                log(f"{label} ({model_name}) batch {batch_size}: 1 thread {row['one_thread']['images_per_s']:,.0f} "
+                    f"images/s ({row['one_thread']['fraction_of_peak']:.2f} of peak); {threads} threads before "
+                    f"{row['before']['images_per_s']:,.0f}, after {row['after']['images_per_s']:,.0f} "
+                    f"({row['after']['fraction_of_peak']:.2f} of peak); after/before {row['after/before']:.2f}, "
+                    f"{threads} threads/1 {row['threads/one']:.2f}")
+    from ..core.runs import environment
+
+    return {"rows": rows, "steps": steps, "repeats": repeats,
+            "env": {**environment(device), "hardware": facts, "cpu_count": available_cores()}}
 
 
 def time_training(runs: int, data_dir: Optional[str], device: str, precision: str = "fp32",

@@ -10,6 +10,7 @@ from .common import NOTE, RESULTS, _kernels_text, _wait, hardware_text, markers,
 
 
 BENCH_FILE = "bench.json"
+SMALL_BATCHES_FILE = "bench-small-batches.json"  # tinymnist bench --small-batches
 
 
 def render_performance(results: Path = RESULTS) -> str:
@@ -54,6 +55,7 @@ def render_performance(results: Path = RESULTS) -> str:
                 + (f", fused/native = {r['fused/native']:.2f}× (what the C kernels add)." if "fused/native" in r
                    else ".")]
     out += _peak_lines(b) + _concurrency_lines(b)
+    out += _small_batch_lines(results)
     out += _timed_checks(results)
     return "\n".join(out + ["", end])
 
@@ -196,6 +198,32 @@ def render_performance_first(results: Path = RESULTS) -> str:
     out.append("- Hosts of one kind differ in speed (each figure here names its host, as every results file "
                "records it): compare ratios measured on one host, not seconds across hosts.")
     return "\n".join(out + ["", end])
+
+
+def _small_batch_lines(results: Path) -> list[str]:
+    """The model step at small batches, before and after the kernels kept their own threads, from one bench run."""
+    path = results / SMALL_BATCHES_FILE
+    if not path.is_file():
+        return []
+    b = read_json(path)
+    rows = b["rows"]
+    n = rows[0]["threads"]
+    out = ["", "### Small batches", "",
+           f"`tinymnist bench --small-batches --json results/{path.name}` timed the model step (forward, backward and "
+           f"the SGD step on one fixed batch) of each recipe at each batch size, in processes of its own taking "
+           f"turns, {b['repeats']} × {b['steps']} steps each (the median), on {hardware_text(b['env'])}: at 1 "
+           f"thread; at {n} threads with the C kernels on PyTorch's threads (**before**, how every step ran until "
+           f"`accel.kernels.training_threads`); and at {n} threads as training runs now (**after**: the kernels "
+           f"keep the run's threads, PyTorch's own small ops take one). Each against the fp32 matrix-multiply peak "
+           f"its own process measured at its own thread count right after each timing.", "",
+           f"| recipe | model | batch | 1 thread: images/s (of peak) | {n} threads before | {n} threads after (of "
+           f"peak) | after / before | after / 1 thread |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        one, before, after = r["one_thread"], r["before"], r["after"]
+        out.append(f"| {r['recipe']} | `{r['model']}` | {r['batch_size']} | {one['images_per_s']:,.0f} "
+                   f"({one['fraction_of_peak']:.2f}) | {before['images_per_s']:,.0f} | {after['images_per_s']:,.0f} "
+                   f"({after['fraction_of_peak']:.2f}) | **{r['after/before']:.2f}×** | {r['threads/one']:.2f}× |")
+    return out
 
 
 def _timed_checks(results: Path) -> list[str]:
