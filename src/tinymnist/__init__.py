@@ -19,7 +19,7 @@ _API = {
     "load_models_file": "models.userfile",  # your model.py: its nn.Module classes (and those it skipped, with why)
     "summarize": "models.summary", "format_summary": "models.summary",  # shapes, parameters, receptive field, MACs
     "STEPS": "lab.series", "get_step": "lab.series",  # the series; each step's .config is its recipe
-    "answer": "lab.series",  # the series' answer: the smallest step whose 5-seed check passes
+    "answer": "lab.series",  # the series' answer: the smallest reliable step (at least 19 of 20 seeds pass)
     "teacher_recipe": "lab.series",  # a distilled recipe's teacher, as a recipe: train_run(cfg, teacher=...)
     "TrainConfig": "core.config", "override": "core.config",  # a recipe, and a copy of one with fields replaced
     "train_run": "core.runs",  # train a recipe into a run directory; returns (run_dir, history)

@@ -358,6 +358,10 @@ def _add_use_verbs(verb) -> None:
                    help="time window of the concurrent-process measurements (0 skips them)")
     p.add_argument("--train-runs", type=_nonneg_int, default=0,
                    help="also time N complete `tinymnist train` runs of the default recipe (minutes each)")
+    p.add_argument("--small-batches", action="store_true",
+                   help="instead: the model step of final (Model_7) and the answer at batches 32, 64 and 128, at 1 "
+                        "thread and at --threads threads (default: every core) before and after the kernels kept "
+                        "their own threads, each against the matrix-multiply peak")
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures and ratios here")
 
 
@@ -483,8 +487,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     evidence = run_check(step.name, args.seeds, args.last, data_dir=args.data_dir, device=args.device,
                          out_root=args.runs, progress=_progress(args), threads=args.threads,
                          jobs=args.jobs, recipe=cfg, max_params=args.max_params, reuse=reuse)
-    if args.reuse:
-        evidence["reused"]["file"] = Path(args.reuse).name
+    if args.reuse:  # where the earlier evidence is, from the folder this evidence is written to
+        evidence["reused"]["file"] = Path(os.path.relpath(args.reuse, Path(args.json or ".").resolve().parent)).as_posix()
     if args.json:
         write_json(args.json, evidence)
         print(f"evidence written to {args.json}")
@@ -628,9 +632,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     model = _user_model(args, args.model)
     device = pick_device(args.device)
-    configure_threads(args.threads)
+    threads = configure_threads(args.threads)
     cfg = replace(answer().config, batch_size=args.batch_size, precision=args.precision)
     data = load_mnist(args.data_dir, device=device)
+    if args.small_batches:
+        from .apps.bench import small_batch_rows
+        from .lab.series import get_step
+
+        recipes = {"final": (get_step("final").config.model, get_step("final").config),
+                   (model or answer().name): (model or cfg.model, answer().config)}
+        result = small_batch_rows(data, recipes, threads=threads, steps=args.steps, repeats=args.repeats)
+        if args.json:
+            write_json(args.json, result)
+            print(f"results written to {args.json}")
+        return 0
     result = run_bench(data, model or cfg.model, cfg, steps=args.steps, repeats=args.repeats,
                        epoch=not args.no_epoch, workers=args.workers, data_dir=args.data_dir,
                        concurrency=args.concurrency)

@@ -182,7 +182,7 @@ STEPS: tuple[Step, ...] = (
         title="At most 7,000 parameters: write-up 002's shape narrowed, earned on 5 validation seeds",
         # candidate c6-c15x3 of screens/plain-7000.toml: the answer's recipe on a narrower write-up 002 network
         config=replace(_FINAL, model="Model_13"),
-        role="the assignment's answer: at most 7,000 parameters, the smallest that passes",
+        role="at most 7,000 parameters: the smallest step that passes over 5 seeds, and not reliable",
         budget=7000,
         screened_by=("plain-7000", "c6-c15x3"),
     ),
@@ -200,7 +200,7 @@ STEPS: tuple[Step, ...] = (
         title="Under 8,000 parameters with a margin: the depthwise GELU body grown, earned on 5 validation seeds",
         # candidate front12-dw40 of screens/dw-8000.toml: dw-gelu-5000's recipe on a wider front and body
         config=replace(_FINAL, model="Model_15", lr=0.1, ema=0.998, weight_decay=0.0, batch_size=32),
-        role="under 8,000 with the depthwise GELU recipe: as high as final on test, its 20-seed check next",
+        role="the answer: under 8,000 parameters, the smallest reliable step",
         screened_by=("dw-8000", "front12-dw40"),
     ),
 )
@@ -222,16 +222,17 @@ def last_step() -> Step:
     return STEPS[-1]
 
 
-# The series' answer: the smallest step whose committed 5-seed check (results/check-<step>.json) passes. Everything
-# that needs "the model" and is given none uses it: `train` with no --step, the shipped model, the demo, the
-# notebook and `bench`. tests/test_experiments.py holds this name to the evidence; when a smaller step passes its
-# check, only this name changes.
-ANSWER = "plain-7000"
-ANSWER_WHY = "the smallest step that passes over 5 seeds"
+# The series' answer: the smallest reliable step, whose committed 20-seed test check (results/check20-<step>.json)
+# has at least 19 of its 20 seeds pass (target.reliable). Everything that needs "the model" and is given none uses it:
+# `train` with no --step, the shipped model, the demo, the notebook and `bench`. tests/test_experiments.py holds this
+# name to the evidence; when a smaller step is shown reliable, only this name changes. The smallest step that passed
+# its 5-seed check (the rule's own proof) may be smaller: the README's headline names both.
+ANSWER = "dw-gelu-8000"
+ANSWER_WHY = "the smallest reliable step: at least 19 of 20 seeds pass"
 
 
 def answer() -> Step:
-    """The series' answer: the smallest step whose 5-seed check passes (ANSWER, held to results/ by a test)."""
+    """The series' answer: the smallest reliable step (ANSWER, held to results/ by a test)."""
     return get_step(ANSWER)
 
 
