@@ -546,3 +546,28 @@ def test_a_model_wholly_on_the_kernels_trains_its_steps_on_the_kernels_threads_a
         assert torch.get_num_threads() == 3 and threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_a_batch_norm_without_scale_and_shift_fuses_and_matches_pytorch(built, act):
+    """bn_affine=False: the BN only normalises; fused, it trains on the kernels with scale 1 and shift 0, and its
+    output, input gradient and running statistics are PyTorch's."""
+    torch.manual_seed(3)
+    ref = nn.Sequential(nn.BatchNorm2d(12, affine=False), nn.GELU() if act == "gelu" else nn.ReLU())
+    ours = copy.deepcopy(ref)
+    assert fuse_bn_act(ours) == 1 and isinstance(ours[0], BatchNormAct) and not ours[0].affine
+    assert sum(p.numel() for p in ours.parameters()) == 0 and set(ours.state_dict()) == set(ref.state_dict())
+    for _ in range(2):
+        x = (torch.randn(4, 12, 7, 7) * 2 + 0.3).contiguous(memory_format=CL)
+        g = torch.randn(4, 12, 7, 7)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_ref, out = ref(xa), ours(xb)
+        out_ref.backward(g)
+        out.backward(g)
+        assert torch.allclose(out, out_ref, atol=1e-5)
+        assert torch.allclose(xb.grad, xa.grad, atol=1e-5)
+    assert torch.allclose(ours[0].running_mean, ref[0].running_mean, atol=1e-6)
+    assert torch.allclose(ours[0].running_var, ref[0].running_var, atol=1e-5)
+    ours.eval(), ref.eval()
+    x = torch.randn(2, 12, 7, 7)
+    assert torch.allclose(ours(x), ref(x), atol=1e-6)

@@ -143,6 +143,24 @@ def test_an_activation_replaces_every_relu_and_keeps_the_parameters():
     assert fused["fused"] == fused["of"] > 0  # SiLU fuses with its batch norm on the C kernels, as ReLU does
     with pytest.raises(TinyMnistError, match="unknown activation 'tanh'"):
         TrainConfig(model="Model_12", activation="tanh").validate()
-    with pytest.raises(TinyMnistError, match="dropout, layout and activation apply to tinymnist's models only"):
+    with pytest.raises(TinyMnistError, match="dropout, layout, activation and bn_affine apply to tinymnist's models only"):
         TrainConfig(model="Mine", models_file="x.py", activation="silu").validate()
     assert for_user_model(TrainConfig(activation="silu"), "Mine").activation == ""
+
+
+def test_bn_affine_false_takes_each_batch_norms_scale_and_shift_away():
+    """A recipe's bn_affine=False: the same network with 2 parameters per batch-norm channel fewer, for any layout;
+    a user's own model refuses it."""
+    from torch import nn
+
+    from tinymnist.core.config import TrainConfig
+    from tinymnist.errors import TinyMnistError
+
+    with_affine = TrainConfig(model="Model_15").build_model()
+    without = TrainConfig(model="Model_15", bn_affine=False).build_model()
+    channels = sum(m.num_features for m in with_affine.modules() if isinstance(m, nn.BatchNorm2d))
+    assert without.num_params() == with_affine.num_params() - 2 * channels
+    assert all(not m.affine for m in without.modules() if isinstance(m, nn.BatchNorm2d))
+    assert TrainConfig(model="Model_15").recipe()["bn_affine"] is True
+    with pytest.raises(TinyMnistError, match="bn_affine"):
+        TrainConfig(model="Mine", models_file="x.py", bn_affine=False).validate()

@@ -309,21 +309,25 @@ class BatchNormAct(nn.BatchNorm2d):
     buffers are BatchNorm2d's, by the same names, so checkpoints load either way."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, act: str = "relu",
-                 slope: float = 0.0, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, device=device, dtype=dtype)
+                 slope: float = 0.0, affine: bool = True, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine=affine, device=device, dtype=dtype)
         if act not in ACTIVATIONS:
             raise ValueError(f"unknown activation {act!r} (choose from {', '.join(ACTIVATIONS)})")
         self.act, self.slope = act, float(slope)
+        if not affine:  # the kernels take a scale and a shift: a BN without them is scale 1 and shift 0 (not saved)
+            self.register_buffer("_unit", torch.ones(num_features, device=device, dtype=dtype), persistent=False)
+            self.register_buffer("_zero", torch.zeros(num_features, device=device, dtype=dtype), persistent=False)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={self.act}" + (f", slope={self.slope}" if self.act == "leaky_relu"
                                                              else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = (self.weight, self.bias) if self.affine else (self._unit, self._zero)
         if not (self.training and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-                and self.weight.dtype == torch.float32):
+                and weight.dtype == torch.float32):
             return _activate(super().forward(x), self.act, self.slope)
-        out, stats = _BatchNormAct.apply(x, self.weight, self.bias, self.eps, ACTIVATIONS[self.act], self.slope)
+        out, stats = _BatchNormAct.apply(x, weight, bias, self.eps, ACTIVATIONS[self.act], self.slope)
         with torch.no_grad():  # running statistics, exactly as nn.BatchNorm2d keeps them
             self.num_batches_tracked.add_(1)
             f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
@@ -341,10 +345,10 @@ def fuse_bn_act(model: nn.Module) -> int:
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         for i in range(len(seq) - 1):
             bn, act = seq[i], activation_of(seq[i + 1])
-            if (type(bn) is nn.BatchNorm2d and act is not None and bn.affine and bn.track_running_stats
+            if (type(bn) is nn.BatchNorm2d and act is not None and bn.track_running_stats
                     and supports(bn.num_features)):
-                fused = BatchNormAct(bn.num_features, bn.eps, bn.momentum, act[0], act[1], device=bn.weight.device,
-                                     dtype=bn.weight.dtype)
+                fused = BatchNormAct(bn.num_features, bn.eps, bn.momentum, act[0], act[1], bn.affine,
+                                     device=bn.running_mean.device, dtype=bn.running_mean.dtype)
                 fused.load_state_dict(bn.state_dict())
                 fused.train(bn.training)
                 seq[i], seq[i + 1] = fused, nn.Identity()

@@ -91,6 +91,8 @@ class TrainConfig:
     activation: str = _field("", "the nonlinearity after each conv block of tinymnist's models, by its name in "
                              "model.py's ACTIVATIONS (a wrong name lists them); '' keeps the model's own (ReLU)",
                              cli=True, convert=str)
+    bn_affine: bool = _field(True, "every batch norm of tinymnist's models learns a scale and a shift per channel; "
+                             "false: it only normalises, 2 parameters per channel fewer")
     label_smoothing: float = _field(0.0, "cross-entropy label smoothing", ok=_FRACTION[0], expected=_FRACTION[1])
     teacher: str = _field("", "distillation, a track of its own: the step whose network teaches. Its recipe trains "
                           "first in the same run, on the same training images (the same held-out split) and seed, "
@@ -134,7 +136,7 @@ class TrainConfig:
         from ..models.model import OURS_ONLY, check_activation, list_models, parse_layout
 
         if self.user_model:
-            if self.dropout is not None or self.layout or self.activation:
+            if self.dropout is not None or self.layout or self.activation or not self.bn_affine:
                 raise TinyMnistError(f"{self.model} is your own model: {OURS_ONLY} apply to tinymnist's models only")
         elif self.model not in list_models():
             raise TinyMnistError(f"unknown model {self.model!r} (choose from {', '.join(list_models())})")
@@ -159,14 +161,16 @@ class TrainConfig:
         return is_user_model(self.model, self.models_file)
 
     def build_model(self):
-        """The untrained network this recipe trains: its model class, dropout, layout and activation, or the user's class."""
+        """The untrained network this recipe trains: its model class, dropout, layout, activation and batch norm, or
+        the user's class."""
         from ..models.model import create_model
 
         if self.models_file:
             from ..models.userfile import load_models_file
 
             return load_models_file(self.models_file).build(self.model)
-        return create_model(self.model, dropout=self.dropout, layout=self.layout, activation=self.activation)
+        return create_model(self.model, dropout=self.dropout, layout=self.layout, activation=self.activation,
+                            bn_affine=self.bn_affine)
 
     def recipe(self) -> dict[str, Any]:
         """The fields that make two runs the same recipe: every field but the seed and those a machine resolves
@@ -203,8 +207,9 @@ def _build(cls, values: dict[str, Any]):
 
 def for_user_model(cfg: TrainConfig, model: str, models_file: str = "") -> TrainConfig:
     """`cfg`'s training recipe for a user's model: its class from `models_file` (or registered in this process);
-    dropout, layout and activation, which only tinymnist's own models take, are cleared."""
-    return dataclasses.replace(cfg, model=model, models_file=str(models_file), dropout=None, layout="", activation="")
+    dropout, layout, activation and bn_affine, which only tinymnist's own models take, are cleared."""
+    return dataclasses.replace(cfg, model=model, models_file=str(models_file), dropout=None, layout="", activation="",
+                               bn_affine=True)
 
 
 def override(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:

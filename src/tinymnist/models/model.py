@@ -53,7 +53,7 @@ def register_model(cls: type) -> type:
 
 def is_user_model(name: Optional[str], models_file: str = "") -> bool:
     """The one test of whether a model is the user's own: a class of a models file, or one registered with
-    register_model. Not one of tinymnist's models, whose dropout, layout and activation a recipe may change."""
+    register_model. Not one of tinymnist's models, whose dropout, layout, activation and bn_affine a recipe may change."""
     return bool(models_file) or (name is not None and name not in _REGISTRY and name in _REGISTERED)
 
 
@@ -76,19 +76,20 @@ def model_class(name: str) -> type["Net"]:
 
 
 def create_model(name: str, dropout: Optional[float] = None, layout: Optional[str] = None,
-                 activation: str = "") -> nn.Module:
+                 activation: str = "", bn_affine: bool = True) -> nn.Module:
     """Build a model by name: one of ours (`dropout` overrides its default, a `layout` string replaces its layout, an
-    `activation` of ACTIVATIONS replaces its ReLUs), or a class registered with register_model (built with no
-    arguments)."""
+    `activation` of ACTIVATIONS replaces its ReLUs, `bn_affine=False` takes every batch norm's scale and shift
+    away), or a class registered with register_model (built with no arguments)."""
     if is_user_model(name):
-        if dropout is not None or layout or activation:
+        if dropout is not None or layout or activation or not bn_affine:
             raise TinyMnistError(f"{name} is your own model: {OURS_ONLY} apply to tinymnist's models only")
         return _REGISTERED[name]()
-    return model_class(name)(dropout=dropout, layout=layout or None, activation=activation or None)
+    return model_class(name)(dropout=dropout, layout=layout or None, activation=activation or None,
+                             bn_affine=bn_affine)
 
 
 # what a recipe may change in tinymnist's own models, and not in a user's
-OURS_ONLY = "dropout, layout and activation"
+OURS_ONLY = "dropout, layout, activation and bn_affine"
 
 # the nonlinearity after every conv block's BN, by name (TrainConfig.activation). ReLU is every model's own, and the
 # one the C kernels fuse with BN; the others train on PyTorch's ops.
@@ -112,13 +113,15 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def block(cin: int, cout: int, k: int = 3, padding: int = 0, bn: bool = True, dropout: float = 0.0,
-          stride: int = 1, dilation: int = 1, groups: int = 1, activation: str = "relu") -> nn.Sequential:
+          stride: int = 1, dilation: int = 1, groups: int = 1, activation: str = "relu",
+          affine: bool = True) -> nn.Sequential:
     """conv -> (BN) -> activation (ReLU unless named) -> (dropout). The conv has no bias when BN follows, since BN's
-    shift replaces it."""
+    shift replaces it. `affine=False`: the BN only normalises (no learned scale and shift, 2 x cout parameters
+    fewer); the activation then sees each channel at mean 0 and variance 1."""
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation,
                                          groups=groups, bias=not bn)]
     if bn:
-        layers.append(nn.BatchNorm2d(cout))
+        layers.append(nn.BatchNorm2d(cout, affine=affine))
     layers.append(ACTIVATIONS[activation]())
     if dropout > 0:
         layers.append(nn.Dropout(dropout))
@@ -208,15 +211,18 @@ class Net(nn.Module):
     bn: bool = True  # batch norm in every conv block
     default_dropout: float = 0.0  # dropout after every conv block, unless overridden at construction
     activation: str = "relu"  # after every conv block's BN: a key of ACTIVATIONS
+    bn_affine: bool = True  # every BN learns its scale and shift (False: it only normalises)
 
     def __init__(self, dropout: Optional[float] = None, layout: Optional[str] = None,
-                 activation: Optional[str] = None):
+                 activation: Optional[str] = None, bn_affine: Optional[bool] = None):
         super().__init__()
         p = self.default_dropout if dropout is None else dropout
         if layout is not None:
             self.layout = layout  # an instance attribute: the class keeps its own
         if activation is not None:
             self.activation = check_activation(activation)
+        if bn_affine is not None:
+            self.bn_affine = bool(bn_affine)
         layers: list[nn.Module] = []
         c = 1
         for layer in parse_layout(self.layout):
@@ -227,7 +233,8 @@ class Net(nn.Module):
                 if layer.repeat > 1 and c != cout:
                     raise TinyMnistError(f"layout {self.layout!r}: a tied repeat (rR) must keep its channels, "
                                          f"not take {c} to {cout}")
-                geometry = (layer.k, layer.pad, self.bn, p, layer.stride, layer.dilation, groups, self.activation)
+                geometry = (layer.k, layer.pad, self.bn, p, layer.stride, layer.dilation, groups, self.activation,
+                            self.bn_affine)
                 first = block(c, cout, *geometry)
                 layers.append(first)
                 for _ in range(layer.repeat - 1):  # the same weight (one Parameter), a BN of its own

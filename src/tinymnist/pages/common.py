@@ -61,7 +61,9 @@ def recipe_words(cfg, dropout: Optional[float] = None, activation: str = "") -> 
                                    if cfg.optimizer == "sgd" else "")
     return (f"{cfg.epochs} epochs, batch {cfg.batch_size}, {opt}, LR {cfg.lr:g}, {sched}, weight decay "
             f"{cfg.weight_decay:g}{f', dropout {dropout:g}' if dropout is not None else ''}"
-            + (f", {activation} after each conv block" if activation else "") + f", augmentation: {aug_text}"
+            + (f", {activation} after each conv block" if activation else "")
+            + ("" if cfg.bn_affine else ", batch norm that only normalises (no scale, no shift)")
+            + f", augmentation: {aug_text}"
             + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
             + (f", weight EMA {cfg.ema:g} (evaluated and saved)" if cfg.ema else "")
             + (f", distilled from {cfg.teacher} (weight {cfg.distill:g}, temperature {cfg.distill_temp:g}; the "
