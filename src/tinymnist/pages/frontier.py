@@ -15,6 +15,8 @@ from ..fileio import read_json
 from ..models.summary import summarize
 from ..target import LAST, pass_rate_bound, RELIABLE_PASSES, RELIABLE_SEEDS, SEEDS, budget_words
 from .common import NOTE, RESULTS, _anchor, _host, hardware_text, markers, recipe_words, seconds_per_epoch
+from .records import Records
+from .render import section
 
 
 def _checked_steps(results: Path):
@@ -93,29 +95,9 @@ def _smallest_words(results: Path) -> str:
 
 def render_answer(results: Path = RESULTS) -> str:
     """The README's picture of the answer: its proof over seeds, one line and the plot."""
-    start, end = markers("answer")
     step = answer()
-    path = results / CHECK_FILE.format(step=step.name)
-    if not path.is_file():
-        return "\n".join([start, NOTE, "", f"The answer, `{step.name}`, has no committed check yet.", "", end])
-    ev = read_json(path)
-    k, worst = ev["last"], proof(ev).worst
-    return "\n".join([
-        start, NOTE, "",
-        f"The answer, [`{step.name}`](docs/series.md#{_anchor(step.heading)}) ({ev['params']:,} parameters), over "
-        f"{len(ev['seeds'])} seeds: test accuracy per epoch, every seed at or above {ev['threshold']:.2f}% in each "
-        f"of its last {k} epochs (worst {worst:.2f}%). {_rate_sentence(step.name, ev, results)} From "
-        f"`results/{path.name}`.", "",
-        f"![proof over seeds: {step.name}](results/{path.with_suffix('.png').name})", "", end])
-
-
-def _rate_sentence(step: str, ev: dict, results: Path) -> str:
-    """The pass rate of a step's widest test check, as one sentence naming its file."""
-    wide = _rate_proof(step, results)
-    if wide is None:
-        return f"{proof(ev).rate}."
-    verdict = "reliable" if wide.reliable else f"not reliable: at least {RELIABLE_PASSES} of {RELIABLE_SEEDS} must pass"
-    return f"Over seeds 0–{wide.seeds - 1} (`results/{RATE_FILE.format(step=step)}`): {wide.rate}, {verdict}."
+    return section("answer", "answer.md.j2", step=step, anchor=_anchor(step.heading), a=Records(results).check(step),
+                   reliable_passes=RELIABLE_PASSES, reliable_seeds=RELIABLE_SEEDS)
 
 
 FRONTIER_PNG = "frontier.png"

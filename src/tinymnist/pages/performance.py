@@ -7,10 +7,11 @@ from pathlib import Path
 
 from ..fileio import read_json
 from .common import NOTE, RESULTS, _kernels_text, _wait, hardware_text, markers, seconds_per_epoch
+from .records import Records
+from .render import render_template, section
 
 
 BENCH_FILE = "bench.json"
-SMALL_BATCHES_FILE = "bench-small-batches.json"  # tinymnist bench --small-batches
 
 
 def render_performance(results: Path = RESULTS) -> str:
@@ -119,23 +120,9 @@ def _concurrency_lines(b: dict) -> list[str]:
     return out
 
 
-FIRST_COMMAND = "first-command-time.json"  # scripts/time_first_command.py writes it
-
-
 def render_setup_time(results: Path = RESULTS) -> str:
     """How long the README's first command took from a fresh clone, install included, and where."""
-    start, end = markers("setup-time")
-    path = results / FIRST_COMMAND
-    if not path.is_file():
-        return "\n".join([start, NOTE, "", "The first command has not been timed yet "
-                           "(`python scripts/time_first_command.py`).", "", end])
-    t = read_json(path)
-    minutes, seconds = divmod(round(t["seconds"]), 60)
-    data = "MNIST read from `TINYMNIST_DATA`" if t["data"].startswith("from") else "MNIST downloaded"
-    return "\n".join([start, NOTE, "",
-                      f"From a fresh clone, the first command took **{minutes} min {seconds:02d} s**, install and "
-                      f"training included, on {hardware_text(t)} with Python {t['python']} and {data} "
-                      f"(`results/{FIRST_COMMAND}`, made by `scripts/time_first_command.py`).", "", end])
+    return section("setup-time", "setup_time.md.j2", fc=Records(results).first_command())
 
 
 def render_codemap(results: Path = RESULTS) -> str:
@@ -202,28 +189,8 @@ def render_performance_first(results: Path = RESULTS) -> str:
 
 def _small_batch_lines(results: Path) -> list[str]:
     """The model step at small batches, before and after the kernels kept their own threads, from one bench run."""
-    path = results / SMALL_BATCHES_FILE
-    if not path.is_file():
-        return []
-    b = read_json(path)
-    rows = b["rows"]
-    n = rows[0]["threads"]
-    out = ["", "### Small batches", "",
-           f"`tinymnist bench --small-batches --json results/{path.name}` timed the model step (forward, backward and "
-           f"the SGD step on one fixed batch) of each recipe at each batch size, in processes of its own taking "
-           f"turns, {b['repeats']} × {b['steps']} steps each (the median), on {hardware_text(b['env'])}: at 1 "
-           f"thread; at {n} threads with the C kernels on PyTorch's threads (**before**, how every step ran until "
-           f"`accel.kernels.training_threads`); and at {n} threads as training runs now (**after**: the kernels "
-           f"keep the run's threads, PyTorch's own small ops take one). Each against the fp32 matrix-multiply peak "
-           f"its own process measured at its own thread count right after each timing.", "",
-           f"| recipe | model | batch | 1 thread: images/s (of peak) | {n} threads before | {n} threads after (of "
-           f"peak) | after / before | after / 1 thread |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        one, before, after = r["one_thread"], r["before"], r["after"]
-        out.append(f"| {r['recipe']} | `{r['model']}` | {r['batch_size']} | {one['images_per_s']:,.0f} "
-                   f"({one['fraction_of_peak']:.2f}) | {before['images_per_s']:,.0f} | {after['images_per_s']:,.0f} "
-                   f"({after['fraction_of_peak']:.2f}) | **{r['after/before']:.2f}×** | {r['threads/one']:.2f}× |")
-    return out
+    sb = Records(results).small_batches()
+    return [] if sb is None else render_template("small_batches.md.j2", sb=sb).split("\n")
 
 
 def _timed_checks(results: Path) -> list[str]:

@@ -1,0 +1,124 @@
+"""results/ read once, as typed records: what the templates of pages/templates/ are written over.
+
+A Records reads each file at most once (its cache lives as long as the Records, one `tinymnist report`), and turns
+the raw JSON into frozen records that carry numbers and words the pages share (a Proof, the host's phrase), so a
+template formats and never computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..fileio import read_json
+from ..lab.check import CHECK_FILE, RATE_FILE, Proof, proof
+from ..lab.series import Step
+from .common import RESULTS, hardware_text
+
+FIRST_COMMAND = "first-command-time.json"  # scripts/time_first_command.py
+SMALL_BATCHES_FILE = "bench-small-batches.json"  # tinymnist bench --small-batches
+
+
+@dataclass(frozen=True)
+class FirstCommand:
+    """The README's first command, timed from a fresh clone by scripts/time_first_command.py."""
+
+    file: str
+    minutes: int
+    seconds: int
+    host: str
+    python: str
+    data_from_dir: bool  # MNIST read from TINYMNIST_DATA, not downloaded
+
+
+@dataclass(frozen=True)
+class Speed:
+    """One setting of a small-batch row: images per second, and the fraction of the measured peak."""
+
+    images_per_s: float
+    fraction_of_peak: float
+
+
+@dataclass(frozen=True)
+class SmallBatchRow:
+    recipe: str
+    model: str
+    batch_size: int
+    one_thread: Speed
+    before: Speed
+    after: Speed
+    after_before: float
+    threads_one: float
+
+
+@dataclass(frozen=True)
+class SmallBatches:
+    """tinymnist bench --small-batches: each recipe's model step at each batch size, before and after."""
+
+    file: str
+    host: str
+    threads: int
+    steps: int
+    repeats: int
+    rows: tuple[SmallBatchRow, ...]
+
+
+@dataclass(frozen=True)
+class StepCheck:
+    """A step's committed 5-seed test check, and its pass-rate check over seeds 0-19 when there is one."""
+
+    step: str
+    file: str
+    plot: str
+    params: int
+    seeds: int
+    threshold: float
+    proof: Proof
+    wide: Optional[Proof]  # the pass-rate check's
+    wide_file: Optional[str]
+
+
+class Records:
+    """results/ as typed records, each file read at most once."""
+
+    def __init__(self, root: Path = RESULTS):
+        self.root = Path(root)
+        self._json: dict[str, Optional[dict]] = {}
+
+    def json(self, name: str) -> Optional[dict]:
+        """A results file's JSON (name relative to results/), or None when it is not there; read once."""
+        if name not in self._json:
+            path = self.root / name
+            self._json[name] = read_json(path) if path.is_file() else None
+        return self._json[name]
+
+    def first_command(self) -> Optional[FirstCommand]:
+        t = self.json(FIRST_COMMAND)
+        if t is None:
+            return None
+        minutes, seconds = divmod(round(t["seconds"]), 60)
+        return FirstCommand(FIRST_COMMAND, minutes, seconds, hardware_text(t), t["python"], t["data"].startswith("from"))
+
+    def small_batches(self) -> Optional[SmallBatches]:
+        b = self.json(SMALL_BATCHES_FILE)
+        if b is None:
+            return None
+
+        def speed(cell: dict) -> Speed:
+            return Speed(cell["images_per_s"], cell["fraction_of_peak"])
+
+        rows = tuple(SmallBatchRow(r["recipe"], r["model"], r["batch_size"], speed(r["one_thread"]), speed(r["before"]),
+                                   speed(r["after"]), r["after/before"], r["threads/one"]) for r in b["rows"])
+        return SmallBatches(SMALL_BATCHES_FILE, hardware_text(b["env"]), b["rows"][0]["threads"], b["steps"],
+                            b["repeats"], rows)
+
+    def check(self, step: Step) -> Optional[StepCheck]:
+        name = CHECK_FILE.format(step=step.name)
+        ev = self.json(name)
+        if ev is None:
+            return None
+        wide_name = RATE_FILE.format(step=step.name)
+        wide = self.json(wide_name)
+        return StepCheck(step.name, name, str(Path(name).with_suffix(".png")), ev["params"], len(ev["seeds"]),
+                         ev["threshold"], proof(ev), proof(wide) if wide else None, wide_name if wide else None)

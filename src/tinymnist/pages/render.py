@@ -1,0 +1,57 @@
+"""The pages' prose as Jinja2 templates (pages/templates/) over typed records (records.py): one environment, one
+table helper, and the section frame every generated section shares.
+
+A template writes a paragraph over as many lines as reads well; `{% filter paragraph %}` joins it into the one line
+Markdown gets. Block tags eat the line break after them (trim_blocks), so a blank line after `{% endfilter %}` is
+written as two. Any name a template uses that its records lack is an error (StrictUndefined), never an empty string.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import jinja2
+
+from .common import NOTE, markers
+
+TEMPLATES = Path(__file__).with_name("templates")
+
+
+def paragraph(text: str) -> str:
+    """A template's paragraph as one line: every run of whitespace (line breaks included) becomes one space."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def table(header: Sequence[str], align: str, rows: Iterable[Sequence[object]]) -> str:
+    """A Markdown table: `align` has one letter per column, l (left) or r (right)."""
+    if len(align) != len(header):
+        raise ValueError(f"{len(header)} columns, {len(align)} alignments")
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                             autoescape=False, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
+    env.filters["paragraph"] = paragraph
+    env.filters["count"] = lambda n: f"{n:,.0f}"  # 7628 -> 7,628
+    env.globals["table"] = table
+    return env
+
+
+_ENV = _environment()
+
+
+def render_template(name: str, **records) -> str:
+    """A template's text over the given records."""
+    return _ENV.get_template(name).render(**records)
+
+
+def section(name: str, template: str, **records) -> str:
+    """A generated section: its markers, the note that it is generated, and the template's text."""
+    start, end = markers(name)
+    return "\n".join([start, NOTE, "", render_template(template, **records).strip("\n"), "", end])

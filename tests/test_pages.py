@@ -1,0 +1,46 @@
+"""The pages' machinery: records read once, one table helper, templates that refuse a missing name, and sections
+that say when their evidence is not there yet."""
+
+import json
+
+import jinja2
+import pytest
+
+from tinymnist.pages.records import Records
+from tinymnist.pages.render import paragraph, render_template, table
+from tinymnist.pages.performance import render_setup_time
+
+
+def test_table_aligns_each_column_and_refuses_a_missing_alignment():
+    assert table(["a", "b"], "lr", [[1, "x"], ["y", 2.5]]).splitlines() == [
+        "| a | b |", "| --- | ---: |", "| 1 | x |", "| y | 2.5 |"]
+    with pytest.raises(ValueError):
+        table(["a", "b"], "l", [])
+
+
+def test_a_paragraph_is_one_line_however_the_template_wraps_it():
+    assert paragraph("  one\n two\n\n  three ") == "one two three"
+
+
+def test_a_template_refuses_a_name_its_records_lack(tmp_path):
+    with pytest.raises(jinja2.UndefinedError):
+        render_template("setup_time.md.j2")  # no fc at all: an error, never an empty sentence
+
+
+def test_records_read_each_file_once_and_a_section_says_when_nothing_was_timed(tmp_path, monkeypatch):
+    from tinymnist.pages import records
+
+    assert "has not been timed yet" in render_setup_time(tmp_path)
+    (tmp_path / records.FIRST_COMMAND).write_text(json.dumps(
+        {"seconds": 125.4, "python": "3.11.7", "data": "from TINYMNIST_DATA",
+         "hardware": {"cpu_model": "Some CPU", "cores": 2, "isa": {"avx2": True}}}))
+    reads = []
+    real = records.read_json
+    monkeypatch.setattr(records, "read_json", lambda p: reads.append(p) or real(p))
+    r = Records(tmp_path)
+    fc = r.first_command()
+    assert r.first_command() == fc and len(reads) == 1
+    assert (fc.minutes, fc.seconds, fc.data_from_dir) == (2, 5, True) and fc.host.startswith("Some CPU (2 cores")
+    text = render_setup_time(tmp_path)
+    assert "**2 min 05 s**" in text and "Python 3.11.7 and MNIST read from `TINYMNIST_DATA`" in text
+    assert len([line for line in text.splitlines() if line.startswith("From a fresh clone")]) == 1
