@@ -15,7 +15,7 @@ from ..fileio import read_json
 from ..models.summary import summarize
 from ..target import LAST, pass_rate_bound, RELIABLE_PASSES, RELIABLE_SEEDS, SEEDS, budget_words
 from .common import NOTE, RESULTS, _anchor, _host, hardware_text, markers, recipe_words, seconds_per_epoch
-from .records import Records
+from .records import Records, rate_cell
 from .render import section
 
 
@@ -33,64 +33,14 @@ def _rate_proof(step: str, results: Path) -> Optional[Proof]:
     return proof(read_json(path)) if path.is_file() else None
 
 
-def rate_cell(pr: Proof, wide: Optional[Proof] = None) -> str:
-    """A step's pass rate as the tables show it: k of n seeds and the rate's 95% lower bound, from its widest check."""
-    best = wide or pr
-    text = f"{best.passes} of {best.seeds} (≥ {best.rate_bound:.2f})"
-    if wide is not None:
-        text += ": **reliable**" if wide.reliable else ": not reliable"
-    return text
-
-
-def _smallest(results: Path) -> tuple[Optional[tuple], Optional[tuple]]:
-    """(the smallest step whose test check passed over every seed, the smallest reliable step), each as
-    (step, its parameters, its Proof, its pass-rate Proof or None), or None where there is none."""
-    rows = sorted(((ev["params"], s, proof(ev), _rate_proof(s.name, results)) for s, ev in _checked_steps(results)
-                   if ev.get("metric", "test_acc") == "test_acc"), key=lambda r: (r[0], r[1].name))
-    five = next(((s, n, pr, wide) for n, s, pr, wide in rows if pr.passed), None)
-    reliable = next(((s, n, pr, wide) for n, s, pr, wide in rows if wide is not None and wide.reliable), None)
-    return five, reliable
-
-
 def render_headline(results: Path = RESULTS) -> str:
-    """The proven results, one row per step checked over seeds: the assignment's answer and the smallest."""
-    start, end = markers("headline")
-    rows = []
-    for s, ev in _checked_steps(results):
-        pr = proof(ev)
-        # a distilled step's teacher trained first in every run: its epochs are stated beside the student's
-        epochs = f"{ev['epochs']} + {ev['teacher']['epochs']} ({ev['teacher']['step']}, the teacher)" if ev.get(
-            "teacher") else ev["epochs"]
-        rows.append(f"| [{s.name}](docs/series.md#{_anchor(s.heading)}) | {s.role} | `{ev['model']}` | **{ev['params']:,}** | {epochs} | "
-                    f"{len(pr.seed_worsts)} | {pr.worst:.2f}% | {pr.mean:.2f} ± {pr.std:.2f}% | {pr.verdict} | "
-                    f"{rate_cell(pr, _rate_proof(s.name, results))} |")
-    if not rows:
-        return "\n".join([start, NOTE, "", "No step has been checked over seeds yet.", "", end])
-    return "\n".join([start, NOTE, "", _smallest_words(results), "",
-                      f"| step | what it is | model | parameters | epochs | seeds | worst of the last {LAST} test "
-                      "accuracies, all seeds | final test accuracy | verdict | seeds that pass (95% bound on the "
-                      "pass rate) |",
-                      "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
-                      *rows, "", end])
-
-
-def _smallest_words(results: Path) -> str:
-    """The headline's two answers: the smallest step that passed its 5-seed check, and the smallest reliable one."""
-    five, reliable = _smallest(results)
-
-    def name(found) -> str:
-        s, params, pr, wide = found
-        return f"[{s.name}](docs/series.md#{_anchor(s.heading)}), **{params:,}** parameters: {(wide or pr).rate}"
-
-    out = [f"**The smallest step that passed {SEEDS} of {SEEDS} seeds:** " + (name(five) if five else "none yet") + "."]
-    rule = f"at least {RELIABLE_PASSES} of {RELIABLE_SEEDS} seeds pass on test"
-    if reliable:
-        out.append(f"**The smallest reliable step** ({rule}): {name(reliable)}.")
-    else:
-        tried = [(s, wide) for s, ev in _checked_steps(results) if (wide := _rate_proof(s.name, results))]
-        seen = "; ".join(f"{s.name}, {wide.passes} of {wide.seeds}" for s, wide in tried)
-        out.append(f"**The smallest reliable step** ({rule}): none yet" + (f" ({seen})" if seen else "") + ".")
-    return " ".join(out)
+    """The proven results, one row per step checked over seeds, and the two answers: the smallest step that passed
+    its 5-seed check, and the smallest reliable one."""
+    r = Records(results)
+    five, reliable = r.smallest()
+    tried = [c for c in r.checks() if c.wide is not None]
+    return section("headline", "headline.md.j2", checks=r.checks(), five=five, reliable=reliable, tried=tried,
+                   seeds=SEEDS, last=LAST, reliable_passes=RELIABLE_PASSES, reliable_seeds=RELIABLE_SEEDS)
 
 
 def render_answer(results: Path = RESULTS) -> str:

@@ -13,8 +13,8 @@ from typing import Optional
 
 from ..fileio import read_json
 from ..lab.check import CHECK_FILE, RATE_FILE, Proof, proof
-from ..lab.series import Step
-from .common import RESULTS, hardware_text
+from ..lab.series import STEPS, Step
+from .common import RESULTS, _anchor, hardware_text
 
 FIRST_COMMAND = "first-command-time.json"  # scripts/time_first_command.py
 SMALL_BATCHES_FILE = "bench-small-batches.json"  # tinymnist bench --small-batches
@@ -64,19 +64,38 @@ class SmallBatches:
     rows: tuple[SmallBatchRow, ...]
 
 
+def rate_cell(pr: Proof, wide: Optional[Proof] = None) -> str:
+    """A step's pass rate as the tables show it: k of n seeds and the rate's 95% lower bound, from its widest check."""
+    best = wide or pr
+    text = f"{best.passes} of {best.seeds} (≥ {best.rate_bound:.2f})"
+    if wide is not None:
+        text += ": **reliable**" if wide.reliable else ": not reliable"
+    return text
+
+
 @dataclass(frozen=True)
 class StepCheck:
     """A step's committed 5-seed test check, and its pass-rate check over seeds 0-19 when there is one."""
 
     step: str
+    role: str
+    anchor: str  # of its section in docs/series.md
     file: str
     plot: str
+    model: str
     params: int
+    epochs: int
+    teacher: Optional[tuple[str, int]]  # a distilled step's teacher (step, epochs), which trained first in each run
+    metric: str
     seeds: int
     threshold: float
     proof: Proof
     wide: Optional[Proof]  # the pass-rate check's
     wide_file: Optional[str]
+
+    @property
+    def rate_cell(self) -> str:
+        return rate_cell(self.proof, self.wide)
 
 
 class Records:
@@ -120,5 +139,19 @@ class Records:
             return None
         wide_name = RATE_FILE.format(step=step.name)
         wide = self.json(wide_name)
-        return StepCheck(step.name, name, str(Path(name).with_suffix(".png")), ev["params"], len(ev["seeds"]),
-                         ev["threshold"], proof(ev), proof(wide) if wide else None, wide_name if wide else None)
+        teacher = (ev["teacher"]["step"], ev["teacher"]["epochs"]) if ev.get("teacher") else None
+        return StepCheck(step.name, step.role, _anchor(step.heading), name, str(Path(name).with_suffix(".png")),
+                         ev["model"], ev["params"], ev["epochs"], teacher, ev.get("metric", "test_acc"),
+                         len(ev["seeds"]), ev["threshold"], proof(ev), proof(wide) if wide else None,
+                         wide_name if wide else None)
+
+    def checks(self) -> list[StepCheck]:
+        """Every step of the series with a committed check, in the series' order."""
+        return [c for c in map(self.check, STEPS) if c is not None]
+
+    def smallest(self) -> tuple[Optional[StepCheck], Optional[StepCheck]]:
+        """(the smallest step whose test check passed over every seed, the smallest reliable step), or None."""
+        rows = sorted((c for c in self.checks() if c.metric == "test_acc"), key=lambda c: (c.params, c.step))
+        five = next((c for c in rows if c.proof.passed), None)
+        reliable = next((c for c in rows if c.wide is not None and c.wide.reliable), None)
+        return five, reliable
