@@ -27,6 +27,7 @@ def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathL
     dx = max(1.0, span * 0.018)  # checks of one parameter count stand side by side, this far apart
     near = max(1, span * 0.04)  # labels closer than this would overlap
     shown: dict = {}  # parameter count -> how many checks already stand there
+    labels, below = [], []  # the test checks' labels (above their dots) and the validation checks' (below)
     for i, p in enumerate(points):
         k = shown[p["params"]] = shown.get(p["params"], -1) + 1
         x = p["params"] + k * dx
@@ -45,8 +46,9 @@ def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathL
             ax.scatter([x], [min(p["worst"])], s=220, marker="o", facecolors="none", edgecolors=color, linewidths=1.5,
                        zorder=4)
         rate = f" {p['rate_short']}" if p.get("rate_short") else ""
-        ax.annotate(f"{p['name']}\n{verdict_word(p['passed'])}{rate}", (x, max(p["worst"])),
-                    textcoords="offset points", xytext=(off, 6 + 20 * k), ha=ha, fontsize=8, color=color)
+        labels.append(ax.annotate(f"{p['name']}\n{verdict_word(p['passed'])}{rate}", (x, max(p["worst"])),
+                                  textcoords="offset points", xytext=(off, 6 + 20 * k), ha=ha, fontsize=8,
+                                  color=color))
     for j, v in enumerate(sorted(validation, key=lambda v: v["params"])):  # to the left of the test checks
         same = [w for w in validation if w["params"] == v["params"]]
         k = same.index(v)
@@ -54,8 +56,8 @@ def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathL
         ax.scatter([x] * len(v["worst"]), v["worst"], s=22, marker="D", facecolors="none", edgecolors="#2255aa",
                    alpha=0.7, zorder=3)
         ax.scatter([x], [min(v["worst"])], s=120, marker="_", color="#2255aa", linewidths=1.5, zorder=4)
-        ax.annotate(v["name"], (x, min(v["worst"])), textcoords="offset points", xytext=(0, -16 - 9 * k),
-                    ha="center", fontsize=6.5, color="#2255aa")
+        below.append(ax.annotate(v["name"], (x, min(v["worst"])), textcoords="offset points",
+                                 xytext=(0, -16 - 9 * k), ha="center", fontsize=6.5, color="#2255aa"))
     ax.axhline(threshold, color="grey", ls="--", lw=1, label=f"{threshold:.2f}%: every seed's last epochs must reach it")
     ax.scatter([], [], s=18, color="grey", label="one seed's worst of its last epochs")
     ax.scatter([], [], s=120, marker="_", color="grey", linewidths=2.5, label="the step's worst seed")
@@ -68,14 +70,31 @@ def plot_frontier(points: Sequence[dict], threshold: float, path: str | os.PathL
                    label="validation check, 5 seeds (reads lower than test)")
     worst = [w for p in [*points, *validation] for w in p["worst"]]
     ax.set(xlabel="parameters", ylabel="accuracy (%): test, or validation", title="The reliability frontier: parameters against the "
-           "worst seed", ylim=(min(worst + [threshold]) - 0.12, max(worst + [threshold]) + 0.12))
+           "worst seed", ylim=(min(worst + [threshold]) - 0.2, max(worst + [threshold]) + 0.3))  # room for the labels
     xs = [p["params"] for p in [*points, *validation]] + [min(v["params"] for v in validation) - 3 * dx] * bool(validation)
     pad = max(200, (max(xs) - min(xs)) * 0.08)
     ax.set_xlim(min(xs) - pad * (2 if validation else 1), max(xs) + pad)  # room for a validation label on the left
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)  # clear of points
     fig.tight_layout()
+    _unclutter(fig, labels, 4.0)
+    _unclutter(fig, below, -3.0)
     save_figure(fig, path)
+
+
+def _unclutter(fig, labels: list, step: float, tries: int = 60) -> None:
+    """Move each label, left to right, until its box overlaps no label placed before it: up by `step` points at a
+    time, or down for a negative step."""
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for ann in sorted(labels, key=lambda a: a.xy[0]):
+        for _ in range(tries):
+            box = ann.get_window_extent(renderer).expanded(1.02, 1.05)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            dx, dy = ann.xyann
+            ann.xyann = (dx, dy + step)
+        placed.append(ann.get_window_extent(renderer))
 
 
 def _passes(evidence: dict) -> int:
