@@ -153,38 +153,15 @@ def render_codemap(results: Path = RESULTS) -> str:
 def render_performance_first(results: Path = RESULTS) -> str:
     """What a user needs before the evidence: how long a run and a check take, what --jobs gains, and the one setting
     to leave alone; every number from the timed checks and results/bench.json."""
-    start, end = markers("performance-first")
-    out = [start, NOTE, ""]
-    by_jobs = {}
-    for f in sorted(results.glob("check-*-jobs*.json")):
-        ev = read_json(f)
-        by_jobs[ev["jobs"]] = (f, ev)
-    if by_jobs:
-        f, ev = by_jobs[min(by_jobs)]
-        per = seconds_per_epoch([x["history"] for x in ev["seeds"]])
-        out.append(f"- **A run** of `{ev['step']}` ({ev['epochs']} epochs) takes about "
-                   f"**{per * ev['epochs'] / 60:.1f} min** with {ev['threads_per_run']} threads on "
-                   f"{hardware_text(ev['env'])}: {per:.1f} s per epoch, training and the test pass "
-                   f"(`results/{f.name}`).")
-    if len(by_jobs) > 1:
-        (_, one), (_, most) = by_jobs[min(by_jobs)], by_jobs[max(by_jobs)]
-        out.append(f"- **A check over {len(one['seeds'])} seeds** took {one['wall_s'] / 60:.1f} min with `--jobs "
-                   f"{one['jobs']}` and **{most['wall_s'] / 60:.1f} min with `--jobs {most['jobs']}`** "
-                   f"({most['wall_s'] / one['wall_s']:.2f}×): `--jobs 0`, the default, runs one job per core, and "
-                   "every history stays the same whatever the number of jobs.")
-    bench = results / BENCH_FILE
-    if bench.is_file():
-        b = read_json(bench)
-        if "single_run_spinning" in b:
-            ratio = b["single_run_spinning"]["images_per_s"] / b["single_run"]["images_per_s"]
-            out.append(f"- **Leave `OMP_WAIT_POLICY` and `GOMP_SPINCOUNT` unset**: tinymnist sets a wait that spins "
-                       f"briefly, then sleeps; with `OMP_WAIT_POLICY=ACTIVE` a run alone ran at {ratio:.2f}× its "
-                       f"speed (`results/{bench.name}`, {hardware_text(b['env'])}).")
-    if len(out) == 3:
-        out.append("Nothing has been timed yet.")
-    out.append("- Hosts of one kind differ in speed (each figure here names its host, as every results file "
-               "records it): compare ratios measured on one host, not seconds across hosts.")
-    return "\n".join(out + ["", end])
+    r = Records(results)
+    by_jobs = {t.jobs: t for t in r.timed_checks()}  # the last file of each job count, as the table reads them
+    first = by_jobs[min(by_jobs)] if by_jobs else None
+    most = by_jobs[max(by_jobs)] if len(by_jobs) > 1 else None
+    b, spinning = r.json(BENCH_FILE), None
+    if b is not None and "single_run_spinning" in b:
+        spinning = {"ratio": b["single_run_spinning"]["images_per_s"] / b["single_run"]["images_per_s"],
+                    "file": BENCH_FILE, "host": hardware_text(b["env"])}
+    return section("performance-first", "performance_first.md.j2", first=first, most=most, spinning=spinning)
 
 
 def _small_batch_lines(results: Path) -> list[str]:
@@ -195,28 +172,9 @@ def _small_batch_lines(results: Path) -> list[str]:
 
 def _timed_checks(results: Path) -> list[str]:
     """The wall time of the same check with one job and with one per core, when both were committed."""
-    files = sorted(results.glob("check-*-jobs*.json"))
-    if not files:
+    timed = Records(results).timed_checks()
+    if not timed:
         return []
-    evs = [read_json(f) for f in files]
-    out = ["", "| check | jobs × threads per run | work handed to the workers | kernels | wall time |",
-           "| --- | --- | --- | --- | ---: |"]
-    for f, ev in zip(files, evs):
-        kernels = ev.get("trained", {}).get("kernels", "native")  # evidence from before the field: PyTorch's
-        # evidence from before the field handed out whole runs
-        unit = "epoch by epoch" if ev.get("handed_out") == "epochs" else "whole runs"
-        out.append(f"| `results/{f.name}` ({ev['step']}, {len(ev['seeds'])} seeds) | {ev['jobs']} × "
-                   f"{ev['threads_per_run']} | {unit} | {_kernels_text(kernels, ev['env'].get('kernel_ops'))} | "
-                   f"{ev['wall_s'] / 60:.1f} min |")
-    by_jobs = {ev["jobs"]: ev for ev in evs}
-    if 1 in by_jobs and len(by_jobs) > 1:
-        most = by_jobs[max(by_jobs)]
-        out += ["", f"`--jobs {most['jobs']}` took **{most['wall_s'] / by_jobs[1]['wall_s']:.2f}×** the wall time of "
-                    f"`--jobs 1` on {hardware_text(most['env'])}."]
-        if most.get("handed_out") == "epochs":
-            out += ["", "With more than one job, a run moves between the workers at epoch boundaries (each epoch "
-                        "resumes from the `resume.pt` the one before wrote, with the same result): once fewer runs "
-                        "are left than twice the workers, every worker takes the next epoch of the run with the "
-                        "most left, so the last runs share the cores and end together instead of one run training "
-                        "alone while the other cores idle."]
-    return out
+    by_jobs = {t.jobs: t for t in timed}
+    one, most = (by_jobs.get(1), by_jobs[max(by_jobs)]) if len(by_jobs) > 1 else (None, None)
+    return render_template("timed_checks.md.j2", timed=timed, one=one, most=most).rstrip("\n").split("\n")

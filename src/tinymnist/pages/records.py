@@ -14,7 +14,7 @@ from typing import Optional
 from ..fileio import read_json
 from ..lab.check import CHECK_FILE, RATE_FILE, Proof, proof
 from ..lab.series import STEPS, Step
-from .common import RESULTS, _anchor, hardware_text
+from .common import RESULTS, _anchor, _kernels_text, hardware_text, seconds_per_epoch
 
 FIRST_COMMAND = "first-command-time.json"  # scripts/time_first_command.py
 SMALL_BATCHES_FILE = "bench-small-batches.json"  # tinymnist bench --small-batches
@@ -98,6 +98,23 @@ class StepCheck:
         return rate_cell(self.proof, self.wide)
 
 
+@dataclass(frozen=True)
+class TimedCheck:
+    """One check timed with a given number of jobs (results/check-<step>-jobs<N>.json)."""
+
+    file: str
+    step: str
+    epochs: int
+    seeds: int
+    jobs: int
+    threads_per_run: int
+    wall_min: float
+    per_epoch_s: float  # the median over its runs' epochs (seconds_per_epoch)
+    host: str
+    kernels: str  # in words
+    by_epochs: bool  # handed to the workers epoch by epoch (evidence from before the field: whole runs)
+
+
 class Records:
     """results/ as typed records, each file read at most once."""
 
@@ -144,6 +161,18 @@ class Records:
                          ev["model"], ev["params"], ev["epochs"], teacher, ev.get("metric", "test_acc"),
                          len(ev["seeds"]), ev["threshold"], proof(ev), proof(wide) if wide else None,
                          wide_name if wide else None)
+
+    def timed_checks(self) -> list[TimedCheck]:
+        """The same check timed with one job and with one per core, in file order."""
+        out = []
+        for path in sorted(self.root.glob("check-*-jobs*.json")):
+            ev = self.json(path.name)
+            kernels = ev.get("trained", {}).get("kernels", "native")  # evidence from before the field: PyTorch's
+            out.append(TimedCheck(path.name, ev["step"], ev["epochs"], len(ev["seeds"]), ev["jobs"],
+                                  ev["threads_per_run"], ev["wall_s"] / 60,
+                                  seconds_per_epoch([x["history"] for x in ev["seeds"]]), hardware_text(ev["env"]),
+                                  _kernels_text(kernels, ev["env"].get("kernel_ops")), ev.get("handed_out") == "epochs"))
+        return out
 
     def checks(self) -> list[StepCheck]:
         """Every step of the series with a committed check, in the series' order."""
