@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-from ..lab.check import CHECK_FILE, RATE_FILE, Proof, proof
+from ..lab.check import proof
 from ..core.data import TRAIN_IMAGES
 from ..lab.space import DEFAULT_VAL
 from ..lab.series import STEPS, answer
@@ -17,20 +17,6 @@ from ..target import LAST, pass_rate_bound, RELIABLE_PASSES, RELIABLE_SEEDS, SEE
 from .common import NOTE, RESULTS, _anchor, _host, hardware_text, markers, recipe_words, seconds_per_epoch
 from .records import Records, rate_cell
 from .render import section
-
-
-def _checked_steps(results: Path):
-    """(step, its check evidence) for every step of the series with a committed results/check-<step>.json."""
-    for s in STEPS:
-        path = results / CHECK_FILE.format(step=s.name)
-        if path.is_file():
-            yield s, read_json(path)
-
-
-def _rate_proof(step: str, results: Path) -> Optional[Proof]:
-    """The Proof of a step's committed pass-rate check (over seeds 0..19 on test), or None."""
-    path = results / RATE_FILE.format(step=step)
-    return proof(read_json(path)) if path.is_file() else None
 
 
 def render_headline(results: Path = RESULTS) -> str:
@@ -57,31 +43,31 @@ def _frontier_rows(results: Path) -> list[dict]:
     """Every step with a committed test check, smallest first, with what the frontier shows of it."""
 
     rows = []
-    for s, ev in _checked_steps(results):
-        if ev.get("metric", "test_acc") != "test_acc":
+    r = Records(results)
+    for s in STEPS:
+        c = r.check(s)
+        if c is None or c.metric != "test_acc":
             continue
-        worst = list(proof(ev).seed_worsts)
+        ev, pr, wide = r.json(c.file), c.proof, c.wide
         seconds = seconds_per_epoch([x["history"] for x in ev["seeds"]])
         objective = None
         if s.chosen_by:
             study, number = s.chosen_by
-            trials = read_json(results / f"sweep-{study}" / "trials.json")["trials"]
-            objective = next(r["objective"] for r in trials if r["trial"] == number)
-        tried = sum(sum(read_json(results / f"sweep-{q}" / "trials.json")["counts"].values()) for q in s.searches)
+            trials = r.json(f"sweep-{study}/trials.json")["trials"]
+            objective = next(t["objective"] for t in trials if t["trial"] == number)
+        tried = sum(sum(r.json(f"sweep-{q}/trials.json")["counts"].values()) for q in s.searches)
         if s.screened_by:  # the 5-seed validation check's worst seed, and the screen's candidates
             screen, cand = s.screened_by
-            objective = proof(read_json(results / f"screen-{screen}" / f"confirm-{cand}.json")).worst
-            tried += len(read_json(results / f"screen-{screen}" / "screen.json")["candidates"])
-        rows.append({"name": s.name, "title": s.heading, "budget": s.budget, "params": ev["params"],
+            objective = proof(r.json(f"screen-{screen}/confirm-{cand}.json")).worst
+            tried += len(r.json(f"screen-{screen}/screen.json")["candidates"])
+        rows.append({"name": s.name, "title": s.heading, "budget": s.budget, "params": c.params,
                      "macs": summarize(s.config.build_model()).macs, "seconds": seconds,
-                     "threads": ev.get("threads_per_run"), "host": _host(ev), "objective": objective, "worst": worst,
-                     "passed": ev["passed"], "tried": tried, "look": ev.get("test_look", 1),
-                     "verdict": proof(ev).verdict, "threshold": ev["threshold"], "last": ev["last"],
-                     "rate": rate_cell(proof(ev), _rate_proof(s.name, results)).replace("**", ""),
-                     "reliable": bool((wide := _rate_proof(s.name, results)) and wide.reliable),
-                     "rate_short": f"{proof(ev).passes}/{proof(ev).seeds}"
-                                   + (f", {wide.passes}/{wide.seeds}" if wide else "")
-                                   + f" (≥ {(wide or proof(ev)).rate_bound:.2f})"})
+                     "threads": ev.get("threads_per_run"), "host": _host(ev), "objective": objective,
+                     "worst": list(pr.seed_worsts), "passed": pr.passed, "tried": tried, "look": ev.get("test_look", 1),
+                     "verdict": pr.verdict, "threshold": c.threshold, "last": pr.last,
+                     "rate": c.rate_cell.replace("**", ""), "reliable": bool(wide and wide.reliable),
+                     "rate_short": f"{pr.passes}/{pr.seeds}" + (f", {wide.passes}/{wide.seeds}" if wide else "")
+                                   + f" (≥ {(wide or pr).rate_bound:.2f})"})
     return sorted(rows, key=lambda r: (r["params"], r["name"]))
 
 
