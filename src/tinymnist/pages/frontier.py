@@ -15,7 +15,7 @@ from ..fileio import read_json
 from ..models.summary import summarize
 from ..target import LAST, pass_rate_bound, RELIABLE_PASSES, RELIABLE_SEEDS, SEEDS, budget_words
 from .common import NOTE, RESULTS, _anchor, _host, hardware_text, markers, recipe_words, seconds_per_epoch
-from .records import Records, rate_cell
+from .records import Records
 from .render import section
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..fileio import read_json
-from .common import NOTE, RESULTS, _kernels_text, _wait, hardware_text, markers, seconds_per_epoch
+from .common import NOTE, RESULTS, _kernels_text, _wait, hardware_text, markers
 from .records import Records
 from .render import render_template, section
 
