@@ -115,6 +115,43 @@ class TimedCheck:
     by_epochs: bool  # handed to the workers epoch by epoch (evidence from before the field: whole runs)
 
 
+@dataclass(frozen=True)
+class Screened:
+    """One candidate of a screen: its objective on the screen's seeds (the mean of the last epochs' validation
+    accuracy), and its 5-seed validation check when it was confirmed."""
+
+    name: str
+    params: int
+    changes: str
+    objective: float
+    mean_worst: Optional[float]  # of its 5-seed confirmation
+    worst: Optional[float]
+    earned: bool  # it cleared the gate: a look at test
+
+
+@dataclass(frozen=True)
+class ScreenRecord:
+    """A committed screen (results/screen-<name>/screen.json)."""
+
+    name: str
+    step: str
+    max_params: int
+    seeds: int
+    done: bool
+    ranked: tuple[Screened, ...]  # best first; candidates not screened yet are left out
+    gate_mean_worst: Optional[float]  # the yardstick's mean of the seeds' worsts plus its margin
+    gate_worst: Optional[float]
+
+    @property
+    def earned(self) -> bool:
+        return any(c.earned for c in self.ranked)
+
+    @property
+    def best_confirmed(self) -> Optional[Screened]:
+        confirmed = [c for c in self.ranked if c.mean_worst is not None]
+        return max(confirmed, key=lambda c: c.mean_worst) if confirmed else None
+
+
 class Records:
     """results/ as typed records, each file read at most once."""
 
@@ -172,6 +209,25 @@ class Records:
                                   ev["threads_per_run"], ev["wall_s"] / 60,
                                   seconds_per_epoch([x["history"] for x in ev["seeds"]]), hardware_text(ev["env"]),
                                   _kernels_text(kernels, ev["env"].get("kernel_ops")), ev.get("handed_out") == "epochs"))
+        return out
+
+    def screens(self) -> list[ScreenRecord]:
+        """Every committed screen, by name."""
+        out = []
+        for path in sorted(self.root.glob("screen-*/screen.json")):
+            sc = self.json(f"{path.parent.name}/screen.json")
+            confirmed = {c["name"]: c for c in sc["confirmed"]}
+            rows = {r["name"]: r for r in sc["candidates"]}
+            ranked = []
+            for name in sc["ranked"]:
+                r, c = rows[name], confirmed.get(name, {})
+                changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items() if k != "layout")
+                ranked.append(Screened(name, r["params"], changes, r["objective"], c.get("mean_worst"), c.get("worst"),
+                                       bool(c.get("earns_test_look"))))
+            yard = sc.get("yardstick") or {}
+            gate = (yard["mean_worst"] + sc.get("margin_spreads", 0) * yard["seed_spread"]) if yard else None
+            out.append(ScreenRecord(sc["screen"], sc["step"], sc["max_params"], sc["seeds"], sc.get("done", True),
+                                    tuple(ranked), gate, yard.get("worst")))
         return out
 
     def checks(self) -> list[StepCheck]:

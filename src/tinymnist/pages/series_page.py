@@ -15,6 +15,8 @@ from ..fileio import read_json
 from ..models.summary import format_summary, summarize
 from ..target import LAST, RELIABLE_PASSES, RELIABLE_SEEDS
 from .common import FIRST_CHECK, NOTE, NOT_CONFIRMED, RESULTS, _anchor, hardware_text, markers, proof_lines, recipe_words, seconds_per_epoch, step_result
+from .records import Records
+from .render import render_template
 from .searches import YARDSTICK, _space_fixed
 
 
@@ -222,8 +224,16 @@ def render(results: Path = RESULTS) -> str:
         if s.analysis:
             out += [f"**Analysis.** {fill(s.analysis, s, results)}", ""]
         out += _check_section(s, results)  # the proof over seeds, beside its step
+    out += _negative_screens(results)
     out.append(END)
     return "\n".join(out)
+
+
+def _negative_screens(results: Path) -> list[str]:
+    """The screens that earned no look at test (no step came of them): negative results, on this page too."""
+    screens = [sc for sc in Records(results).screens() if not sc.earned]
+    text = render_template("negative_screens.md.j2", screens=screens, last=LAST).strip("\n")
+    return [text, ""] if text else []
 
 
 # A step's prose (steps/<name>.md) types no number that results/ holds: it names the number, and this fills it in.
