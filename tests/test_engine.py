@@ -262,3 +262,50 @@ def test_a_distilled_check_states_its_teachers_epochs_beside_the_students(tmp_pa
     teacher = json.loads((run_dir / "teacher.json").read_text())
     assert teacher["step"] == "writeup-002" and teacher["epochs"] == len(teacher["history"]) == 15
     assert teacher["config"]["val"] == 32 and teacher["config"]["seed"] == 0  # the student's split and seed
+
+
+def test_sam_takes_the_gradient_uphill_and_puts_the_weights_and_batch_norm_statistics_back():
+    """sam_ascent: inside, every weight with a gradient is moved by rho * g / ||g|| (one norm over all of them), and
+    batch norm does not update its running statistics; after, the weights and statistics are exactly as before,
+    and the gradient left for the optimizer is the one taken inside."""
+    import torch
+    from torch import nn
+
+    from tinymnist.core.engine import sam_ascent
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3)).train()
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    with sam_ascent(model, 0.05):
+        for p, g, (k, w) in zip(model.parameters(), grads, [(k, weights[k]) for k, _ in model.named_parameters()]):
+            assert torch.allclose(p, w + 0.05 * g / norm, atol=1e-7), k
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        inside = [p.grad.clone() for p in model.parameters()]
+    after = model.state_dict()
+    assert all(torch.equal(after[k], weights[k]) for k in weights)  # weights, running stats and the batch count
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), inside))
+    assert not all(torch.equal(a, b) for a, b in zip(inside, grads))
+
+
+def test_a_sam_recipe_trains_and_its_history_differs_from_plain_sgd(tmp_path):
+    from dataclasses import replace
+
+    from conftest import synthetic_mnist
+    from tinymnist.core.config import TrainConfig
+    from tinymnist.core.data import load_mnist
+    from tinymnist.core.engine import fit
+
+    synthetic_mnist(tmp_path / "d", n_train=256, n_test=64)
+    data = load_mnist(str(tmp_path / "d"))
+    cfg = TrainConfig(model="Model_7", epochs=1, batch_size=32, lr=0.05)
+    plain = fit(cfg, data, verbose=False)[1]
+    sam = fit(replace(cfg, sam_rho=0.05), data, verbose=False)[1]
+    assert len(sam) == 1 and sam[0]["train_loss"] > 0 and sam[0]["train_loss"] != plain[0]["train_loss"]
+    with pytest.raises(Exception, match="sam_rho"):
+        replace(cfg, sam_rho=-1.0).validate()

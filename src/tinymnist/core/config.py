@@ -72,6 +72,10 @@ class TrainConfig:
                        expected="a positive number", cli=True, convert=float)
     momentum: float = _field(0.9, "SGD momentum (ignored by Adam/AdamW)", ok=_FRACTION[0], expected=_FRACTION[1])
     nesterov: bool = _field(True, "Nesterov momentum for SGD")
+    sam_rho: float = _field(0.0, "sharpness-aware minimisation: each step takes the gradient at the weights moved "
+                            "uphill by this radius (a second forward and backward pass per batch, counted in the "
+                            "time, not in the epochs); 0 = off", ok=lambda v: v >= 0, expected="a non-negative number",
+                            cli=True, convert=float)
     weight_decay: float = _field(0.0, "weight decay: L2 (SGD, Adam) or decoupled (AdamW)", ok=lambda v: v >= 0,
                                  expected="a non-negative number", cli=True, convert=float)
     scheduler: str = _field("none", "LR schedule: onecycle steps every batch, step every epoch", choices=SCHEDULERS,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import time
@@ -126,9 +127,11 @@ def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimiz
                 ema: Optional[EMA] = None, precision: str = "fp32",
                 memory_format: torch.memory_format = torch.contiguous_format,
                 teacher: Optional[nn.Module] = None, distill: float = TrainConfig.distill,
-                distill_temp: float = TrainConfig.distill_temp) -> Metrics:
+                distill_temp: float = TrainConfig.distill_temp, sam_rho: float = 0.0) -> Metrics:
     """One pass over `loader`. Counts stay on the device; the host reads them once, at the end. With a `teacher`
-    (a trained network in eval mode), the loss is distillation_loss on its outputs for the same augmented batch."""
+    (a trained network in eval mode), the loss is distillation_loss on its outputs for the same augmented batch.
+    With `sam_rho` > 0, each step is sharpness-aware (sam_ascent): the optimizer steps with the gradient taken at
+    the weights moved uphill by rho, a second forward and backward pass per batch."""
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -140,16 +143,26 @@ def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimiz
     with training_threads(model):  # the C kernels keep the run's threads; PyTorch's ops of a step take one
         for i, (x, y) in enumerate(bar):
             x = x.contiguous(memory_format=memory_format)  # a restride, not a copy: the batch has one channel
+            soft = None
+            if teacher is not None:
+                with torch.no_grad(), autocast(device, precision):
+                    soft = teacher(x).float()
+
+            def loss_of(out: torch.Tensor) -> torch.Tensor:
+                if soft is None:
+                    return F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+                return distillation_loss(out.float(), soft, y, distill, distill_temp, label_smoothing)
+
             with autocast(device, precision):
                 out = model(x)
-                if teacher is None:
-                    loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
-                else:
-                    with torch.no_grad():
-                        soft = teacher(x).float()
-                    loss = distillation_loss(out.float(), soft, y, distill, distill_temp, label_smoothing)
+                loss = loss_of(out)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if sam_rho > 0:
+                with sam_ascent(model, sam_rho):  # the weights moved uphill; put back before the step
+                    optimizer.zero_grad(set_to_none=True)
+                    with autocast(device, precision):
+                        loss_of(model(x)).backward()
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
@@ -163,6 +176,37 @@ def train_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimiz
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}%",
                                 lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
     return Metrics(loss_sum.item() / max(1, seen), int(correct.item()), seen)
+
+
+@contextlib.contextmanager
+def sam_ascent(model: nn.Module, rho: float):
+    """Sharpness-aware minimisation's ascent (Foret et al., 2021): move every weight that has a gradient by
+    rho * g / ||g|| (the norm over all of them), so that the gradient taken inside this block is the one at the
+    worst nearby weights; then put the weights back, keeping that gradient for the optimizer's step. Batch norm's
+    running statistics are not updated by the second pass (its momentum is 0 inside the block), so they average
+    the same batches as without SAM."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        scale = rho / (norm + 1e-12)
+        before = [p.clone() for p in params]  # put back exactly, not by subtracting (rounding)
+        for p in params:
+            p.add_(p.grad * scale)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kept = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+            for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (momentum, count) in zip(norms, kept):
+                m.momentum = momentum
+                if count is not None:
+                    m.num_batches_tracked.copy_(count)
+            for p, old in zip(params, before):
+                p.copy_(old)
 
 
 @torch.inference_mode()
@@ -244,7 +288,7 @@ class Trainer:
         tr = train_epoch(self.model, self.train, self.optimizer, self.scheduler if self.per_batch else None,
                          cfg.label_smoothing, desc=f"epoch {epoch}/{cfg.epochs}", progress=progress, ema=self.ema,
                          precision=cfg.precision, memory_format=self.fmt, teacher=self.teacher,
-                         distill=cfg.distill, distill_temp=cfg.distill_temp)
+                         distill=cfg.distill, distill_temp=cfg.distill_temp, sam_rho=cfg.sam_rho)
         if verbose:
             print(f"Epoch {epoch:2d}/{cfg.epochs}: train loss {tr.loss:.4f}, train accuracy {tr.acc:.2f}%, lr {lr:.3e}")
         record = {"epoch": epoch, "train_loss": round(tr.loss, 6), "train_acc": round(tr.acc, 4)}

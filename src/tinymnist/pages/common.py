@@ -63,6 +63,7 @@ def recipe_words(cfg, dropout: Optional[float] = None, activation: str = "") -> 
             f"{cfg.weight_decay:g}{f', dropout {dropout:g}' if dropout is not None else ''}"
             + (f", {activation} after each conv block" if activation else "")
             + ("" if cfg.bn_affine else ", batch norm that only normalises (no scale, no shift)")
+            + (f", sharpness-aware steps (SAM, rho {cfg.sam_rho:g}: two passes a batch)" if cfg.sam_rho else "")
             + f", augmentation: {aug_text}"
             + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
             + (f", weight EMA {cfg.ema:g} (evaluated and saved)" if cfg.ema else "")
