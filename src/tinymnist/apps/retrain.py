@@ -184,6 +184,9 @@ def _work(study, store, runs, state: Path, workers: int, threads: int, data_dir,
             if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
                 return None
             trial = study.ask()
+            # its first heartbeat at once: a RUNNING trial with none is never stale, so a worker killed before
+            # its first beat would hold its run forever (seen under load: the grading then lost that run)
+            store.record_heartbeat(store.get_trial_id_from_study_id_trial_number(study_id, trial.number))
         if not trial.user_attrs.get("queued"):  # another machine took the last run first: nothing of ours
             study.tell(trial, state=TrialState.PRUNED)
             return None
