@@ -156,45 +156,17 @@ def render_frontier(results: Path = RESULTS) -> str:
     return "\n".join(out)
 
 
-WRITEUPS_FILE = "writeups.json"  # published networks of this assignment, rebuilt and checked: the claim beside ours
-
-
 def render_writeups(results: Path = RESULTS) -> str:
     """Published networks rebuilt from their write-ups and checked over seeds: what the write-up claimed (quoted in
     results/writeups.json) beside our verdict and accuracy (the check evidence it names)."""
-    start, end = markers("writeups")
-    path = results / WRITEUPS_FILE
-    entries = read_json(path) if path.is_file() else []
-    if not entries:
-        return "\n".join([start, NOTE, "", "No published network has been checked yet.", "", end])
-    out = [start, NOTE, "", "| write-up | network | claimed | ours: parameters | ours: worst of the last epochs, "
-           "every seed | ours: final accuracy | verdict |", "| --- | --- | --- | ---: | ---: | ---: | --- |"]
-    for e in entries:
-        c = e["claimed"]
-        claim = (f"{c['params']:,} parameters, test {c['test_acc']:.2f}%, {c['consistency']} ({c['runs']} run)")
-        ev_path = results / e["evidence"]
-        who = f"`{Path(e['writeup']).name}`, {e['section']}"
-        net = f"`{e['class']}` in [`{e['models_file']}`]({e['models_file']})"
-        if not ev_path.is_file():
-            out.append(f"| {who} | {net} | {claim} | not checked yet | | | |")
-            continue
-        ev = read_json(ev_path)
-        pr = proof(ev)
-        out.append(f"| {who} | {net} | {claim} | {ev['params']:,} | {', '.join(f'{w:.2f}%' for w in pr.seed_worsts)} "
-                   f"(last {pr.last} of {ev['epochs']}) | {pr.mean:.2f} ± {pr.std:.2f}% ({len(pr.seed_worsts)} seeds) | "
-                   f"{pr.verdict} |")
-    ev0 = next((read_json(results / e["evidence"]) for e in entries if (results / e["evidence"]).is_file()), None)
-    if ev0 is not None:
-        from ..core.config import TrainConfig
+    from ..core.config import TrainConfig
 
-        cfg = TrainConfig.from_dict(ev0["config"])
-        out += ["", f"Ours: `tinymnist check --models {ev0['models_file']['path']} --model {ev0['model']} --seeds "
-                    f"{len(ev0['seeds'])} --json results/{entries[0]['evidence']}`, which trains the class with the "
-                    f"recipe of the step `{ev0['step']}`, the answer then ({recipe_words(cfg)}) on "
-                    f"{hardware_text(ev0.get('env', {}))}. The write-up's own recipe differs (its text names a step "
-                    "LR schedule and random rotation), and its claim is one run judged by eye.",
-                ""]
-        png = (results / entries[0]["evidence"]).with_suffix(".png")
-        if png.is_file():
-            out += [f"![proof over seeds: {ev0['model']} of the write-up](results/{png.name})", ""]
-    return "\n".join(out + ["", end])
+    writeups = Records(results).writeups()
+    first = next((w for w in writeups if w.check is not None), None)
+    recipe = host = png = None
+    if first is not None:
+        recipe = recipe_words(TrainConfig.from_dict(first.check["config"]))
+        host = hardware_text(first.check.get("env", {}))
+        drawn = (results / writeups[0].evidence).with_suffix(".png")
+        png = drawn.name if drawn.is_file() else None
+    return section("writeups", "writeups.md.j2", writeups=writeups, first=first, recipe=recipe, host=host, png=png)

@@ -18,6 +18,7 @@ from .common import RESULTS, _anchor, _kernels_text, hardware_text, seconds_per_
 
 FIRST_COMMAND = "first-command-time.json"  # scripts/time_first_command.py
 SMALL_BATCHES_FILE = "bench-small-batches.json"  # tinymnist bench --small-batches
+WRITEUPS_FILE = "writeups.json"  # published networks of this assignment, rebuilt and checked: the claim beside ours
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,20 @@ class ScreenRecord:
         return max(confirmed, key=lambda c: c.mean_worst) if confirmed else None
 
 
+@dataclass(frozen=True)
+class Writeup:
+    """A published network rebuilt from its write-up (results/writeups.json) and, when checked, our check of it."""
+
+    writeup: str  # the write-up's file name
+    section: str
+    models_file: str
+    cls: str
+    claimed: dict  # params, test_acc, consistency (quoted), runs
+    evidence: str  # the check's file under results/
+    check: Optional[dict]  # that check's raw evidence (None: not checked yet)
+    proof: Optional[Proof]
+
+
 class Records:
     """results/ as typed records, each file read at most once."""
 
@@ -229,6 +244,11 @@ class Records:
             out.append(ScreenRecord(sc["screen"], sc["step"], sc["max_params"], sc["seeds"], sc.get("done", True),
                                     tuple(ranked), gate, yard.get("worst")))
         return out
+
+    def writeups(self) -> list[Writeup]:
+        return [Writeup(Path(e["writeup"]).name, e["section"], e["models_file"], e["class"], e["claimed"],
+                        e["evidence"], ev, proof(ev) if ev else None)
+                for e in (self.json(WRITEUPS_FILE) or []) for ev in [self.json(e["evidence"])]]
 
     def checks(self) -> list[StepCheck]:
         """Every step of the series with a committed check, in the series' order."""
