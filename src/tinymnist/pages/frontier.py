@@ -14,7 +14,7 @@ from ..lab.series import STEPS, answer
 from ..fileio import read_json
 from ..models.summary import summarize
 from ..target import LAST, pass_rate_bound, RELIABLE_PASSES, RELIABLE_SEEDS, SEEDS, budget_words
-from .common import NOTE, RESULTS, _anchor, _host, hardware_text, markers, recipe_words, seconds_per_epoch
+from .common import RESULTS, _anchor, _host, hardware_text, recipe_words, seconds_per_epoch
 from .records import Records
 from .render import section
 
@@ -114,46 +114,13 @@ def _validation_points(results: Path) -> list[dict]:
 
 def render_frontier(results: Path = RESULTS) -> str:
     """The frontier: parameters against the worst seed, as a plot and a table, with the smallest passing step."""
-    start, end = markers("frontier")
     rows = _frontier_rows(results)
-    if not rows:
-        return "\n".join([start, NOTE, "", "No step has been checked on test yet.", "", end])
-    passing = [r for r in rows if r["passed"]]
-    smallest = (f"The smallest step that passes over every seed: **{passing[0]['name']}, {passing[0]['params']:,} "
-                "parameters**." if passing else "No checked step passes yet.")
-    below = [r for r in rows if not r["passed"] and (not passing or r["params"] < passing[0]["params"])]
-    if below and passing:
-        names = ", ".join(f"{r['name']} ({r['params']:,})" for r in below)
-        smallest += (f" Below it, {names} "
-                     f"{'fails' if len(below) == 1 else 'fail'}: the curve crosses {rows[0]['threshold']:.2f}% "
-                     f"between {below[-1]['params']:,} and {passing[0]['params']:,} parameters.")
-    out = [start, NOTE, "", f"**The reliability frontier.** Every step checked on test over {SEEDS} seeds: each dot is one "
-           f"seed's worst test accuracy of its last {rows[0]['last']} epochs, the bar the step's worst seed. "
-           + smallest, "", f"![the reliability frontier](results/{FRONTIER_PNG})", "",
-           "| budget | step | parameters | MACs per image | s per epoch | validation objective | test: worst seed | "
-           "verdict | seeds that pass (95% bound) | recipes tried |",
-           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
     hosts = list(dict.fromkeys(r["host"] for r in rows))  # each measured host a letter, in order of size
-    for r in rows:
-        budget = budget_words(r["budget"])
-        look = f" (look {r['look']} at test for this budget)" if r["look"] > 1 else ""
-        objective = "—" if r["objective"] is None else f"{r['objective']:.2f}%"
-        out.append(f"| {budget} | [{r['name']}](docs/series.md#{_anchor(r['title'])}) | {r['params']:,} | "
-                   f"{r['macs']:,} | {r['seconds']:.1f} ({chr(65 + hosts.index(r['host']))}) | {objective} | "
-                   f"{min(r['worst']):.2f}% | "
-                   f"{r['verdict']}{look} | {rate_cell_row(r)} | {r['tried'] or '—'} |")
-    out += ["", "The validation objective is the search's: the worst validation accuracy of the last epochs, the "
-                f"minimum over the trial's seeds, on {DEFAULT_VAL:,} held-out training images (for a step a screen "
-                "earned, the worst seed of its 5-seed validation check); the test column is the check's, "
-                f"after a refit on all {TRAIN_IMAGES:,}. Seconds per epoch are the median over the check's epochs (training and "
-                "the test pass), each run with the threads and code its evidence records, on the host the letter names "
-                "(compare within one check only): " + "; ".join(f"{chr(65 + i)}: {h}" for i, h in enumerate(hosts))
-                + ". Recipes tried counts every trial of the searches behind the step, pruned and failed ones "
-                f"included. Seeds that pass: of the step's widest test check, with the one-sided 95% Clopper–Pearson "
-                f"lower bound on a run's pass rate; a step is reliable once at least {RELIABLE_PASSES} of "
-                f"{RELIABLE_SEEDS} seeds pass, which {SEEDS} of {SEEDS} cannot show (its bound is "
-                f"{pass_rate_bound(SEEDS, SEEDS):.2f}).", "", end]
-    return "\n".join(out)
+    return section("frontier", "frontier.md.j2", rows=rows, hosts=hosts,
+                   letter={h: chr(65 + i) for i, h in enumerate(hosts)}, png=FRONTIER_PNG, seeds=SEEDS,
+                   val=DEFAULT_VAL, train_images=TRAIN_IMAGES, reliable_passes=RELIABLE_PASSES,
+                   reliable_seeds=RELIABLE_SEEDS, five_of_five_bound=pass_rate_bound(SEEDS, SEEDS),
+                   budget_words=budget_words, anchor=_anchor)
 
 
 def render_writeups(results: Path = RESULTS) -> str:
