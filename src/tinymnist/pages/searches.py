@@ -10,6 +10,8 @@ from ..core.data import TRAIN_IMAGES
 from ..lab.series import STEPS
 from ..fileio import read_json
 from ..target import LAST, MAX_PARAMS, THRESHOLD, budget_words
+from .records import Records
+from .render import render_template
 from .common import NOTE, RESULTS, _short, markers
 
 
@@ -47,51 +49,12 @@ def _search_sections(results: Path) -> list[str]:
 def _screen_sections(results: Path) -> list[str]:
     """Every committed screen (results/screen-*/screen.json): its candidates on 2 seeds, its confirmations over 5,
     and the gate, which decides whether a candidate earned a look at test."""
-    paths = sorted(results.glob("screen-*/screen.json"))
-    if not paths:
+    r = Records(results)
+    screens = [r.json(f"{p.parent.name}/screen.json") for p in sorted(results.glob("screen-*/screen.json"))]
+    if not screens:
         return []
-    out = ["### Screens", "",
-           "`tinymnist screen SCREEN.toml` trains named candidates (a step's recipe with one idea changed) on "
-           "validation only, ranks them by the mean over seeds and last epochs, checks the best few over 5 validation "
-           "seeds (taking the screen's seeds as they are: the same seed gives the same history), and compares each "
-           "with the validation bar above.", ""]
-    for path in paths:
-        sc = read_json(path)
-        d = Path("results") / path.parent.name
-        progress = "" if sc.get("done", True) else (" **In progress**: this is as far as it got; the same command "
-                                                        "(`tinymnist screen screens/" + sc["screen"] + ".toml`) resumes it.")
-        out += [f"#### Screen: `{sc['screen']}`", "",
-                f"`screens/{sc['screen']}.toml`: the step `{sc['step']}`"
-                + (f", every candidate with {', '.join(f'{k}={_short(v)}' for k, v in sc['fixed'].items())}"
-                   if sc.get("fixed") else "")
-                + f" and one change per candidate, at most "
-                f"{sc['max_params']:,} parameters, {sc['seeds']} seeds each on {sc['val']:,} held-out images; every "
-                f"check's evidence is in `{d.as_posix()}/`.{progress}"
-                + (f" Its gate, set before it trained: the mean of the seeds' worsts must beat the yardstick's by "
-                   f"{sc['margin_spreads']:g} × the standard deviation of the yardstick's seeds' worsts, as a tie is no margin on new seeds."
-                   if sc.get("margin_spreads") else ""), "",
-                f"| candidate | changes | parameters | mean of last {sc['last']} (objective) | worst | per seed |",
-                "| --- | --- | ---: | ---: | ---: | --- |"]
-        rows = {r["name"]: r for r in sc["candidates"]}
-        for name in sc["ranked"]:
-            r = rows[name]
-            changes = ", ".join(f"{k}={_short(v)}" for k, v in r["changes"].items()) or (
-                "(the shared changes only)" if sc.get("fixed") else "(the step as it is)")
-            out.append(f"| {name} | {changes} | {r['params']:,} | {r['objective']:.3f}% | {r['worst']:.2f}% | "
-                       f"{', '.join(f'{w:.2f}' for w in r['seed_worsts'])} |")
-        for r in sc["candidates"]:
-            if r.get("rejected") or r.get("pending"):
-                out.append(f"| {r['name']} | {', '.join(f'{k}={_short(v)}' for k, v in r['changes'].items())} | "
-                           f"{'over the budget' if r.get('rejected') else 'not screened yet'} | — | — | — |")
-        if sc["confirmed"]:
-            out += ["", f"| confirmed over {len(sc['confirmed'][0]['seed_worsts'])} validation seeds | worst seed | mean of the seeds' worsts | per seed | "
-                        "look at test |", "| --- | ---: | ---: | --- | --- |"]
-            for c in sc["confirmed"]:
-                out.append(f"| {c['name']} | {c['worst']:.2f}% | {c['mean_worst']:.3f}% | "
-                           f"{', '.join(f'{w:.2f}' for w in c['seed_worsts'])} | "
-                           f"{'earned' if c['earns_test_look'] else 'not earned'}: {c['why']} |")
-        out.append("")
-    return out
+    text = render_template("screens.md.j2", screens=screens, short=_short, g=lambda v: f"{v:g}")
+    return text.rstrip("\n").split("\n") + [""]
 
 
 def _search_section(t: dict, path: Path, results: Path) -> list[str]:
