@@ -275,12 +275,11 @@ def test_check_reuse_trains_only_the_missing_seeds_and_refuses_another_host(tmp_
     assert "seed(s) 0, 1 taken from an earlier check" in out and "1 seeds to train" in out, err
     two, three = (json.loads((tmp_path / f).read_text()) for f in ("two.json", "three.json"))
     assert three["reused"]["seeds"] == [0, 1] and three["reused"]["file"] == "two.json"
-    (tmp_path / "up").mkdir()  # evidence written one folder up from the file it reuses names it by its path
-    run(capsys, *common, "--seeds", "3", "--reuse", str(tmp_path / "two.json"),
-        "--json", str(tmp_path / "up" / "three.json"))  # exit status 1: one epoch fails the rule, which is not tested
-    assert json.loads((tmp_path / "up" / "three.json").read_text())["reused"]["file"] == "../two.json"
     assert [s["seed"] for s in three["seeds"]] == [0, 1, 2] and three["seeds"][:2] == two["seeds"]
     assert len(list((tmp_path / "runs").glob("check-final-seed*"))) == 3  # seeds 0 and 1 trained once
+    (tmp_path / "sub").mkdir()  # evidence in another folder names the file it reused by the path from there
+    run(capsys, *common, "--seeds", "2", "--reuse", str(tmp_path / "two.json"), "--json", str(tmp_path / "sub" / "a.json"))
+    assert json.loads((tmp_path / "sub" / "a.json").read_text())["reused"]["file"] == "../two.json"
     other = dict(two, env={**two["env"], "hardware": {**two["env"]["hardware"], "cpu_model": "Some Other CPU"}})
     (tmp_path / "other.json").write_text(json.dumps(other))
     for bad, why in (("other.json", "trained on another kind of host"), ("missing.json", "not a check's evidence")):
