@@ -73,28 +73,16 @@ def recipe_words(cfg, dropout: Optional[float] = None, activation: str = "") -> 
 
 def proof_lines(ev: dict, plot: Optional[str], alt: str, extra: Sequence[str] = ()) -> list[str]:
     """The body of a proof over seeds, as the series' pages and a student's report card both show it: each seed's
-    last accuracies, the final mean ± std, each rule with its verdict, `extra` lines, the hardware, the plot."""
-    pr = proof(ev)
-    k, n = pr.last, len(ev["seeds"])
-    what = "test" if pr.metric == "test_acc" else "validation"
-    out = [f"| seed | last {k} {what} accuracies (%) | min | final |", "| ---: | --- | ---: | ---: |"]
-    for s in ev["seeds"]:
-        tail = [r[pr.metric] for r in s["history"][-k:]]
-        out.append(f"| {s['seed']} | {', '.join(f'{a:.2f}' for a in tail)} | {min(tail):.2f} | {tail[-1]:.2f} |")
-    out += ["", f"Final-epoch {what} accuracy: **{pr.mean:.2f} ± {pr.std:.2f}%** (mean ± sample std over "
-                f"{n} seeds).", ""]
-    out += [f"- {'✅' if r['passed'] else '❌'} {r['rule']}" for r in ev["rules"]]
-    out += [f"- {pr.rate}" + (f": {'**reliable**' if pr.reliable else 'not reliable'} (at least {RELIABLE_PASSES} of "
-                              f"{RELIABLE_SEEDS} must pass)" if pr.metric == "test_acc" and n >= RELIABLE_SEEDS else "")
-            + "."]
-    out += list(extra)
-    env = ev.get("env", {})
-    if env:
-        out += ["", f"Measured with torch {env.get('torch')} on {env.get('device')}, {hardware_text(env)}, "
-                    f"{env.get('threads')} thread(s) per run, {env.get('platform')}."]
-    if plot:
-        out += ["", f"![{alt}]({plot})"]
-    return out
+    last accuracies, the final mean ± std, each rule with its verdict, `extra` lines, the hardware, the plot
+    (pages/templates/proof.md.j2)."""
+    from .render import render_template  # render builds on this module
+
+    pr, env = proof(ev), ev.get("env", {})
+    text = render_template("proof.md.j2", ev=ev, pr=pr, k=pr.last, extra=list(extra), plot=plot, alt=alt, env=env,
+                           what="test" if pr.metric == "test_acc" else "validation",
+                           host=hardware_text(env) if env else None, reliable_passes=RELIABLE_PASSES,
+                           reliable_seeds=RELIABLE_SEEDS)
+    return text.rstrip("\n").split("\n")
 
 
 def _short(v) -> str:

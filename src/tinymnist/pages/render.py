@@ -39,6 +39,7 @@ def _environment() -> jinja2.Environment:
                              autoescape=False, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
     env.filters["paragraph"] = paragraph
     env.filters["count"] = lambda n: f"{n:,.0f}"  # 7628 -> 7,628
+    env.filters["fmt2"] = lambda x: f"{x:.2f}"  # an accuracy as the pages print it
     env.globals["table"] = table
     return env
 
