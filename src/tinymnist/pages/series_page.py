@@ -44,35 +44,27 @@ def _log_table(history: list[dict]) -> str:
 
 
 def _check_section(step: Step, results: Path) -> list[str]:
-    path = results / CHECK_FILE.format(step=step.name)
-    if not path.is_file():
+    """A step's 5-seed test check, its pass-rate check over seeds 0..19 (run after the 5-seed check passed: a further
+    look at test that chooses nothing, only measures how often a run of the recipe passes), and what it gets wrong."""
+    r = Records(results)
+    check_file, rate_file = CHECK_FILE.format(step=step.name), RATE_FILE.format(step=step.name)
+    check, rate = r.json(check_file), r.json(rate_file)
+    if check is None:
         return []
-    ev = read_json(path)
-    n, k = len(ev["seeds"]), ev["last"]
-    out = [f"#### Proof over {n} seeds: `{step.name}`", "",
-           f"`tinymnist check {step.name} --seeds {n} --last {k} --json results/{path.name}` trained the "
-           f"step's recipe once per seed. Verdict: **{proof(ev).verdict}**.", ""]
-    plot = f"results/{path.with_suffix('.png').name}" if path.with_suffix(".png").is_file() else None
-    out += proof_lines(ev, plot, f"proof over seeds: {step.name}", extra=_selection_lines(step, ev, results))
-    return out + [""] + _rate_section(step, results) + _errors_section(step, results)
 
+    def lines(ev: dict, path: Path, alt: str, extra=()) -> list[str]:
+        plot = f"results/{path.with_suffix('.png').name}" if path.with_suffix(".png").is_file() else None
+        return proof_lines(ev, plot, alt, extra=extra)
 
-def _rate_section(step: Step, results: Path) -> list[str]:
-    """A step's pass-rate check over seeds 0..19 on test, run after its 5-seed check passed: a further look at test
-    that chooses nothing, only measures how often a run of the recipe passes."""
-    path = results / RATE_FILE.format(step=step.name)
-    if not path.is_file():
-        return []
-    ev = read_json(path)
-    n, reused = len(ev["seeds"]), ev.get("reused", {}).get("seeds", [])
-    how = (f", taking seeds {reused[0]}–{reused[-1]} from `results/{ev['reused'].get('file', '?')}` (the same recipe, "
-           f"code and kind of host) and training the other {n - len(reused)}" if reused else "")
-    plot = f"results/{path.with_suffix('.png').name}" if path.with_suffix(".png").is_file() else None
-    return [f"#### Pass rate over {n} seeds: `{step.name}`", "",
-            f"`tinymnist check {step.name} --seeds {n} --json results/{path.name}` trained the step's recipe once "
-            f"per seed{how}. A run of the recipe passes when its own last {ev['last']} epochs hold the rule; a step is "
-            f"reliable when at least {RELIABLE_PASSES} of {RELIABLE_SEEDS} do.", "",
-            *proof_lines(ev, plot, f"pass rate over {n} seeds: {step.name}"), ""]
+    text = render_template(
+        "check_sections.md.j2", step=step.name, check=check, check_file=check_file,
+        check_verdict=proof(check).verdict, rate=rate, rate_file=rate_file, reliable_passes=RELIABLE_PASSES,
+        reliable_seeds=RELIABLE_SEEDS,
+        check_lines=lines(check, results / check_file, f"proof over seeds: {step.name}",
+                          _selection_lines(step, check, results)),
+        rate_lines=lines(rate, results / rate_file, f"pass rate over {len(rate['seeds'])} seeds: {step.name}")
+        if rate else [])
+    return text.rstrip("\n").split("\n") + [""] + _errors_section(step, results)
 
 
 def _screened_lines(step: Step, ev: dict, results: Path) -> list[str]:
