@@ -71,11 +71,6 @@ def _frontier_rows(results: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (r["params"], r["name"]))
 
 
-def rate_cell_row(r: dict) -> str:
-    """A frontier row's pass-rate cell, with a reliable step in bold."""
-    return r["rate"].replace(": reliable", ": **reliable**")
-
-
 def replot_frontier(results: Path = RESULTS) -> Optional[Path]:
     """Draw results/frontier.png from the committed checks (None if there are none)."""
     from .plots import plot_frontier
