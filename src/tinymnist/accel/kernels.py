@@ -328,13 +328,18 @@ class BatchNormAct(nn.BatchNorm2d):
                 and weight.dtype == torch.float32):
             return _activate(super().forward(x), self.act, self.slope)
         out, stats = _BatchNormAct.apply(x, weight, bias, self.eps, ACTIVATIONS[self.act], self.slope)
-        with torch.no_grad():  # running statistics, exactly as nn.BatchNorm2d keeps them
-            self.num_batches_tracked.add_(1)
-            f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            m = x.numel() // x.shape[1]
-            self.running_mean.lerp_(stats[0].float(), f)
-            self.running_var.lerp_((stats[1] * (m / max(m - 1, 1))).float(), f)
+        self.track(stats, x)
         return out
+
+    @torch.no_grad()
+    def track(self, stats: torch.Tensor, x: torch.Tensor) -> None:
+        """Move the running statistics toward a training batch's (x's) mean and biased variance (`stats`, as the
+        forward kernel returns them), exactly as nn.BatchNorm2d keeps them."""
+        self.num_batches_tracked.add_(1)
+        f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        m = x.numel() // x.shape[1]
+        self.running_mean.lerp_(stats[0].float(), f)
+        self.running_var.lerp_((stats[1] * (m / max(m - 1, 1))).float(), f)
 
 
 def fuse_bn_act(model: nn.Module) -> int:
