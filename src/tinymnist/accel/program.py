@@ -27,7 +27,7 @@ the next step.
 
 from __future__ import annotations
 
-import weakref
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -67,7 +67,7 @@ def compile_chain(seq: nn.Sequential) -> Optional[list[nn.Module]]:
     if not all(isinstance(m, kernel) and not (m._forward_hooks or m._forward_pre_hooks) or _island_ok(m)
                for m in leaves):
         return None
-    return leaves
+    return [m for m in leaves if type(m) is not nn.Identity]  # an activation fused into its batch norm left one
 
 
 @dataclass
@@ -115,6 +115,23 @@ def _meta_out(m: nn.Module, probe: torch.Tensor) -> torch.Tensor:
     return m(probe)
 
 
+def _kind(m: nn.Module) -> str:
+    """How a program runs a leaf: on a kernel; as a flatten or a global average pool, whose
+    backward passes it writes as PyTorch's autograd does (a graph of their own cost more than their arithmetic);
+    or as an island, on PyTorch's op with an autograd graph of its own."""
+    if isinstance(m, Conv2d):
+        return "conv"
+    if isinstance(m, BatchNormAct):
+        return "bn"
+    if isinstance(m, MaxPool2x2):
+        return "pool"
+    if type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1:
+        return "flatten"
+    if type(m) is nn.AdaptiveAvgPool2d and m.output_size in (1, (1, 1)):
+        return "gap"
+    return "island"
+
+
 class Program:
     """The training step of one chain of leaves (compile_chain), forward and backward, on the C kernels."""
 
@@ -125,14 +142,40 @@ class Program:
             for p in m.parameters(recurse=False):
                 if all(p is not q for q in self.params):  # a tied weight is one input, its gradients summed
                     self.params.append(p)
+        self.kinds = [_kind(m) for m in leaves]
         self._plans: dict[tuple, _Plan] = {}
         self._free: dict[tuple, list[_Buffers]] = {}
+        # a list to time each leaf into ((leaf index, "forward" or "backward", seconds) per call), else None: what
+        # `tinymnist bench --layers` reads; off, it costs one test per leaf
+        self.clock: Optional[list] = None
 
     def plan(self, shape: torch.Size) -> _Plan:
         key = tuple(shape)
         if key not in self._plans:
             self._plans[key] = _Plan(self.leaves, shape)
         return self._plans[key]
+
+    def describe(self, shape: torch.Size) -> list[dict]:
+        """Each leaf for an input of `shape`: what it is ("conv 8→12 3×3 on 26×26"), and the multiply-adds per image
+        of its forward and backward passes (a convolution's backward pass is its input gradient and its weight
+        gradient, each as many as the forward pass; the first one's input needs none)."""
+        rows = []
+        for i, (m, s) in enumerate(zip(self.leaves, self.plan(shape).shapes)):
+            where = f" on {s[2]}×{s[3]}" if len(s) == 4 else ""
+            fwd = bwd = 0
+            if isinstance(m, Conv2d):
+                co, k = m.weight.shape[0], m.weight.shape[-1]
+                what = f"depthwise {s[1]} {k}×{k}" if m.groups > 1 else f"conv {s[1]}→{co} {k}×{k}"
+                fwd = (s[2] - k + 1) * (s[3] - k + 1) * co * (s[1] // m.groups) * k * k
+                bwd = fwd * (2 if i > 0 else 1)
+            elif isinstance(m, BatchNormAct):
+                what = f"batch norm + {m.act}, {s[1]} channels"
+            elif isinstance(m, MaxPool2x2):
+                what = f"max pool 2×2, {s[1]} channels"
+            else:
+                what = type(m).__name__
+            rows.append({"layer": what + where, "forward_macs": fwd, "backward_macs": bwd})
+        return rows
 
     def _take(self, key: tuple) -> _Buffers:
         free = self._free.setdefault(key, [])
@@ -164,8 +207,11 @@ class Program:
         inputs: list = []  # each leaf's input, as the backward pass needs it
         islands: list = []  # a parameterless leaf's (input that requires grad, output) for its own backward
         cur = x
-        for i, m in enumerate(self.leaves):
-            if isinstance(m, Conv2d):
+        clock = self.clock
+        for i, (m, kind) in enumerate(zip(self.leaves, self.kinds)):
+            if clock is not None:
+                t0 = time.perf_counter()
+            if kind == "conv":
                 cur = _cl(cur)
                 n, ci, h, w = cur.shape
                 weight = m.weight.detach().contiguous()  # as kernels._Conv2d: a channels-last weight is copied
@@ -178,7 +224,7 @@ class Program:
                 inputs.append(cur)
                 islands.append(None)
                 cur = out
-            elif isinstance(m, BatchNormAct):
+            elif kind == "bn":
                 cur = _cl(cur)
                 n, c, h, w = cur.shape
                 weight, bias = (m.weight, m.bias) if m.affine else (m._unit, m._zero)
@@ -191,7 +237,7 @@ class Program:
                 inputs.append(cur)
                 islands.append(None)
                 cur = out
-            elif isinstance(m, MaxPool2x2):
+            elif kind == "pool":
                 cur = _cl(cur)
                 n, c, h, w = cur.shape
                 out, idx = bufs.out[i], bufs.extra[i]
@@ -199,13 +245,19 @@ class Program:
                 inputs.append(None)
                 islands.append(None)
                 cur = out
-            else:
+            elif kind == "island":
                 with torch.enable_grad():
                     src = cur.detach().requires_grad_(True)
                     res = m(src)
                 inputs.append(None)
                 islands.append((src, res))
                 cur = res.detach()
+            else:  # a flatten or a global average pool: PyTorch's op, outside autograd
+                inputs.append(None)
+                islands.append(None)
+                cur = m(cur)
+            if clock is not None:
+                clock.append((i, "forward", time.perf_counter() - t0))
         ctx.program_state = (key, bufs, inputs, islands)
         return cur.clone()  # the caller's own: the next step does not overwrite it
 
@@ -215,10 +267,14 @@ class Program:
         ctx.program_state = None
         grads: dict[int, list[torch.Tensor]] = {}  # id(param) -> its gradients, in the order the pass makes them
         g = grad
+        clock = self.clock
+        shapes = self._plans[key].shapes
         for i in range(len(self.leaves) - 1, -1, -1):
-            m = self.leaves[i]
+            m, kind = self.leaves[i], self.kinds[i]
             want_dx = i > 0 or needs_x
-            if isinstance(m, Conv2d):
+            if clock is not None:
+                t0 = time.perf_counter()
+            if kind == "conv":
                 g = _cl(g)
                 x = inputs[i]
                 n, ci, h, w = x.shape
@@ -232,7 +288,7 @@ class Program:
                        "convolution kernel")
                 grads.setdefault(id(m.weight), []).append(dweight)
                 g = dx
-            elif isinstance(m, BatchNormAct):
+            elif kind == "bn":
                 g = _cl(g)
                 x = inputs[i]
                 n, c, h, w = x.shape
@@ -245,16 +301,22 @@ class Program:
                     grads.setdefault(id(m.weight), []).append(dweight)
                     grads.setdefault(id(m.bias), []).append(dbias)
                 g = dx
-            elif isinstance(m, MaxPool2x2):
+            elif kind == "pool":
                 g = _cl(g)
                 dx = bufs.grad[i]
                 n, c, h, w = dx.shape
                 lib.tm_maxpool2_backward(g.data_ptr(), bufs.extra[i].data_ptr(), n, h, w, c, dx.data_ptr(),
                                          n_threads)
                 g = dx
-            else:
+            elif kind == "island":
                 src, res = islands[i]
                 (g,) = torch.autograd.grad(res, src, g)
+            elif kind == "flatten":
+                g = g.reshape(shapes[i])
+            elif kind == "gap":  # the mean's gradient, as autograd writes it: g spread over the map, over its size
+                g = (g / (shapes[i][2] * shapes[i][3])).expand(shapes[i])
+            if clock is not None:
+                clock.append((i, "backward", time.perf_counter() - t0))
             if g is None:
                 break
         self._give(key, bufs)
@@ -316,4 +378,15 @@ def swap_sequentials(model: nn.Module) -> int:
                 visit(child)
 
     visit(model)
+    return count
+
+
+def layer_by_layer(model: nn.Module) -> int:
+    """Turn `model`'s programs off, in place: each KernelSequential then runs its kernels layer by layer, as every
+    step ran before programs (the same results; for a before/after). Returns how many."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, KernelSequential) and m._program is not None:
+            m._program = None
+            count += 1
     return count
