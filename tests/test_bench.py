@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tinymnist.cli import main
 
 from conftest import synthetic_mnist
@@ -60,8 +62,8 @@ def test_classic_dataset_matches_our_normalisation():
 
 
 def test_small_batch_rows_pair_each_setting_with_its_own_peak_and_state_the_ratios(tmp_path):
-    """bench --small-batches: per recipe and batch, 1 thread, n threads with the kernels on PyTorch's threads
-    (before) and n threads as training runs now (after), each with the peak its own process measured."""
+    """bench --small-batches: per recipe and batch, at 1 and at n threads, the kernels layer by layer (before)
+    and as training runs now, as programs (after), each with the peak its own process measured."""
     from tinymnist.apps.bench import FLOPS_PER_MAC, small_batch_rows
     from tinymnist.core.data import load_mnist
     from tinymnist.lab.series import get_step
@@ -73,12 +75,46 @@ def test_small_batch_rows_pair_each_setting_with_its_own_peak_and_state_the_rati
                               log=None, gemm_seconds=0.05)
     assert [(r["recipe"], r["batch_size"]) for r in result["rows"]] == [("final", 8)]
     for row in result["rows"]:
-        for name in ("one_thread", "before", "after"):
+        for name in ("one_thread_before", "one_thread", "before", "after"):
             cell = row[name]
             assert cell["images_per_s"] > 0 and len(cell["runs"]) == len(cell["gemm_peak_gflops"]) == 1
             expect = cell["runs"][0] * FLOPS_PER_MAC * row["macs_per_image"] / 1e9 / cell["gemm_peak_gflops"][0]
             assert abs(cell["fraction_of_peak"] - expect) < 2e-3 * max(1, expect)
         assert row["after/before"] == round(row["after"]["images_per_s"] / row["before"]["images_per_s"], 3)
+        assert row["one/before"] == round(row["one_thread"]["images_per_s"]
+                                          / row["one_thread_before"]["images_per_s"], 3)
         assert row["threads/one"] == round(row["after"]["images_per_s"] / row["one_thread"]["images_per_s"], 3)
         assert row["threads"] == 2 and row["macs_per_image"] > 0
+    assert result["env"]["hardware"]["cpu_model"] and result["env"]["torch"]
+
+
+def test_layer_rows_split_a_step_into_its_layers_and_the_rest(tmp_path):
+    """bench --layers: each leaf of the answer's program, forward and backward, at each thread count; its
+    multiply-adds are the network's own (summary.py counts the same), and the step is its layers plus the rest."""
+    from tinymnist.apps.bench import layer_rows
+    from tinymnist.core.data import load_mnist
+    from tinymnist.lab.series import get_step
+    from tinymnist.models.model import create_model
+    from tinymnist.models.summary import summarize
+
+    synthetic_mnist(tmp_path / "d", n_train=64, n_test=16)
+    data = load_mnist(str(tmp_path / "d"))
+    step = get_step("dw-gelu-8000")
+    result = layer_rows(data, step.config.model, step.config, step.name, batch_size=8, thread_counts=(1, 2),
+                        steps=2, repeats=1, log=None, gemm_seconds=0.05)
+    assert [r["threads"] for r in result["rows"]] == [1, 2] and result["batch_size"] == 8
+    macs = summarize(create_model(step.config.model)).macs
+    for row in result["rows"]:
+        layers = [leaf["layer"] for leaf in row["leaves"]]
+        assert layers[0] == "conv 1→8 3×3 on 28×28" and "max pool 2×2, 12 channels on 22×22" in layers
+        convs = [leaf for leaf in row["leaves"] if leaf["macs"]]
+        # forward once, backward twice (input and weight gradients) but the first conv's input needs none
+        assert sum(leaf["macs"] for leaf in convs) == 8 * (3 * macs - 26 * 26 * 8 * 9)
+        for leaf in row["leaves"]:
+            assert leaf["forward_ms"] > 0 and leaf["backward_ms"] > 0
+            if leaf["macs"]:
+                t = (leaf["forward_ms"] + leaf["backward_ms"]) / 1e3
+                assert abs(leaf["gflops"] - 2 * leaf["macs"] / t / 1e9) <= 0.01 * leaf["gflops"] + 0.01
+                assert leaf["of_peak"] == pytest.approx(leaf["gflops"] / row["gemm_peak_gflops"], abs=0.002, rel=0.01)
+        assert row["rest_ms"] == pytest.approx(row["step_ms"] - row["leaves_ms"], abs=2e-3)
     assert result["env"]["hardware"]["cpu_model"] and result["env"]["torch"]

@@ -360,8 +360,12 @@ def _add_use_verbs(verb) -> None:
                    help="also time N complete `tinymnist train` runs of the default recipe (minutes each)")
     p.add_argument("--small-batches", action="store_true",
                    help="instead: the model step of final (Model_7) and the answer at batches 32, 64 and 128, at 1 "
-                        "thread and at --threads threads (default: every core) before and after the kernels kept "
-                        "their own threads, each against the matrix-multiply peak")
+                        "thread and at --threads threads (default: every core), its kernels layer by layer (before) "
+                        "and as one program (after), each against the matrix-multiply peak")
+    p.add_argument("--layers", action="store_true",
+                   help="instead: where a step of the answer (or --model) at --batch-size goes, layer by layer, "
+                        "forward and backward, at 1 thread and at --threads threads, against the matrix-multiply "
+                        "peak")
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures and ratios here")
 
 
@@ -635,6 +639,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     threads = configure_threads(args.threads)
     cfg = replace(answer().config, batch_size=args.batch_size, precision=args.precision)
     data = load_mnist(args.data_dir, device=device)
+    if args.layers:
+        from .apps.bench import layer_rows
+
+        result = layer_rows(data, model or cfg.model, cfg, model or answer().name, batch_size=args.batch_size,
+                            thread_counts=tuple(sorted({1, threads})), steps=args.steps, repeats=args.repeats)
+        if args.json:
+            write_json(args.json, result)
+            print(f"results written to {args.json}")
+        return 0
     if args.small_batches:
         from .apps.bench import small_batch_rows
         from .lab.series import get_step

@@ -214,8 +214,8 @@ def training_threads(model: nn.Module):
     before tinymnist keeps OpenMP's default. Measured on a 2-core AMD EPYC (AVX-512), a step of Model_15 at batch
     32 and 2 threads, in one process taking turns (a scratch script): with torch imported first, 15.6-16.2 ms with
     the kernels on PyTorch's threads against 8.3-8.7 ms in this block; with runtime's wait in force, 9.9-10.4
-    against 9.7-10.3 ms, the same within noise (`tinymnist bench --small-batches` measures that pair, with
-    runtime's wait in force, in processes of their own). Neither count changes a result: the kernels are
+    against 9.7-10.3 ms, the same within noise (`tinymnist bench --small-batches` measured that pair, with
+    runtime's wait in force, in processes of their own: results/bench-small-batches.json as of 6397654). Neither count changes a result: the kernels are
     thread-invariant, and PyTorch's ops in such a step are elementwise or reduce fewer elements than its grain.
     Only a model that trains wholly on the kernels (trains_on_kernels) gets this; a network with convolutions on
     PyTorch's ops keeps their threads. Evaluation (large batches, PyTorch's ops) runs outside this block, with

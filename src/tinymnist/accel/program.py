@@ -381,6 +381,11 @@ def swap_sequentials(model: nn.Module) -> int:
     return count
 
 
+def programs(model: nn.Module) -> list[Program]:
+    """The programs `model` trains on, in module order."""
+    return [m._program for m in model.modules() if isinstance(m, KernelSequential) and m._program is not None]
+
+
 def layer_by_layer(model: nn.Module) -> int:
     """Turn `model`'s programs off, in place: each KernelSequential then runs its kernels layer by layer, as every
     step ran before programs (the same results; for a before/after). Returns how many."""

@@ -18,7 +18,9 @@ from PIL import Image
 
 from ..accel import runtime
 from ..accel.kernels import training_threads
+from ..accel.program import layer_by_layer, programs
 from ..core.config import AugConfig, TrainConfig
+from ..errors import TinyMnistError
 from ..core.data import MEAN, MNIST, STD, Loader, load_mnist
 from ..accel.device import (autocast, available_cores, configure_threads, hardware, seed_everything, sync,
                      torch_memory_format)
@@ -90,17 +92,15 @@ def gemm_peak_gflops(device: torch.device, n: int = 1024, seconds: float = 1.5) 
 class _Step:
     """One training step of a fresh model: forward, loss, backward, SGD step; the recipe's format and precision."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, own_threads: bool = True):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
         self.model, self.cfg, self.device = model, cfg, device
         self.fmt = torch_memory_format(cfg.memory_format)
         self.optimizer = make_optimizer(model, cfg)
-        # False: the kernels share PyTorch's threads, as every step ran before training_threads (for a before/after)
-        self.threads = training_threads if own_threads else (lambda _: contextlib.nullcontext())
 
     def __call__(self, x, y):
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
         y = y.to(self.device, non_blocking=True)
-        with self.threads(self.model):  # as train_epoch runs a step
+        with training_threads(self.model):  # as train_epoch runs a step
             with autocast(self.device, self.cfg.precision):
                 loss = F.cross_entropy(self.model(x).float(), y)
             self.optimizer.zero_grad(set_to_none=True)
@@ -108,10 +108,14 @@ class _Step:
             self.optimizer.step()
 
 
-def _train_step(model_name: str, cfg: TrainConfig, device: torch.device, own_threads: bool = True):
+def _train_step(model_name: str, cfg: TrainConfig, device: torch.device, as_programs: bool = True):
+    """A fresh model's training step; as_programs=False: its kernels run layer by layer, as every step did before
+    accel.program (for a before/after)."""
     seed_everything(0)
     model = build_for(replace(cfg, model=model_name), device).train()
-    return model, _Step(model, cfg, device, own_threads)
+    if not as_programs:
+        layer_by_layer(model)
+    return model, _Step(model, cfg, device)
 
 
 @contextlib.contextmanager
@@ -146,19 +150,52 @@ def _faults_per_step(step: Callable, batch, steps: int) -> Optional[float]:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
 
 
-def _step_server(model_name: str, config: dict, device: str, threads: int, batch, conn, own_threads: bool = True,
+def _layer_times(model: torch.nn.Module, step: Callable, batch, steps: int) -> dict:
+    """Seconds per step of each leaf of the model's programs (accel.program), forward and backward, and of the
+    whole step, over `steps` steps on one fixed batch."""
+    progs = programs(model)
+    if not progs:
+        raise TinyMnistError("bench --layers times a network whose layers train as a program on the C kernels; "
+                             "this one has none (kernels native, or layers the kernels do not take)")
+    for p in progs:
+        p.clock = []
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(*batch)
+        total = time.perf_counter() - t0
+        rows = []
+        for p in progs:
+            times = {}
+            for i, direction, seconds in p.clock:
+                times[(i, direction)] = times.get((i, direction), 0.0) + seconds
+            for i, row in enumerate(p.describe(batch[0].shape)):
+                rows.append({**row, "forward_s": times.get((i, "forward"), 0.0) / steps,
+                             "backward_s": times.get((i, "backward"), 0.0) / steps})
+    finally:
+        for p in progs:
+            p.clock = None
+    return {"step_s": total / steps, "leaves": rows}
+
+
+def _step_server(model_name: str, config: dict, device: str, threads: int, batch, conn, as_programs: bool = True,
                  ) -> None:
     """In a fresh process (with its own heap and thread settings): build a training step, then answer each request
     of `steps` (an int) with the images/s of that many steps on one fixed batch, each ("gemm", seconds) with
-    the fp32 matrix-multiply GFLOP/s at the same thread count, and each ("faults", steps) with the minor page faults
-    per step; None ends it."""
+    the fp32 matrix-multiply GFLOP/s at the same thread count, each ("faults", steps) with the minor page faults
+    per step, and each ("layers", steps) with _layer_times; None ends it."""
     configure_threads(threads)
     dev = torch.device(device)
-    _, step = _train_step(model_name, TrainConfig.from_dict(config), dev, own_threads)
+    model, step = _train_step(model_name, TrainConfig.from_dict(config), dev, as_programs)
     batches = iter(lambda: batch, None)  # the same batch forever
     while (request := conn.recv()) is not None:
         if isinstance(request, tuple) and request[0] == "faults":
             conn.send(_faults_per_step(step, batch, request[1]))
+        elif isinstance(request, tuple) and request[0] == "layers":
+            try:
+                conn.send(_layer_times(model, step, batch, request[1]))
+            except TinyMnistError as e:
+                conn.send(e)
         elif isinstance(request, tuple):
             conn.send(gemm_peak_gflops(dev, seconds=request[1]))
         else:
@@ -167,7 +204,7 @@ def _step_server(model_name: str, config: dict, device: str, threads: int, batch
 
 def steps_interleaved(configs: dict, model_name: str, device: torch.device, batch, steps: int, repeats: int,
                       heaps: Optional[dict] = None, gemm_in: Optional[str | tuple] = None,
-                      threads: Optional[dict] = None, shared: frozenset = frozenset(), gemm_seconds: float = 1.0,
+                      threads: Optional[dict] = None, layered: frozenset = frozenset(), gemm_seconds: float = 1.0,
                       ) -> dict:
     """Images/s of each named recipe's step, each in its own process, taking turns repeat by repeat so that a host
     whose speed drifts biases none. `heaps` names the heap policy (runtime.HEAP_ENV) a process starts with. With
@@ -176,7 +213,7 @@ def steps_interleaved(configs: dict, model_name: str, device: torch.device, batc
     With a tuple of names, each of those processes does, returned under "gemm:<name>".
     After the timings, each process counts its minor page faults per step over `steps` more steps, returned under
     "faults" by name. `threads` gives a process its thread count (default: this process's); a process named in
-    `shared` runs its kernels on PyTorch's threads, as every step did before training_threads."""
+    `layered` runs its kernels layer by layer, as every step did before accel.program."""
     import multiprocessing as mp
 
     from ..accel.runtime import HEAP_ENV
@@ -187,7 +224,7 @@ def steps_interleaved(configs: dict, model_name: str, device: torch.device, batc
         here, there = ctx.Pipe()
         count = (threads or {}).get(name, torch.get_num_threads())
         proc = ctx.Process(target=_step_server, args=(model_name, cfg.to_dict(), str(device), count, batch, there,
-                                                      name not in shared), daemon=True)
+                                                      name not in layered), daemon=True)
         with _child_env({HEAP_ENV: (heaps or {}).get(name, "retain")}):
             proc.start()
         servers[name] = (proc, here)
@@ -439,23 +476,25 @@ def small_batch_rows(data: MNIST, recipes: dict, batches=SMALL_BATCHES, threads:
                      repeats: int = 3, log: Optional[Callable[[str], None]] = print, gemm_seconds: float = 1.0,
                      ) -> dict:
     """The model step of each named recipe (name -> (model name, TrainConfig)) at each batch size, in images/s,
-    each setting in its own process, taking turns repeat by repeat: at 1 thread; at `threads` threads with the
-    kernels on PyTorch's threads ("before": how every step ran until training_threads); and at `threads` threads
-    as train_epoch runs it now ("after"). Each against the fp32 matrix-multiply peak that its own process measured
-    at its own thread count right after each timing. Ratios are within one run on one host: after/before, and
-    after (n threads) against 1 thread, the second core's worth to one run."""
+    each setting in its own process, taking turns repeat by repeat: at 1 thread and at `threads` threads, each
+    with its kernels layer by layer ("before": how every step ran until accel.program) and as train_epoch runs it
+    now ("after": each chain of kernel layers as one program). Each against the fp32 matrix-multiply peak that its
+    own process measured at its own thread count right after each timing. Ratios are within one run on one host:
+    after/before at each thread count, and after at `threads` threads against 1, the second core's worth to one
+    run."""
     device = data.train_images.device
     facts = hardware(device)
     rows = []
+    names = ("one_thread_before", "one_thread", "before", "after")
+    counts = {"one_thread_before": 1, "one_thread": 1, "before": threads, "after": threads}
     for label, (model_name, recipe) in recipes.items():
         for batch_size in batches:
             cfg = resolve_for(replace(recipe, batch_size=batch_size), device, facts, warn=False)
             loader = Loader(data.train_images, data.train_labels, batch_size, shuffle=True, seed=0, aug=cfg.aug)
             fixed = tuple(t.cpu() for t in next(iter(loader)))
-            names = ("one_thread", "before", "after")
             rates = steps_interleaved(dict.fromkeys(names, cfg), model_name, device, fixed, steps, repeats,
-                                      gemm_in=names, threads={"one_thread": 1, "before": threads, "after": threads},
-                                      shared=frozenset({"before"}), gemm_seconds=gemm_seconds)
+                                      gemm_in=names, threads=counts, layered=frozenset({"one_thread_before", "before"}),
+                                      gemm_seconds=gemm_seconds)
             macs = summarize(build_for(replace(cfg, model=model_name), device)).macs
             row = {"recipe": label, "model": model_name, "batch_size": batch_size, "kernels": cfg.kernels,
                    "threads": threads, "macs_per_image": macs}
@@ -465,19 +504,102 @@ def small_batch_rows(data: MNIST, recipes: dict, batches=SMALL_BATCHES, threads:
                              "runs": [round(r, 1) for r in rates[name]],
                              "gemm_peak_gflops": [round(p, 1) for p in rates[f"gemm:{name}"]],
                              "fraction_of_peak": round(statistics.median(fractions), 3)}
+            row["one/before"] = round(row["one_thread"]["images_per_s"] / row["one_thread_before"]["images_per_s"], 3)
             row["after/before"] = round(row["after"]["images_per_s"] / row["before"]["images_per_s"], 3)
             row["threads/one"] = round(row["after"]["images_per_s"] / row["one_thread"]["images_per_s"], 3)
             rows.append(row)
             if log:
-                log(f"{label} ({model_name}) batch {batch_size}: 1 thread {row['one_thread']['images_per_s']:,.0f} "
-                    f"images/s ({row['one_thread']['fraction_of_peak']:.2f} of peak); {threads} threads before "
-                    f"{row['before']['images_per_s']:,.0f}, after {row['after']['images_per_s']:,.0f} "
-                    f"({row['after']['fraction_of_peak']:.2f} of peak); after/before {row['after/before']:.2f}, "
+                log(f"{label} ({model_name}) batch {batch_size}: 1 thread before "
+                    f"{row['one_thread_before']['images_per_s']:,.0f} images/s, after "
+                    f"{row['one_thread']['images_per_s']:,.0f} ({row['one_thread']['fraction_of_peak']:.2f} of peak); "
+                    f"{threads} threads before {row['before']['images_per_s']:,.0f}, after "
+                    f"{row['after']['images_per_s']:,.0f} ({row['after']['fraction_of_peak']:.2f} of peak); "
+                    f"after/before {row['one/before']:.2f} at 1 thread, {row['after/before']:.2f} at {threads}; "
                     f"{threads} threads/1 {row['threads/one']:.2f}")
     from ..core.runs import environment
 
     return {"rows": rows, "steps": steps, "repeats": repeats,
             "env": {**environment(device), "hardware": facts, "cpu_count": available_cores()}}
+
+
+def layer_rows(data: MNIST, model_name: str, recipe: TrainConfig, label: str, batch_size: int = 32,
+               thread_counts=(1, 2), steps: int = 60, repeats: int = 3,
+               log: Optional[Callable[[str], None]] = print, gemm_seconds: float = 1.0) -> dict:
+    """Where a training step's time goes: each leaf of the network's program (accel.program), forward and backward,
+    at each thread count, each count in a process of its own, taking turns repeat by repeat (the median over the
+    repeats). Each convolution's multiply-adds per second against the fp32 matrix-multiply peak its own process
+    measured right after each timing. What is not a leaf (the loss, the SGD step, Python between the calls) is the
+    step's time less the leaves'."""
+    import multiprocessing as mp
+
+    from ..accel.runtime import HEAP_ENV
+    from ..core.runs import environment
+
+    device = data.train_images.device
+    facts = hardware(device)
+    cfg = resolve_for(replace(recipe, batch_size=batch_size), device, facts, warn=False)
+    loader = Loader(data.train_images, data.train_labels, batch_size, shuffle=True, seed=0, aug=cfg.aug)
+    batch = tuple(t.cpu() for t in next(iter(loader)))
+    ctx = mp.get_context("spawn")
+    servers = {}
+    for count in thread_counts:
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=_step_server, args=(model_name, cfg.to_dict(), str(device), count, batch, there),
+                           daemon=True)
+        with _child_env({HEAP_ENV: "retain"}):
+            proc.start()
+        servers[count] = (proc, here)
+    seen: dict = {count: [] for count in thread_counts}
+    peaks: dict = {count: [] for count in thread_counts}
+    try:
+        for _, conn in servers.values():  # warm-up: the kernels built and loaded, the buffers allocated
+            conn.send(10)
+            conn.recv()
+        for _ in range(repeats):
+            for count, (_, conn) in servers.items():
+                conn.send(("layers", steps))
+                got = conn.recv()
+                if isinstance(got, Exception):
+                    raise got
+                seen[count].append(got)
+                conn.send(("gemm", gemm_seconds))
+                peaks[count].append(conn.recv())
+    except EOFError:
+        raise RuntimeError("a bench process died (see its output above)") from None
+    finally:
+        for proc, conn in servers.values():
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+    rows = []
+    for count in thread_counts:
+        peak = statistics.median(peaks[count])
+        step_s = statistics.median(r["step_s"] for r in seen[count])
+        leaves = []
+        for i, leaf in enumerate(seen[count][0]["leaves"]):
+            fwd = statistics.median(r["leaves"][i]["forward_s"] for r in seen[count])
+            bwd = statistics.median(r["leaves"][i]["backward_s"] for r in seen[count])
+            macs = (leaf["forward_macs"] + leaf["backward_macs"]) * batch_size
+            gflops = 2 * macs / (fwd + bwd) / 1e9 if macs and fwd + bwd > 0 else None
+            leaves.append({"layer": leaf["layer"], "forward_ms": round(fwd * 1e3, 4), "backward_ms": round(bwd * 1e3, 4),
+                           "macs": macs, "gflops": None if gflops is None else round(gflops, 2),
+                           "of_peak": None if gflops is None else round(gflops / peak, 3)})
+        in_leaves = sum(l["forward_ms"] + l["backward_ms"] for l in leaves)
+        row = {"threads": count, "step_ms": round(step_s * 1e3, 3), "leaves_ms": round(in_leaves, 3),
+               "rest_ms": round(step_s * 1e3 - in_leaves, 3), "gemm_peak_gflops": round(peak, 1),
+               "gemm_runs": [round(p, 1) for p in peaks[count]], "leaves": leaves}
+        rows.append(row)
+        if log:
+            top = sorted(leaves, key=lambda l: -(l["forward_ms"] + l["backward_ms"]))[:3]
+            log(f"{label} ({model_name}) batch {batch_size}, {count} thread(s): step {row['step_ms']:.2f} ms, its "
+                f"layers {in_leaves:.2f} ms, the rest {row['rest_ms']:.2f} ms; the largest: "
+                + "; ".join(f"{l['layer']} {l['forward_ms'] + l['backward_ms']:.2f} ms" for l in top))
+    return {"recipe": label, "model": model_name, "batch_size": batch_size, "steps": steps, "repeats": repeats,
+            "rows": rows, "env": {**environment(device), "hardware": facts, "cpu_count": available_cores()}}
 
 
 def time_training(runs: int, data_dir: Optional[str], device: str, precision: str = "fp32",

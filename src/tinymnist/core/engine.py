@@ -64,8 +64,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum, optional Nesterov), Adam or AdamW, as the config says."""
     params = model.parameters()
     if cfg.optimizer == "sgd":
+        # foreach: one call per update for all the tensors, not one per tensor. On a CPU those calls run the same
+        # per-tensor kernels (bit for bit the same weights), and a step of the answer's 28 tensors at batch 32 took
+        # 0.22 ms instead of 0.36 (a scratch timing, AMD EPYC AVX-512); on a GPU it is PyTorch's default already
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, foreach=True)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

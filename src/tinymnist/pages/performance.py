@@ -22,7 +22,7 @@ def render_performance(results: Path = RESULTS) -> str:
                            g=lambda v: f"{v:g}", kernels_text=_kernels_text, wait=_wait)
     lines = text.rstrip("\n").split("\n")
     if b is not None:
-        lines += _small_batch_lines(results) + _timed_checks(results)
+        lines += _small_batch_lines(results) + _layer_lines(results) + _timed_checks(results)
     return "\n".join([start, NOTE, "", *lines, "", end])
 
 
@@ -74,6 +74,12 @@ def _small_batch_lines(results: Path) -> list[str]:
     """The model step at small batches, before and after the kernels kept their own threads, from one bench run."""
     sb = Records(results).small_batches()
     return [] if sb is None else render_template("small_batches.md.j2", sb=sb).split("\n")
+
+
+def _layer_lines(results: Path) -> list[str]:
+    """Where a step of the answer goes, layer by layer, from one bench --layers run."""
+    lt = Records(results).layer_times()
+    return [] if lt is None else render_template("layers.md.j2", lt=lt).split("\n")
 
 
 def _timed_checks(results: Path) -> list[str]:

@@ -18,6 +18,7 @@ from .common import RESULTS, _anchor, _kernels_text, hardware_text, seconds_per_
 
 FIRST_COMMAND = "first-command-time.json"  # scripts/time_first_command.py
 SMALL_BATCHES_FILE = "bench-small-batches.json"  # tinymnist bench --small-batches
+LAYERS_FILE = "bench-layers.json"  # tinymnist bench --layers
 WRITEUPS_FILE = "writeups.json"  # published networks of this assignment, rebuilt and checked: the claim beside ours
 
 
@@ -46,16 +47,19 @@ class SmallBatchRow:
     recipe: str
     model: str
     batch_size: int
+    one_thread_before: Speed
     one_thread: Speed
     before: Speed
     after: Speed
-    after_before: float
+    one_before: float  # after / before at 1 thread
+    after_before: float  # at the row's thread count
     threads_one: float
 
 
 @dataclass(frozen=True)
 class SmallBatches:
-    """tinymnist bench --small-batches: each recipe's model step at each batch size, before and after."""
+    """tinymnist bench --small-batches: each recipe's model step at each batch size, at 1 and n threads, its kernels
+    layer by layer (before) and as one program (after)."""
 
     file: str
     host: str
@@ -63,6 +67,44 @@ class SmallBatches:
     steps: int
     repeats: int
     rows: tuple[SmallBatchRow, ...]
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    layer: str
+    forward_ms: float
+    backward_ms: float
+    gflops: Optional[float]  # a convolution's; None for a layer without multiply-adds
+    of_peak: Optional[float]
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One thread count of tinymnist bench --layers: the step, its layers, the rest, and the measured peak."""
+
+    threads: int
+    step_ms: float
+    leaves_ms: float
+    rest_ms: float
+    gemm_peak_gflops: float
+    leaves: tuple[LayerTime, ...]
+
+    def heaviest(self, n: int) -> tuple[LayerTime, ...]:
+        return tuple(sorted(self.leaves, key=lambda l: -(l.forward_ms + l.backward_ms))[:n])
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """tinymnist bench --layers: where a step of one recipe at one batch size goes, at each thread count."""
+
+    file: str
+    host: str
+    recipe: str
+    model: str
+    batch_size: int
+    steps: int
+    repeats: int
+    rows: tuple[LayerRow, ...]
 
 
 def rate_cell(pr: Proof, wide: Optional[Proof] = None) -> str:
@@ -196,10 +238,21 @@ class Records:
         def speed(cell: dict) -> Speed:
             return Speed(cell["images_per_s"], cell["fraction_of_peak"])
 
-        rows = tuple(SmallBatchRow(r["recipe"], r["model"], r["batch_size"], speed(r["one_thread"]), speed(r["before"]),
-                                   speed(r["after"]), r["after/before"], r["threads/one"]) for r in b["rows"])
+        rows = tuple(SmallBatchRow(r["recipe"], r["model"], r["batch_size"], speed(r["one_thread_before"]),
+                                   speed(r["one_thread"]), speed(r["before"]), speed(r["after"]), r["one/before"],
+                                   r["after/before"], r["threads/one"]) for r in b["rows"])
         return SmallBatches(SMALL_BATCHES_FILE, hardware_text(b["env"]), b["rows"][0]["threads"], b["steps"],
                             b["repeats"], rows)
+
+    def layer_times(self) -> Optional[LayerTimes]:
+        b = self.json(LAYERS_FILE)
+        if b is None:
+            return None
+        rows = tuple(LayerRow(r["threads"], r["step_ms"], r["leaves_ms"], r["rest_ms"], r["gemm_peak_gflops"],
+                              tuple(LayerTime(l["layer"], l["forward_ms"], l["backward_ms"], l["gflops"], l["of_peak"])
+                                    for l in r["leaves"])) for r in b["rows"])
+        return LayerTimes(LAYERS_FILE, hardware_text(b["env"]), b["recipe"], b["model"], b["batch_size"], b["steps"],
+                          b["repeats"], rows)
 
     def check(self, step: Step) -> Optional[StepCheck]:
         name = CHECK_FILE.format(step=step.name)
