@@ -9,7 +9,8 @@ from typing import Optional
 
 from ..lab.check import proof
 from ..target import MAX_EPOCHS, budget_phrase
-from ..pages.common import proof_lines, recipe_words
+from ..pages.common import recipe_words
+from ..pages.render import proof_lines
 
 
 def render_card(ev: dict, card: Path, plot: Optional[Path], summary) -> str:

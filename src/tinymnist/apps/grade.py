@@ -627,7 +627,7 @@ def card(row: Row, evidence: Optional[dict] = None, plot: Optional[str] = None) 
         out += ["", f"Loaded and built in a child process with {', '.join(row.isolation)}; imports allowed: "
                     f"{', '.join(ALLOWED_IMPORTS[:-1])} and the submission's own files."]
     if evidence is not None:
-        from ..pages.common import proof_lines
+        from ..pages.render import proof_lines
 
         out += ["", "#### Retrained with tinymnist's check", ""]
         out += proof_lines(evidence, plot, f"{row.model}: test accuracy per epoch, every seed")

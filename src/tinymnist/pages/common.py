@@ -6,12 +6,12 @@ from __future__ import annotations
 import re
 import statistics
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-from ..lab.check import proof, worst_of_last
+from ..lab.check import worst_of_last
 from ..lab.series import Step
 from ..fileio import read_json
-from ..target import LAST, RELIABLE_PASSES, RELIABLE_SEEDS
+from ..target import LAST
 
 
 RESULTS = Path("results")
@@ -69,20 +69,6 @@ def recipe_words(cfg, dropout: Optional[float] = None, activation: str = "") -> 
             + (f", weight EMA {cfg.ema:g} (evaluated and saved)" if cfg.ema else "")
             + (f", distilled from {cfg.teacher} (weight {cfg.distill:g}, temperature {cfg.distill_temp:g}; the "
                f"teacher's own epochs train first and count beside these)" if cfg.teacher else ""))
-
-
-def proof_lines(ev: dict, plot: Optional[str], alt: str, extra: Sequence[str] = ()) -> list[str]:
-    """The body of a proof over seeds, as the series' pages and a student's report card both show it: each seed's
-    last accuracies, the final mean ± std, each rule with its verdict, `extra` lines, the hardware, the plot
-    (pages/templates/proof.md.j2)."""
-    from .render import render_template  # render builds on this module
-
-    pr, env = proof(ev), ev.get("env", {})
-    text = render_template("proof.md.j2", ev=ev, pr=pr, k=pr.last, extra=list(extra), plot=plot, alt=alt, env=env,
-                           what="test" if pr.metric == "test_acc" else "validation",
-                           host=hardware_text(env) if env else None, reliable_passes=RELIABLE_PASSES,
-                           reliable_seeds=RELIABLE_SEEDS)
-    return text.rstrip("\n").split("\n")
 
 
 def _short(v) -> str:

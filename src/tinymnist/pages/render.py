@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import jinja2
 
-from .common import NOTE, markers
+from ..lab.check import proof
+from ..target import RELIABLE_PASSES, RELIABLE_SEEDS
+from .common import NOTE, hardware_text, markers
 
 TEMPLATES = Path(__file__).with_name("templates")
 
@@ -56,3 +58,15 @@ def section(name: str, template: str, **records) -> str:
     """A generated section: its markers, the note that it is generated, and the template's text."""
     start, end = markers(name)
     return "\n".join([start, NOTE, "", render_template(template, **records).strip("\n"), "", end])
+
+
+def proof_lines(ev: dict, plot: Optional[str], alt: str, extra: Sequence[str] = ()) -> list[str]:
+    """The body of a proof over seeds, as the series' pages and a student's report card both show it: each seed's
+    last accuracies, the final mean ± std, each rule with its verdict, `extra` lines, the hardware, the plot
+    (pages/templates/proof.md.j2)."""
+    pr, env = proof(ev), ev.get("env", {})
+    text = render_template("proof.md.j2", ev=ev, pr=pr, k=pr.last, extra=list(extra), plot=plot, alt=alt, env=env,
+                           what="test" if pr.metric == "test_acc" else "validation",
+                           host=hardware_text(env) if env else None, reliable_passes=RELIABLE_PASSES,
+                           reliable_seeds=RELIABLE_SEEDS)
+    return text.rstrip("\n").split("\n")

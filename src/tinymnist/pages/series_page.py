@@ -14,9 +14,9 @@ from ..lab.series import STEPS, Step, answer
 from ..fileio import read_json
 from ..models.summary import format_summary, summarize
 from ..target import LAST, RELIABLE_PASSES, RELIABLE_SEEDS
-from .common import FIRST_CHECK, NOTE, NOT_CONFIRMED, RESULTS, _anchor, hardware_text, markers, proof_lines, recipe_words, seconds_per_epoch, step_result
+from .common import FIRST_CHECK, NOTE, NOT_CONFIRMED, RESULTS, _anchor, hardware_text, markers, recipe_words, seconds_per_epoch, step_result
 from .records import Records
-from .render import render_template
+from .render import proof_lines, render_template
 from .searches import YARDSTICK, _space_fixed
 
 
