@@ -110,3 +110,16 @@ def learnable_dir(tmp_path_factory):
 def no_verify(monkeypatch):
     """Made-up data has no known MD5: skip the check for this test."""
     monkeypatch.setenv("TINYMNIST_VERIFY", "0")
+
+
+@pytest.fixture(scope="session")
+def built():
+    """The C kernels, built for this machine: a test of them is skipped where they cannot build, but not in CI."""
+    from tinymnist.accel import kernels
+
+    lib, why = kernels.library()
+    if lib is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the C kernels must build in CI: {why}")
+        pytest.skip(why)
+    return lib

@@ -19,16 +19,6 @@ CPU = torch.device("cpu")
 CL = torch.channels_last
 
 
-@pytest.fixture(scope="module")
-def built():
-    lib, why = kernels.library()
-    if lib is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"the C kernels must build in CI: {why}")
-        pytest.skip(why)
-    return lib
-
-
 def _pair(channels: int, momentum=0.1):
     torch.manual_seed(channels)
     ref = nn.BatchNorm2d(channels, momentum=momentum)

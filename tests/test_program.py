@@ -2,29 +2,17 @@
 kernels, for every kind of chain the series builds, and layer by layer wherever a program cannot run."""
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinymnist.accel import kernels
 from tinymnist.accel.kernels import BatchNormAct, Conv2d, use_kernels
 from tinymnist.accel.program import KernelSequential, compile_chain, swap_sequentials
 from tinymnist.models.model import create_model
 
 CL = torch.channels_last
-
-
-@pytest.fixture(scope="module")
-def built():
-    lib, why = kernels.library()
-    if lib is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"the C kernels must build in CI: {why}")
-        pytest.skip(why)
-    return lib
 
 
 def _pair(model: nn.Module):

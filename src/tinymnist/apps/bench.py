@@ -214,37 +214,47 @@ def steps_interleaved(configs: dict, model_name: str, device: torch.device, batc
     After the timings, each process counts its minor page faults per step over `steps` more steps, returned under
     "faults" by name. `threads` gives a process its thread count (default: this process's); a process named in
     `layered` runs its kernels layer by layer, as every step did before accel.program."""
-    import multiprocessing as mp
-
-    from ..accel.runtime import HEAP_ENV
-
-    ctx = mp.get_context("spawn")
-    servers = {}
-    for name, cfg in configs.items():
-        here, there = ctx.Pipe()
-        count = (threads or {}).get(name, torch.get_num_threads())
-        proc = ctx.Process(target=_step_server, args=(model_name, cfg.to_dict(), str(device), count, batch, there,
-                                                      name not in layered), daemon=True)
-        with _child_env({HEAP_ENV: (heaps or {}).get(name, "retain")}):
-            proc.start()
-        servers[name] = (proc, here)
+    specs = {name: ((model_name, cfg.to_dict(), str(device), (threads or {}).get(name, torch.get_num_threads()),
+                     batch), name not in layered, (heaps or {}).get(name, "retain")) for name, cfg in configs.items()}
     rates: dict = {name: [] for name in configs} | ({"gemm": []} if isinstance(gemm_in, str) else
                                                     {f"gemm:{n}": [] for n in gemm_in or ()})
-    try:
-        for name, (_, conn) in servers.items():  # warm-up: kernels, and the heap grown to its working size
-            conn.send(10)
-            conn.recv()
+    with _step_servers(specs) as servers:
         for _ in range(repeats):
-            for name, (_, conn) in servers.items():
+            for name, conn in servers.items():
                 conn.send(steps)
                 rates[name].append(conn.recv())
                 if name == gemm_in or (isinstance(gemm_in, tuple) and name in gemm_in):
                     conn.send(("gemm", gemm_seconds))
                     rates["gemm" if name == gemm_in else f"gemm:{name}"].append(conn.recv())
         rates["faults"] = {}
-        for name, (_, conn) in servers.items():
+        for name, conn in servers.items():
             conn.send(("faults", steps))
             rates["faults"][name] = conn.recv()
+    return rates
+
+
+@contextlib.contextmanager
+def _step_servers(specs: dict):
+    """Start one _step_server process per name (specs: name -> ((model name, config dict, device, threads, batch),
+    as_programs, heap policy)), warm each up (the kernels loaded, the heap grown to its working size), and yield
+    name -> its connection; a process that dies is one RuntimeError, and every process is stopped at the end."""
+    import multiprocessing as mp
+
+    from ..accel.runtime import HEAP_ENV
+
+    ctx = mp.get_context("spawn")
+    servers = {}
+    try:
+        for name, (args, as_programs, heap) in specs.items():
+            here, there = ctx.Pipe()
+            proc = ctx.Process(target=_step_server, args=(*args, there, as_programs), daemon=True)
+            with _child_env({HEAP_ENV: heap}):
+                proc.start()
+            servers[name] = (proc, here)
+        for _, conn in servers.values():
+            conn.send(10)
+            conn.recv()
+        yield {name: conn for name, (_, conn) in servers.items()}
     except EOFError:
         raise RuntimeError("a bench process died (see its output above)") from None
     finally:
@@ -256,7 +266,6 @@ def steps_interleaved(configs: dict, model_name: str, device: torch.device, batc
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.terminate()
-    return rates
 
 
 def _pipeline_rate(data_dir: Optional[str], model_name: str, config: dict, threads: int, seconds: float,
@@ -530,9 +539,6 @@ def layer_rows(data: MNIST, model_name: str, recipe: TrainConfig, label: str, ba
     repeats). Each convolution's multiply-adds per second against the fp32 matrix-multiply peak its own process
     measured right after each timing. What is not a leaf (the loss, the SGD step, Python between the calls) is the
     step's time less the leaves'."""
-    import multiprocessing as mp
-
-    from ..accel.runtime import HEAP_ENV
     from ..core.runs import environment
 
     device = data.train_images.device
@@ -540,23 +546,13 @@ def layer_rows(data: MNIST, model_name: str, recipe: TrainConfig, label: str, ba
     cfg = resolve_for(replace(recipe, batch_size=batch_size), device, facts, warn=False)
     loader = Loader(data.train_images, data.train_labels, batch_size, shuffle=True, seed=0, aug=cfg.aug)
     batch = tuple(t.cpu() for t in next(iter(loader)))
-    ctx = mp.get_context("spawn")
-    servers = {}
-    for count in thread_counts:
-        here, there = ctx.Pipe()
-        proc = ctx.Process(target=_step_server, args=(model_name, cfg.to_dict(), str(device), count, batch, there),
-                           daemon=True)
-        with _child_env({HEAP_ENV: "retain"}):
-            proc.start()
-        servers[count] = (proc, here)
     seen: dict = {count: [] for count in thread_counts}
     peaks: dict = {count: [] for count in thread_counts}
-    try:
-        for _, conn in servers.values():  # warm-up: the kernels built and loaded, the buffers allocated
-            conn.send(10)
-            conn.recv()
+    specs = {count: ((model_name, cfg.to_dict(), str(device), count, batch), True, "retain")
+             for count in thread_counts}
+    with _step_servers(specs) as servers:
         for _ in range(repeats):
-            for count, (_, conn) in servers.items():
+            for count, conn in servers.items():
                 conn.send(("layers", steps))
                 got = conn.recv()
                 if isinstance(got, Exception):
@@ -564,17 +560,6 @@ def layer_rows(data: MNIST, model_name: str, recipe: TrainConfig, label: str, ba
                 seen[count].append(got)
                 conn.send(("gemm", gemm_seconds))
                 peaks[count].append(conn.recv())
-    except EOFError:
-        raise RuntimeError("a bench process died (see its output above)") from None
-    finally:
-        for proc, conn in servers.values():
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.terminate()
     rows = []
     for count in thread_counts:
         peak = statistics.median(peaks[count])
