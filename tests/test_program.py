@@ -141,3 +141,20 @@ def test_a_map_smaller_than_a_kernel_runs_layer_by_layer(built):
     for model in (chain, prog):
         with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
             model(small)
+
+
+def test_a_leaf_that_cannot_run_without_data_sends_the_chain_layer_by_layer(built):
+    """The program works out each leaf's output shape on a meta tensor; a parameterless leaf of a user's that reads
+    its input's values cannot run there, and the chain then runs layer by layer, as it would without a program."""
+
+    class Clip(nn.Module):
+        def forward(self, x):
+            return x.clamp(max=float(x.detach().max()))  # reads a value
+
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), Clip(), nn.Flatten())
+    use_kernels(chain)
+    prog = KernelSequential(*copy.deepcopy(chain))
+    x = torch.randn(2, 1, 6, 6).contiguous(memory_format=CL)
+    assert not prog._program.plan(x.shape).ok
+    assert torch.equal(chain(x), prog(x))

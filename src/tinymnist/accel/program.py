@@ -104,7 +104,11 @@ class _Plan:
                     self.ok = False
                     return
             else:
-                probe = _meta_out(m, probe)
+                try:
+                    probe = _meta_out(m, probe)
+                except Exception:  # a leaf that needs real data to run (a user's): the layers take this shape
+                    self.ok = False
+                    return
         self.out_shape = tuple(probe.shape)
 
 
