@@ -309,3 +309,25 @@ def test_a_sam_recipe_trains_and_its_history_differs_from_plain_sgd(tmp_path):
     assert len(sam) == 1 and sam[0]["train_loss"] > 0 and sam[0]["train_loss"] != plain[0]["train_loss"]
     with pytest.raises(Exception, match="sam_rho"):
         replace(cfg, sam_rho=-1.0).validate()
+
+
+def test_a_recipe_is_resolved_once_and_builds_its_network_once(tmp_path, monkeypatch):
+    """Validating a recipe builds nothing; make_plan builds the network exactly once (the check of its shapes and
+    the channels-last probe of a user's network work on that one, or on a copy of it), and records what it
+    resolved: the dropout used, and no "auto" left."""
+    import tinymnist.models.build as build
+    from tinymnist.core.plan import make_plan
+
+    built = []
+    real = build.create_network
+    monkeypatch.setattr(build, "create_network", lambda *a, **k: built.append(a) or real(*a, **k))
+    synthetic_mnist(tmp_path, n_train=64, n_test=16)
+    data = load_mnist(tmp_path, download=False)
+    cfg = TrainConfig(model="Model_14", layout="c8 c8 P dw c16/1 G o", epochs=1, val=16)
+    cfg.validate()
+    assert built == []
+    plan = make_plan(cfg, data)
+    assert len(built) == 1
+    assert plan.cfg.dropout == 0.0 and "auto" not in (plan.cfg.precision, plan.cfg.memory_format, plan.cfg.kernels)
+    assert plan.params == sum(p.numel() for p in plan.model.parameters())
+    assert plan.split is not None and plan.split.record["images"] == 16

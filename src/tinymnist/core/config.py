@@ -135,19 +135,17 @@ class TrainConfig:
                               "it")
 
     def validate(self) -> "TrainConfig":
-        """Raise TinyMnistError on a value that cannot train; return self. A recipe is plain data: this checks its
-        values and builds no network (plan.checked_model builds and checks that)."""
-        from ..models.model import OURS_ONLY, check_activation, list_models, parse_layout
+        """Raise TinyMnistError on a value that cannot train; return self. The network's fields first (a model that
+        exists, an activation and a layout that parse: models.check_network), then every value. A recipe is plain
+        data: this builds no network (models.build_network builds and checks that)."""
+        from ..models.build import check_network
 
-        if self.user_model:
-            if self.dropout is not None or self.layout or self.activation or not self.bn_affine:
-                raise TinyMnistError(f"{self.model} is your own model: {OURS_ONLY} apply to tinymnist's models only")
-        elif self.model not in list_models():
-            raise TinyMnistError(f"unknown model {self.model!r} (choose from {', '.join(list_models())})")
-        if self.activation:
-            check_activation(self.activation)
-        if self.layout:
-            parse_layout(self.layout)  # the grammar only: the plan builds the network and checks its shapes
+        check_network(**self.network())
+        return self.check_values()
+
+    def check_values(self) -> "TrainConfig":
+        """The values alone, against their choices and ranges (each field's metadata) and the augmentation's; return
+        self. The network's fields are checked where it is built."""
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
             if meta.get("choices") and value not in meta["choices"]:
@@ -157,6 +155,11 @@ class TrainConfig:
         self.aug.validate()
         return self
 
+    def network(self) -> dict[str, Any]:
+        """The fields that say which network trains, as models.build_network takes them."""
+        return {"model": self.model, "dropout": self.dropout, "layout": self.layout, "activation": self.activation,
+                "bn_affine": self.bn_affine, "models_file": self.models_file}
+
     @property
     def user_model(self) -> bool:
         """The model is the user's own: a class of a models file, or one registered with register_model."""
@@ -165,16 +168,11 @@ class TrainConfig:
         return is_user_model(self.model, self.models_file)
 
     def build_model(self):
-        """The untrained network this recipe trains: its model class, dropout, layout, activation and batch norm, or
-        the user's class."""
-        from ..models.model import create_model
+        """The untrained network this recipe trains, unchecked: its model class, dropout, layout, activation and
+        batch norm, or the user's class."""
+        from ..models.build import create_network
 
-        if self.models_file:
-            from ..models.userfile import load_models_file
-
-            return load_models_file(self.models_file).build(self.model)
-        return create_model(self.model, dropout=self.dropout, layout=self.layout, activation=self.activation,
-                            bn_affine=self.bn_affine)
+        return create_network(**self.network())
 
     def recipe(self) -> dict[str, Any]:
         """The fields that make two runs the same recipe: every field but the seed and those a machine resolves
