@@ -44,16 +44,16 @@ def render_codemap(results: Path = RESULTS) -> str:
         return (text.split(". ")[0].rstrip(".") + "." if text else "(no docstring)").replace("|", "/")
 
     root = Path(__file__).resolve().parents[1]
-    start, end = markers("codemap")
-    out = [start, NOTE, "", "| layer | module | what it is |", "| --- | --- | --- |"]
+    layers = []
     for layer, role in LAYERS:
         where = root / layer
         modules = (sorted(p for p in where.glob("*.py") if p.name != "__init__.py") if where.is_dir() else
                    sorted(p for p in root.glob("*.py") if layer_of(p.stem) == layer))
-        head = f"**{layer}/**: {first_sentence(where / '__init__.py')}" if where.is_dir() else f"**{layer}**: {role}"
-        out.append(f"| {head} | | |")
-        out.extend(f"| | `{p.relative_to(root).as_posix()}` | {first_sentence(p)} |" for p in modules)
-    return "\n".join(out + ["", end])
+        layers.append({"name": layer, "package": where.is_dir(),
+                       "about": first_sentence(where / "__init__.py") if where.is_dir() else role,
+                       "modules": [{"path": p.relative_to(root).as_posix(), "about": first_sentence(p)}
+                                   for p in modules]})
+    return section("codemap", "codemap.md.j2", layers=layers)
 
 
 def render_performance_first(results: Path = RESULTS) -> str:

@@ -26,13 +26,15 @@ def paragraph(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def table(header: Sequence[str], align: str, rows: Iterable[Sequence[object]]) -> str:
-    """A Markdown table: `align` has one letter per column, l (left) or r (right)."""
+def table(header: Sequence[str], align: str, rows: Iterable[Sequence[object]], tight: bool = False) -> str:
+    """A Markdown table: `align` has one letter per column, l (left) or r (right); `tight` writes an empty cell
+    with one space instead of two (as the code map always has)."""
     if len(align) != len(header):
         raise ValueError(f"{len(header)} columns, {len(align)} alignments")
     rule = ["---:" if a == "r" else "---" for a in align]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    empty = " " if tight else "  "  # an empty cell: "| |" (tight) or "|  |"
+    lines += ["|" + "|".join(f" {c} " if str(c) else empty for c in row) + "|" for row in rows]
     return "\n".join(lines)
 
 

@@ -58,45 +58,31 @@ def _screen_sections(results: Path) -> list[str]:
 
 
 def _search_section(t: dict, path: Path, results: Path) -> list[str]:
-    """One sweep: its counts, its objective as the trials record it, its best trials, the one a step refits."""
+    """One sweep: its counts, its objective as the trials record it, its best trials, the one a step refits
+    (pages/templates/sweep.md.j2)."""
     c, space = t["counts"], _space(results, t["study"])
-    k = space.get("last", LAST)
-    seeds = max((len(r.get("val_worst") or []) for r in t["trials"]), default=0)
-    over = f", the minimum over its {seeds} seeds" if seeds > 1 else ""
-    test = ("trials made before validation runs stopped reading the test set also recorded test accuracy, which "
-            "was not read to choose" if any(r.get("test_worst") for r in t["trials"])
-            else "its runs never read the test set")
-    chosen = {s.chosen_by[1]: s.name for s in STEPS if s.chosen_by and s.chosen_by[0] == t["study"]}
     d = Path("results") / path.parent.name  # as the README links it, wherever results/ was read from
-    fixed = ", ".join(f"{name}={_short(v)}" for name, v in _space_fixed(results, t["study"]).items())
-    out = [f"### Search: `{t['study']}`", "",
-           f"The study `{t['study']}` (`tinymnist sweep` of `spaces/{t['study']}.toml`) tried **{sum(c.values())} recipes**: {c.get('complete', 0)} "
-           f"complete, {c.get('pruned', 0)} pruned by the median rule or rejected over the parameter budget "
-           f"({t['rejected_over_budget']} rejected), {c.get('fail', 0)} failed (stopped mid-trial)"
-           + (f", {c['running']} running when the study was last exported" if c.get("running") else "")
-           + ". Each was judged "
-           f"on the held-out validation images only: the objective is the worst validation accuracy of its last {k} "
-           f"epochs{over}. The study is committed as `{d.as_posix()}/study.db` with every trial in "
-           f"`{d.as_posix()}/trials.json`; {test}. Every trial trains the `{space.get('step')}` step's recipe with "
-           f"{fixed} fixed, and the fields in the table searched."
-           + (f" A trial marked with a step is the one that step refits on all {TRAIN_IMAGES:,} images." if chosen else ""),
-           "",
-           f"| trial | layout and recipe | parameters | MACs | validation: worst of last {k} | per seed |",
-           "| ---: | --- | ---: | ---: | ---: | ---: |"]
-    for row in t["trials"][:8]:
-        values = ", ".join(f"{name}={_short(v)}" for name, v in row["values"].items())
-        mark = f" → `{chosen[row['trial']]}`" if row["trial"] in chosen else ""
-        per_seed = ", ".join(f"{v:.2f}" for v in row.get("val_worst") or [])
-        out.append(f"| {row['trial']}{mark} | {values} | {row['params']:,} | {row['macs']:,} | "
-                   f"{row['objective']:.2f}% | {per_seed} |")
+    plots = []
     for name in ("history", "importances"):
         png = d / f"{t['study']}-{name}.png"
         if name == "importances" and c.get("complete", 0) < MIN_TRIALS_FOR_IMPORTANCES:
-            out += ["", f"(Parameter importances are not shown: {c.get('complete', 0)} complete trials are too few "
-                        f"to rank parameters; below {MIN_TRIALS_FOR_IMPORTANCES} they are noise.)"]
+            plots.append((name, None))
         elif (path.parent / png.name).is_file():
-            out += ["", f"![{t['study']} {name}]({png.as_posix()})"]
-    return out + [""]
+            plots.append((name, png.as_posix()))
+    text = render_template(
+        "sweep.md.j2", t=t, k=space.get("last", LAST), d=d.as_posix(), step=space.get("step"),
+        seeds=max((len(r.get("val_worst") or []) for r in t["trials"]), default=0),
+        read_test=any(r.get("test_worst") for r in t["trials"]),
+        chosen={s.chosen_by[1]: s.name for s in STEPS if s.chosen_by and s.chosen_by[0] == t["study"]},
+        fixed=_assignments(_space_fixed(results, t["study"])),
+        values=lambda row: _assignments(row["values"]), plots=plots, min_trials=MIN_TRIALS_FOR_IMPORTANCES,
+        train_images=TRAIN_IMAGES)
+    return text.split("\n")
+
+
+def _assignments(values: dict) -> str:
+    """name=value, ... as the pages write a recipe's fields."""
+    return ", ".join(f"{name}={_short(v)}" for name, v in values.items())
 
 
 MIN_TRIALS_FOR_IMPORTANCES = 10  # fANOVA over fewer complete trials ranks parameters by noise
@@ -136,51 +122,29 @@ def _study_rows(results: Path) -> list[dict]:
 
 def render_search_summary(results: Path = RESULTS) -> str:
     """The searches page's first table: every search in one row, with the seeds' own spread beside the spread of its
-    best trials, and the validation bar a candidate has to clear."""
+    best trials, and the validation bar a candidate has to clear (pages/templates/search_summary.md.j2)."""
     start, end = markers("search-summary")
-    rows = _study_rows(results)
-    out = [start, NOTE, ""]
-    yard = results / YARDSTICK
+    bar, yard = None, results / YARDSTICK
     if yard.is_file():
         ev = read_json(yard)
         pr = proof(ev)
         test = results / CHECK_FILE.format(step=ev["step"])
-        on_test = f", which passes on test (worst seed {proof(read_json(test)).worst:.2f}%)" if test.is_file() else ""
-        out += [f"**The validation bar.** `{ev['step']}`{on_test}, checked over {len(pr.seed_worsts)} seeds on the "
-                f"{ev['config']['val']:,} held-out images (`results/{YARDSTICK}`): worst seed **{pr.worst:.2f}%**, "
-                f"mean of the seeds' worsts **{statistics.mean(pr.seed_worsts):.2f}%**. Validation reads lower than "
-                "test for the same recipe, so a candidate earns its one look at test when its own 5-seed validation "
-                f"check stands at least this high, worst seed and mean, or passes {THRESHOLD:.2f}% outright; a screen may ask for a margin "
-                "above the mean (`margin_spreads`, in multiples of the standard deviation of the bar's seeds' worsts), and its section says so.", ""]
-    if not rows:
-        return "\n".join(out + ["No search has been committed yet.", "", end])
-    out += ["| search | budget | seeds per trial | complete of all | best score | seeds' own spread | spread of the "
-            "top 6 | fed |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for r in rows:
-        best = f"{r['best']:.2f}% ({r['objective']})" if r["best"] is not None else "—"
-        spread = f"{r['spread']:.3f}" if r["spread"] is not None else "— (1 seed)"
-        top = f"{r['top']:.3f}" if r["top"] is not None else "—"
-        out.append(f"| [{r['name']}]({r['link']}) ({r['kind']}) | {budget_words(r['budget'])} | {r['seeds']} | "
-                   f"{r['complete']} of {r['total']} | {best} | {spread} | {top} | {', '.join(r['fed']) or '—'} |")
-    out += ["", f"A score is validation accuracy over the last {LAST} epochs: *worst* is the rule's (the lowest epoch, the "
-            "lowest seed), *mean* the screens' (over epochs and seeds). The seeds' own spread is the mean gap between "
-            "a trial's best and worst seed; where the best trials lie closer together than that, their order is "
-            "seed noise, not a ranking.", "", end]
-    return "\n".join(out)
+        bar = {"step": ev["step"], "file": YARDSTICK, "seeds": len(pr.seed_worsts), "held": ev["config"]["val"],
+               "worst": pr.worst, "mean_worst": statistics.mean(pr.seed_worsts),
+               "test_worst": proof(read_json(test)).worst if test.is_file() else None}
+    text = render_template("search_summary.md.j2", bar=bar, rows=_study_rows(results), last=LAST,
+                           threshold=THRESHOLD, budget_words=budget_words)
+    return "\n".join([start, NOTE, ""]) + "\n" + text + end
 
 
 def _validation_bars(results: Path) -> list[str]:
     """Proven recipes trained once with a validation split (results/val-reference-<step>/): how a recipe that passes
     on test scores on validation, which is the bar a searched recipe has to clear there."""
-    out = []
+    bars = []
     for d in sorted(results.glob("val-reference-*/")):
         meta, history = read_json(d / "config.json"), read_json(d / "history.json")
-        val = worst_of_last(history, LAST, "val_acc")
-        # runs from before validation runs stopped reading the test set recorded it too
-        test = (f" and {worst_of_last(history, LAST):.2f}% on test in the same run (a run from before validation runs "
-                "stopped reading the test set)") if "test_acc" in history[-1] else ""
-        out += [f"**Validation bar.** The `{meta['name']}` recipe ({meta['params']:,} parameters), which passes on "
-                f"test, trained once with the same {meta['config']['val']:,} images held out (seed {meta['seed']}, "
-                f"`results/{d.name}/`): worst of its last {LAST} epochs **{val:.2f}%** on validation{test}. A smaller "
-                "recipe needs about that on validation to have a chance on test.", ""]
-    return out
+        bars.append({"meta": meta, "dir": d.name, "val": worst_of_last(history, LAST, "val_acc"),
+                     # runs from before validation runs stopped reading the test set recorded it too
+                     "test": worst_of_last(history, LAST) if "test_acc" in history[-1] else None})
+    text = render_template("validation_bars.md.j2", bars=bars, last=LAST)
+    return text.split("\n")[:-1] if text else []

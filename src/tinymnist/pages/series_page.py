@@ -34,15 +34,6 @@ def replot(step: Step, results: Path = RESULTS) -> None:
 START, END = markers("experiments")
 
 
-def _log_table(history: list[dict]) -> str:
-    rows = ["| epoch | train loss | train acc | test loss | test acc | LR | seconds |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in history:
-        rows.append(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_acc']:.2f}% | {r['test_loss']:.4f} | "
-                    f"{r['test_acc']:.2f}% | {r['lr']:.2e} | {r['seconds']:.1f} |")
-    return "\n".join(rows)
-
-
 def _check_section(step: Step, results: Path) -> list[str]:
     """A step's 5-seed test check, its pass-rate check over seeds 0..19 (run after the 5-seed check passed: a further
     look at test that chooses nothing, only measures how often a run of the recipe passes), and what it gets wrong."""
@@ -67,66 +58,55 @@ def _check_section(step: Step, results: Path) -> list[str]:
     return text.rstrip("\n").split("\n") + [""] + _errors_section(step, results)
 
 
-def _screened_lines(step: Step, ev: dict, results: Path) -> list[str]:
-    """The 5-seed validation check that earned a screened step its look at test, beside the yardstick's and the test
-    check that followed."""
-    screen, cand = step.screened_by
-    d = results / f"screen-{screen}"
-    path = d / f"confirm-{cand}.json"
-    if not path.is_file():
-        raise TinyMnistError(f"step {step.name!r} was earned by candidate {cand!r} of screen {screen!r}, but {path} "
-                             "is missing")
-    val, k = proof(read_json(path)), ev["last"]
-
-    def split(evidence: dict) -> str:  # each check's own held-out size, as its evidence records it
-        held = evidence["config"]["val"]
-        return f"{TRAIN_IMAGES - held:,} ({held:,} held out) | the {held:,} held-out training images"
-
-    rows = [f"| validation: candidate `{cand}` of screen `{screen}`, confirmed | {split(read_json(path))} | "
-            f"{len(val.seed_worsts)} | {val.worst:.2f}% (mean {statistics.mean(val.seed_worsts):.2f}%) |"]
-    yard = results / YARDSTICK
-    if yard.is_file():
-        y = proof(read_json(yard))
-        rows.append(f"| validation bar: `{read_json(yard)['step']}` (`results/{YARDSTICK}`) | {split(read_json(yard))} "
-                    f"| {len(y.seed_worsts)} | {y.worst:.2f}% (mean {statistics.mean(y.seed_worsts):.2f}%) |")
-    return ["", "Earned on validation, confirmed on test once:", "",
-            f"| evidence | trained on | judged on | seeds | worst of the last {k} epochs |",
-            "| --- | --- | --- | ---: | ---: |", *rows,
-            f"| test: this check | all {TRAIN_IMAGES:,} | the {TEST_IMAGES:,} test images | {len(ev['seeds'])} | "
-            f"{proof(ev).worst:.2f}% (mean {statistics.mean(proof(ev).seed_worsts):.2f}%) |"]
+def _evidence(ev: dict, held: int = 0, mean: bool = True) -> dict:
+    """A check's row of the selection table: its images held out (0: judged on test), seeds and worst seed, and the
+    mean of the seeds' worsts (None: not shown)."""
+    pr = proof(ev)
+    return {"held": held, "seeds": len(pr.seed_worsts), "worst": pr.worst,
+            "mean_worst": statistics.mean(pr.seed_worsts) if mean else None}
 
 
 def _selection_lines(step: Step, ev: dict, results: Path) -> list[str]:
-    """The validation result that chose a searched step's recipe, beside the test result that confirmed it."""
+    """The validation result that chose a searched step's recipe (a screen's 5-seed confirmation beside the
+    yardstick's, or a sweep's trial and its rank), beside the test check that confirmed it."""
     if step.screened_by is not None:
-        return _screened_lines(step, ev, results)
-    if step.chosen_by is None:
+        screen, cand = step.screened_by
+        path = results / f"screen-{screen}" / f"confirm-{cand}.json"
+        if not path.is_file():
+            raise TinyMnistError(f"step {step.name!r} was earned by candidate {cand!r} of screen {screen!r}, but "
+                                 f"{path} is missing")
+        val = read_json(path)
+        evidence = [(f"validation: candidate `{cand}` of screen `{screen}`, confirmed",
+                     _evidence(val, held=val["config"]["val"]))]  # each check's own held-out size
+        yard = results / YARDSTICK
+        if yard.is_file():
+            y = read_json(yard)
+            evidence.append((f"validation bar: `{y['step']}` (`results/{YARDSTICK}`)",
+                             _evidence(y, held=y["config"]["val"])))
+        evidence.append(("test: this check", _evidence(ev)))
+        how = "Earned"
+    elif step.chosen_by is not None:
+        study, number = step.chosen_by
+        path = results / f"sweep-{study}" / "trials.json"
+        if not path.is_file():
+            raise TinyMnistError(f"step {step.name!r} was chosen by study {study!r}, but {path} is missing")
+        row = next((r for r in read_json(path)["trials"] if r["trial"] == number), None)
+        if row is None:
+            raise TinyMnistError(f"{path} has no complete trial {number}, which chose step {step.name!r}")
+        searches = step.searches or (study,)  # the searches behind this step, all judged on the same budget
+        every = [r["objective"] for q in searches for r in read_json(results / f"sweep-{q}" / "trials.json")["trials"]]
+        rank = 1 + sum(v > row["objective"] for v in every)
+        among = (f"the {len(every)} complete trials of `{study}`" if searches == (study,) else
+                 f"the {len(every)} complete trials of its searches: " + ", ".join(f"`{q}`" for q in searches))
+        evidence = [(f"validation: trial {number} of `{study}` (rank {rank} of {among})",
+                     {"held": _space_fixed(results, study).get("val", 0), "seeds": len(row["val_worst"]),
+                      "worst": row["objective"], "mean_worst": None}),
+                    ("test: this check", _evidence(ev, mean=False))]
+        how = "Chosen"
+    else:
         return []
-    study, number = step.chosen_by
-    path = results / f"sweep-{study}" / "trials.json"
-    if not path.is_file():
-        raise TinyMnistError(f"step {step.name!r} was chosen by study {study!r}, but {path} is missing")
-    t = read_json(path)
-    row = next((r for r in t["trials"] if r["trial"] == number), None)
-    if row is None:
-        raise TinyMnistError(f"{path} has no complete trial {number}, which chose step {step.name!r}")
-    held = _space_fixed(results, study).get("val", 0)
-    k = ev["last"]
-    worst_test = proof(ev).worst
-    searches = step.searches or (study,)  # the searches behind this step, all judged on the same budget
-    every = [r["objective"] for q in searches for r in read_json(results / f"sweep-{q}" / "trials.json")["trials"]]
-    rank = 1 + sum(v > row["objective"] for v in every)
-    among = (f"the {len(every)} complete trials of `{study}`" if searches == (study,) else
-             f"the {len(every)} complete trials of its searches: " + ", ".join(f"`{q}`" for q in searches))
-    seeds = len(row["val_worst"])
-    return ["", "Chosen on validation, confirmed on test once:", "",
-            f"| evidence | trained on | judged on | seeds | worst of the last {k} epochs |",
-            "| --- | --- | --- | ---: | ---: |",
-            f"| validation: trial {number} of `{study}` (rank {rank} of {among}) | "
-            f"{60000 - held:,} ({held:,} held out) | the {held:,} held-out training images | {seeds} | "
-            f"{row['objective']:.2f}% |",
-            f"| test: this check | all {TRAIN_IMAGES:,} | the {TEST_IMAGES:,} test images | {len(ev['seeds'])} | "
-            f"{worst_test:.2f}% |"]
+    return render_template("selection.md.j2", how=how, evidence=evidence, k=ev["last"], train_images=TRAIN_IMAGES,
+                           test_images=TEST_IMAGES).rstrip("\n").split("\n")
 
 
 def _errors_section(step: Step, results: Path) -> list[str]:
@@ -143,89 +123,44 @@ def _errors_section(step: Step, results: Path) -> list[str]:
     pairs = {}
     for m in e["misclassified"]:
         pairs[(m["true"], m["predicted"])] = pairs.get((m["true"], m["predicted"]), 0) + 1
-    common = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
-    rel = f"results/{step.name}/errors"  # as the README links it, wherever results/ was read from
     # the checkpoint as a reader can name it: runs/ is not committed, so a run's path becomes its placeholder; so
     # does the shipped model's path once another step is the answer (the package now ships that step's run)
     parts = Path(e["checkpoint"]).parts
     shipped = parts[:3] == ("src", "tinymnist", "assets")
     by_name = parts[:1] == ("runs",) or (shipped and step.name != answer().name)
-    shown = "runs/<run>/model.pt" if by_name else e["checkpoint"]
-    about = (f" (run `{run.get('name')}`, seed {run.get('seed')}, trained on {hardware_text(run.get('env', {}))})"
-             if run else "")
-    return [f"#### What `{step.name}` gets wrong", "",
-            f"`tinymnist errors {shown} --out <dir>`{about} misclassifies **{e['errors']}** of "
-            f"{e['test_images']:,} test images (test accuracy {e['test_acc']:.2f}%). The most frequent confusions: "
-            + ", ".join(f"{t}→{p} ({n}×)" for (t, p), n in common) + f". Every error is listed in "
-            f"`{rel}/{ERRORS_FILE}`" + (f"; the run's `config.json` and `history.json` are in "
-                                         f"`results/{where.relative_to(results).as_posix()}`" if where else "")
-            + ".", "",
-            f"![misclassified: {step.name}]({rel}/{GRID_FILE})", "",
-            f"![confusion matrix: {step.name}]({rel}/{CONFUSION_FILE})", ""]
+    text = render_template(
+        "errors.md.j2", step=step.name, e=e, run=run, host=hardware_text(run.get("env", {})) if run else None,
+        shown="runs/<run>/model.pt" if by_name else e["checkpoint"],
+        common=sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:3],
+        rel=f"results/{step.name}/errors",  # as the README links it, wherever results/ was read from
+        where=where.relative_to(results).as_posix() if where else None, errors_file=ERRORS_FILE,
+        grid_file=GRID_FILE, confusion_file=CONFUSION_FILE)
+    return text.split("\n")
+
+
+def _step_record(step: Step, result, results: Path) -> dict:
+    """What series.md.j2 shows of one step: its names, its network's size and summary, its prose with the numbers
+    filled in, its run's result (None: not run) and its checks' lines."""
+    model = step.config.build_model()
+    summ = summarize(model)
+    return {"name": step.name, "heading": step.heading, "anchor": _anchor(step.heading), "model": step.config.model,
+            "params": model.num_params(), "macs": summ.macs, "rf": summ.rf, "result": result,
+            "seconds_per_epoch": seconds_per_epoch([result["history"]]) if result else None,
+            "target": fill(step.target, step, results),
+            "recipe": recipe_words(step.config, model.dropout, model.activation),
+            "summary": format_summary(summ, title=step.config.model),
+            "analysis": fill(step.analysis, step, results) if step.analysis else "",
+            "checks": _check_section(step, results)}  # the proof over seeds, beside its step
 
 
 def render(results: Path = RESULTS) -> str:
-    """The whole generated experiments section, as Markdown."""
-    res = {s.name: step_result(s, results) for s in STEPS}
-    out = [START, NOTE, "", "## The series", "",
-           "Each step changes one thing, states its **Target** before it runs, and reads its **Result** from the "
-           "run it wrote under `results/<step>/`. `tinymnist reproduce` reruns every step and regenerates this "
-           "section; `tinymnist report` regenerates it from `results/` alone.", "",
-           "| step | model | parameters | MACs per image | s per epoch | best train acc | best test acc | "
-           f"min of last {LAST} test accs |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for s in STEPS:
-        r = res[s.name]
-        macs = summarize(s.config.build_model()).macs
-        if r is None:
-            params = s.config.build_model().num_params()
-            out.append(f"| [{s.name}](#{_anchor(s.heading)}) | {s.config.model} | {params:,} | {macs:,} | not run | "
-                       "not run | not run | not run |")
-        else:
-            out.append(f"| [{s.name}](#{_anchor(s.heading)}) | {r['model']} | {r['params']:,} | {macs:,} | "
-                       f"{seconds_per_epoch([r['history']]):.1f} | {r['best_train']:.2f}% | {r['best_test']:.2f}% | "
-                       f"{r['min_last']:.2f}% |")
-    out += ["", "Seconds per epoch are the median over the run's epochs (training plus the test pass), as the run "
-                "recorded them, on the machine and thread count its `config.json` names; runs that shared a machine "
-                "with others are slower. (The README's frontier table takes the same median over every epoch of a "
-                "check's seeds, so a step's two numbers differ by what its seeds and hosts differ.) MACs "
-                "count one forward pass. The searches that chose the later recipes are on "
-                "[the searches page](docs/searches.md).", ""]
-    for s in STEPS:
-        r = res[s.name]
-        model = s.config.build_model()
-        summ = summarize(model)
-        out += [f"### {s.heading}", "", f"**Target.** {fill(s.target, s, results)}", ""]
-        out += [f"**Recipe.** `{s.config.model}`, {recipe_words(s.config, model.dropout, model.activation)}. "
-                f"Run it with `tinymnist train --step {s.name}`.", ""]
-        if r is None:
-            out += ["**Result.** Not run yet.", ""]
-        else:
-            out += [f"**Result.** {r['params']:,} parameters (receptive field {summ.rf}×{summ.rf}); "
-                    f"best train accuracy {r['best_train']:.2f}%, best test accuracy {r['best_test']:.2f}%; "
-                    f"last {LAST} test accuracies {', '.join(f'{a:.2f}' for a in r['last'])} "
-                    f"(min {r['min_last']:.2f}%); {r['seconds']:.0f} s of training and evaluation on "
-                    f"{r['meta']['env']['device']}"
-                    + (f" (this is the `{r['meta']['name']}` run of the multi-seed check)"
-                       if r["meta"].get("name") != s.name else "") + ".", "",
-                    f"![{s.name} curves](results/{s.name}/curves.png)", "",
-                    "<details><summary>Epoch-by-epoch log</summary>", "", _log_table(r["history"]), "", "</details>",
-                    ""]
-        out += ["<details><summary>Model summary</summary>", "", "```text",
-                format_summary(summ, title=s.config.model), "```", "", "</details>", ""]
-        if s.analysis:
-            out += [f"**Analysis.** {fill(s.analysis, s, results)}", ""]
-        out += _check_section(s, results)  # the proof over seeds, beside its step
-    out += _negative_screens(results)
-    out.append(END)
-    return "\n".join(out)
-
-
-def _negative_screens(results: Path) -> list[str]:
-    """The screens that earned no look at test (no step came of them): negative results, on this page too."""
-    screens = [sc for sc in Records(results).screens() if not sc.earned]
-    text = render_template("negative_screens.md.j2", screens=screens, last=LAST).strip("\n")
-    return [text, ""] if text else []
+    """The whole generated experiments section, as Markdown (pages/templates/series.md.j2)."""
+    steps = [_step_record(s, step_result(s, results), results) for s in STEPS]
+    screens = [sc for sc in Records(results).screens() if not sc.earned]  # negative results, on this page too
+    negative = render_template("negative_screens.md.j2", screens=screens, last=LAST).strip("\n")
+    # each line of the section ends in a line break, so the end marker follows the last directly
+    body = render_template("series.md.j2", steps=steps, last=LAST, negative=negative)
+    return "\n".join([START, NOTE, ""]) + "\n" + body + END
 
 
 # A step's prose (steps/<name>.md) types no number that results/ holds: it names the number, and this fills it in.
