@@ -215,38 +215,27 @@ class Program:
         for i, (m, kind) in enumerate(zip(self.leaves, self.kinds)):
             if clock is not None:
                 t0 = time.perf_counter()
-            if kind == "conv":
-                cur = _cl(cur)
-                n, ci, h, w = cur.shape
-                weight = m.weight.detach().contiguous()  # as kernels._Conv2d: a channels-last weight is copied
-                co, k = weight.shape[0], weight.shape[-1]
-                out = bufs.out[i]
-                depthwise = m.groups > 1
-                fn = lib.tm_dwconv_forward if depthwise else lib.tm_conv_forward
-                _check(fn(cur.data_ptr(), n, h, w, ci, weight.data_ptr(), co, k, out.data_ptr(), n_threads),
-                       "convolution kernel")
-                inputs.append(cur)
-                islands.append(None)
-                cur = out
-            elif kind == "bn":
+            if kind in ("conv", "bn", "pool"):  # a C kernel, from a channels-last input into this leaf's buffer
                 cur = _cl(cur)
                 n, c, h, w = cur.shape
-                weight, bias = (m.weight, m.bias) if m.affine else (m._unit, m._zero)
-                stats, coef = bufs.extra[i]
                 out = bufs.out[i]
-                _check(lib.tm_bn_act_forward(cur.data_ptr(), n * h * w, c, weight.data_ptr(), bias.data_ptr(), m.eps,
-                                             ACTIVATIONS[m.act], m.slope, out.data_ptr(), stats[0].data_ptr(),
-                                             stats[1].data_ptr(), coef.data_ptr(), n_threads))
-                m.track(stats, cur)
-                inputs.append(cur)
-                islands.append(None)
-                cur = out
-            elif kind == "pool":
-                cur = _cl(cur)
-                n, c, h, w = cur.shape
-                out, idx = bufs.out[i], bufs.extra[i]
-                lib.tm_maxpool2_forward(cur.data_ptr(), n, h, w, c, out.data_ptr(), idx.data_ptr(), n_threads)
-                inputs.append(None)
+                if kind == "conv":
+                    weight = m.weight.detach().contiguous()  # as kernels._Conv2d: a channels-last weight is copied
+                    fn = lib.tm_dwconv_forward if m.groups > 1 else lib.tm_conv_forward
+                    _check(fn(cur.data_ptr(), n, h, w, c, weight.data_ptr(), weight.shape[0], weight.shape[-1],
+                              out.data_ptr(), n_threads), "convolution kernel")
+                elif kind == "bn":
+                    weight, bias = (m.weight, m.bias) if m.affine else (m._unit, m._zero)
+                    stats, coef = bufs.extra[i]
+                    _check(lib.tm_bn_act_forward(cur.data_ptr(), n * h * w, c, weight.data_ptr(), bias.data_ptr(),
+                                                 m.eps, ACTIVATIONS[m.act], m.slope, out.data_ptr(),
+                                                 stats[0].data_ptr(), stats[1].data_ptr(), coef.data_ptr(),
+                                                 n_threads))
+                    m.track(stats, cur)
+                else:
+                    lib.tm_maxpool2_forward(cur.data_ptr(), n, h, w, c, out.data_ptr(), bufs.extra[i].data_ptr(),
+                                            n_threads)
+                inputs.append(None if kind == "pool" else cur)  # a pool's backward needs only its indices
                 islands.append(None)
                 cur = out
             elif kind == "island":
