@@ -164,3 +164,21 @@ def test_bn_affine_false_takes_each_batch_norms_scale_and_shift_away():
     assert TrainConfig(model="Model_15").recipe()["bn_affine"] is True
     with pytest.raises(TinyMnistError, match="bn_affine"):
         TrainConfig(model="Mine", models_file="x.py", bn_affine=False).validate()
+
+
+def test_a_skip_connection_adds_its_blocks_input_cropped_to_their_output_and_costs_no_parameters():
+    from tinymnist.models.model import Skip, create_model, parse_layout
+
+    plain = "c8 P dw c16/1 dw c16/1 dw c16/1 G o"
+    skipped = "c8 P dw c16/1 dw c16/1 +2 dw c16/1 +2 G o"
+    assert parse_layout("c8 c8 +1 G o")[2].kind == "skip"
+    a, b = create_model("Model_14", layout=plain), create_model("Model_14", layout=skipped)
+    assert a.num_params() == b.num_params()
+    b.check_shapes()
+    skip = next(m for m in b.modules() if isinstance(m, Skip))
+    x = torch.randn(2, 16, 9, 9)
+    assert torch.equal(skip(x), skip.body(x) + x[..., 1:8, 1:8])  # an unpadded 3x3 takes one pixel off each side
+    for bad, why in (("c8 +2 G o", "only 1 conv blocks"), ("c8 c12 +1 G o", "adds 8 channels to 12"),
+                     ("c8 P +1 G o", "only 0 conv blocks"), ("c8 +0 G o", "zero size")):
+        with pytest.raises(TinyMnistError, match=why):
+            create_model("Model_14", layout=bad)

@@ -158,3 +158,42 @@ def test_a_leaf_that_cannot_run_without_data_sends_the_chain_layer_by_layer(buil
     x = torch.randn(2, 1, 6, 6).contiguous(memory_format=CL)
     assert not prog._program.plan(x.shape).ok
     assert torch.equal(chain(x), prog(x))
+
+
+SKIPS = "c8 dw c12/1 dw c12/1 +2 P dw c28/1 dw c28/1 +2 dw c28/1 +2 G o"  # the layout token +N (model.Skip)
+
+
+def test_a_network_with_skip_connections_trains_on_programs_bit_for_bit(built):
+    """A skip connection is not a kernel: the chains around it and inside it each become a program, and the step is
+    bit for bit the layer-by-layer step; each skip's body is one of the programs."""
+    from tinymnist.models.model import Skip
+
+    torch.manual_seed(0)
+    model = create_model("Model_15", layout=SKIPS, activation="gelu").to(memory_format=CL).train()
+    use_kernels(model)
+    prog = copy.deepcopy(model)
+    assert swap_sequentials(prog) > 1
+    skips = [m for m in prog.modules() if isinstance(m, Skip)]
+    assert len(skips) == 3 and all(isinstance(s.body, KernelSequential) for s in skips)
+    batches = _batches()
+    _assert_same(_steps(model, batches), _steps(prog, batches))
+
+
+def test_a_network_with_skip_connections_steps_the_same_at_any_thread_count(built):
+    """The crop and the add are elementwise, so with them on PyTorch's ops and the rest on the kernels a step does
+    not depend on the thread count."""
+    from tinymnist.core.plan import build_for
+    from tinymnist.core.config import TrainConfig
+
+    cfg = TrainConfig(model="Model_15", layout=SKIPS, activation="gelu", memory_format="channels_last",
+                      kernels="fused")
+    results, was = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)
+            results.append(_steps(build_for(cfg, torch.device("cpu")).train(), _batches()))
+    finally:
+        torch.set_num_threads(was)
+    _assert_same(results[0], results[1])
+    _assert_same(results[0], results[2])

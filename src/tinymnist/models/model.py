@@ -144,6 +144,10 @@ def block(cin: int, cout: int, k: int = 3, padding: int = 0, bn: bool = True, dr
 #                a 16-channel block is three 16-channel convs that share their 9 x 16 x 16 weights
 #   dw, dw/K     a depthwise KxK block: as many output channels as input channels, one filter each (dw takes
 #                [p][dD][sS][rR] too)
+#   +N           a skip connection over the last N blocks (N conv tokens in a row, a tied repeat counting each of its
+#                layers): their input, cropped at the centre to their output's size (an unpadded 3x3 block takes one
+#                pixel off each side), is added to their output. No parameters; the N blocks must end with the
+#                channels they started with
 #   P            2x2 max pool
 #   G            global average pool to 1x1
 #   o, o/K       the classifier: a plain conv to 10 channels (1x1, or KxK), no BN or ReLU; last token
@@ -155,11 +159,13 @@ _CONV = re.compile(r"c(?P<out>\d+)(?:/(?P<k>\d+))?(?P<same>p)?(?:d(?P<d>\d+))?(?
                    r"(?:r(?P<r>\d+))?")
 _DW = re.compile(r"dw(?:/(?P<k>\d+))?(?P<same>p)?(?:d(?P<d>\d+))?(?:s(?P<s>\d+))?(?:r(?P<r>\d+))?")
 _OUT = re.compile(r"o(?:/(?P<k>\d+))?")
+_SKIP = re.compile(r"\+(?P<n>\d+)")
 
 
 @dataclass(frozen=True)
 class Layer:
-    """One parsed token: kind is conv, pool, gap or out; convs carry their geometry."""
+    """One parsed token: kind is conv, skip, pool, gap or out; convs carry their geometry, a skip how many blocks it
+    spans (in `repeat`)."""
 
     kind: str
     out: int = 0  # output channels (0 for a depthwise conv: as many as its input)
@@ -182,6 +188,10 @@ def parse_layout(text: str) -> tuple[Layer, ...]:
             layers.append(Layer("pool"))
         elif tok == "G":
             layers.append(Layer("gap"))
+        elif m := _SKIP.fullmatch(tok):
+            if int(m["n"]) < 1:
+                raise TinyMnistError(f"layout {text!r}: token {tok!r} has a zero size")
+            layers.append(Layer("skip", repeat=int(m["n"])))
         elif m := _OUT.fullmatch(tok):
             if i != len(tokens) - 1:
                 raise TinyMnistError(f"layout {text!r}: the classifier {tok!r} must be the last token")
@@ -197,11 +207,30 @@ def parse_layout(text: str) -> tuple[Layer, ...]:
             layers.append(layer)
         else:
             raise TinyMnistError(
-                f"layout {text!r}: unknown token {tok!r} (expected cN[/K][p][dD][sS][gG], dw[/K][p][dD][sS], P, G, "
-                "o or o/K; see model.py)")
+                f"layout {text!r}: unknown token {tok!r} (expected cN[/K][p][dD][sS][gG], dw[/K][p][dD][sS], +N, P, "
+                "G, o or o/K; see model.py)")
     if layers[-1].kind != "out":
         raise TinyMnistError(f"layout {text!r}: must end with the classifier 'o' (or 'o/K')")
     return tuple(layers)
+
+
+class Skip(nn.Module):
+    """A skip connection (the layout token +N): `body`'s input, cropped at the centre to its output's size, added
+    to its output. No parameters of its own."""
+
+    def __init__(self, body: nn.Sequential):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        dh, dw = x.shape[-2] - y.shape[-2], x.shape[-1] - y.shape[-1]
+        if dh < 0 or dw < 0 or dh % 2 or dw % 2:
+            raise RuntimeError(f"a skip connection cannot add a {tuple(x.shape[-2:])} input to a "
+                               f"{tuple(y.shape[-2:])} output (the blocks it spans must shrink it evenly)")
+        if dh or dw:
+            x = x[..., dh // 2: x.shape[-2] - dh // 2, dw // 2: x.shape[-1] - dw // 2]
+        return y + x
 
 
 class Net(nn.Module):
@@ -225,7 +254,10 @@ class Net(nn.Module):
             self.bn_affine = bool(bn_affine)
         layers: list[nn.Module] = []
         c = 1
+        blocks: list[int] = []  # the input channels of each conv block at the end of `layers`, in a row
         for layer in parse_layout(self.layout):
+            if layer.kind != "conv" and layer.kind != "skip":
+                blocks = []
             if layer.kind == "conv":
                 cout, groups = layer.out or c, layer.groups or c
                 if c % groups or cout % groups:
@@ -237,13 +269,27 @@ class Net(nn.Module):
                             self.bn_affine)
                 first = block(c, cout, *geometry)
                 layers.append(first)
+                blocks.append(c)
                 for _ in range(layer.repeat - 1):  # the same weight (one Parameter), a BN of its own
                     again = block(c, cout, *geometry)
                     again[0].weight = first[0].weight
                     if again[0].bias is not None:
                         again[0].bias = first[0].bias
                     layers.append(again)
+                    blocks.append(cout)
                 c = cout
+            elif layer.kind == "skip":
+                n = layer.repeat
+                if n > len(blocks):
+                    raise TinyMnistError(f"layout {self.layout!r}: +{n} spans {n} blocks, but only {len(blocks)} "
+                                         "conv blocks come right before it")
+                if blocks[-n] != c:
+                    raise TinyMnistError(f"layout {self.layout!r}: +{n} adds {blocks[-n]} channels to {c}: the blocks "
+                                         "it spans must end with the channels they started with")
+                body = layers[-n:]
+                del layers[-n:]
+                layers.append(Skip(nn.Sequential(*body)))
+                blocks = []  # a skip is one unit: a later one spans blocks after it
             elif layer.kind == "pool":
                 layers.append(nn.MaxPool2d(2))
             elif layer.kind == "gap":
