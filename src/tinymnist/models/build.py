@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..errors import TinyMnistError
-from .model import OURS_ONLY, check_activation, count_params, create_model, is_user_model, model_class, parse_layout
+from .model import (OURS_ONLY, check_activation, count_params, create_model, is_user_model, list_models, model_class,
+                    parse_layout)
 from .userfile import check_forward, file_sha256, load_models_file
 
 
@@ -33,8 +34,6 @@ def check_network(model: str, dropout: Optional[float] = None, layout: str = "",
     """The network fields of a recipe, checked without building anything: a user's model takes none of ours
     (OURS_ONLY), a model of ours must exist, and an activation or a layout must parse. Returns whether the model
     is the user's own. Every problem is one TinyMnistError."""
-    from .model import list_models
-
     user = is_user_model(model, models_file)
     if user:
         if dropout is not None or layout or activation or not bn_affine:
