@@ -44,29 +44,28 @@ class Plan:
     params: int
     kernels_applied: dict  # what of the network trains on the C kernels (empty when the recipe's are native)
     models_file: Optional[dict]  # a user's models file as a run records it (models_file_record), or None
+    record: dict  # what config.json keeps of the plan, in its order: the model, its parameters, the seed, the recipe
 
     @property
     def memory_format(self) -> torch.memory_format:
         return torch_memory_format(self.cfg.memory_format)
 
-    def record(self) -> dict:
-        """What config.json keeps of the plan, in its order: the model, its parameters, the seed, the recipe."""
-        return {"model": self.cfg.model, "params": self.params, "seed": self.cfg.seed, "config": self.cfg.to_dict()}
 
-
-def make_plan(cfg: TrainConfig, data: MNIST, teacher: Optional[TrainConfig] = None, warn: bool = False) -> Plan:
+def make_plan(cfg: TrainConfig, data: MNIST, teacher: Optional[TrainConfig] = None, warn: bool = False,
+              facts: Optional[dict] = None) -> Plan:
     """The one place a recipe is resolved, each layer called once and in this order: the recipe's values checked
     (a config is plain data: this builds nothing), the held-out split drawn (from its own seed), every RNG seeded
     with the recipe's seed, the network built and checked (models.build_network), and placed on this machine
     (accel.placement.place: "auto" precision, memory format and kernels resolved, the C kernels applied). `teacher`:
     a distilled recipe's teacher, as a recipe (the series' teacher_recipe resolves a step name to it, or a resumed
     run's saved state holds it): the core never looks a step up. `warn`: say in one line what this machine could
-    not give. A resolved recipe (a resumed run's) stays as it is."""
+    not give. `facts`: the hardware as device.hardware() reported it, when the caller has read it already (a run
+    records it beside the plan). A resolved recipe (a resumed run's) stays as it is."""
     cfg = cfg.check_values()
     if cfg.teacher and teacher is None:
         raise TinyMnistError(f"the recipe is distilled from {cfg.teacher!r}: its teacher's recipe must be given")
     device = data.train_images.device
-    facts = hardware(device)
+    facts = hardware(device) if facts is None else facts
     split = None
     if cfg.val:
         keep, held = (i.to(device) for i in validation_split(data.train_labels, cfg.val))
@@ -78,8 +77,9 @@ def make_plan(cfg: TrainConfig, data: MNIST, teacher: Optional[TrainConfig] = No
                           warn=warn)
     cfg = replace(cfg, dropout=net.dropout, precision=placed.precision, memory_format=placed.memory_format,
                   kernels=placed.kernels)
+    record = {"model": cfg.model, "params": net.params, "seed": cfg.seed, "config": cfg.to_dict()}
     return Plan(cfg, data, device, facts, model, split, teacher if cfg.teacher else None, net.params,
-                placed.kernels_applied, net.models_file)
+                placed.kernels_applied, net.models_file, record)
 
 
 def models_file_record(cfg: TrainConfig) -> dict:

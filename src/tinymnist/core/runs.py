@@ -162,22 +162,23 @@ def train_run(cfg: TrainConfig, out: Optional[str | os.PathLike] = None, data_di
     configure_threads(threads)
     if data is None:
         data = load_mnist(data_dir, device=dev, progress=progress is not False)
-    plan = make_plan(cfg, data, teacher=teacher, warn=True)
-    trainer = Trainer(plan)
-    cfg = plan.cfg  # filled in and resolved for this machine, as the run records it
-    run_dir = Path(out) if out else new_run_dir(name or cfg.model)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"name": name or cfg.model, **plan.record(), "env": environment(dev, plan.facts),
+    facts = hardware(dev)  # read once: the plan resolves with it, and the run records it
+    env = environment(dev, facts)
+    run_dir = Path(out) if out else new_run_dir(name or cfg.model)  # named now, made once the plan stands
+    plan = make_plan(cfg, data, teacher=teacher, warn=True, facts=facts)
+    trainer = Trainer(plan)  # before the directory: a recipe the trainer refuses leaves no run behind
+    meta = {"name": name or cfg.model, **plan.record, "env": env,
             "kernels_applied": plan.kernels_applied,  # what trains in C
             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:]}
     if plan.models_file is not None:
         meta["models_file"] = plan.models_file  # what resume needs named again, and checks
     if plan.split is not None:
         meta["val_split"] = plan.split.record
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", meta)
     if verbose:
-        print(f"{meta['name']}: {cfg.model}, {meta['params']:,} parameters, {cfg.epochs} epochs on {dev}; writing "
-              f"{run_dir}")
+        print(f"{meta['name']}: {plan.cfg.model}, {meta['params']:,} parameters, {plan.cfg.epochs} epochs on {dev}; "
+              f"writing {run_dir}")
     return run_dir, _advance(run_dir, meta, trainer, until, progress, verbose, on_epoch)
 
 
