@@ -441,6 +441,19 @@ def test_the_declared_argtypes_are_the_c_prototypes():
     assert found == PROTOTYPES
 
 
+def test_a_chain_op_is_laid_out_as_the_c_struct(built):
+    """kernels.ChainOp (what program.py fills in) against csrc/kernels.c's tm_op: its size and every field's offset,
+    as the C compiler placed them (tm_op_layout)."""
+    import ctypes
+
+    from tinymnist.accel.kernels import ChainOp
+
+    names = [name for name, _ in ChainOp._fields_]
+    out = (ctypes.c_long * (len(names) + 1))()
+    built.tm_op_layout(out)
+    assert list(out) == [ctypes.sizeof(ChainOp)] + [getattr(ChainOp, name).offset for name in names]
+
+
 def test_the_support_rule_is_the_c_librarys():
     from tinymnist.accel.kernels import library, supports
 

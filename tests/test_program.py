@@ -67,6 +67,19 @@ def test_a_program_step_is_bit_identical_to_the_layer_by_layer_step(built, name,
     _assert_same(_steps(layers, batches), _steps(prog, batches))
 
 
+@pytest.mark.parametrize("momenta", ["cumulative", "mixed"])
+def test_running_statistics_move_as_layer_by_layer_whatever_the_momenta(built, momenta):
+    """A program moves its batch norms' running statistics in a few calls when they share one momentum; a cumulative
+    average (momentum None) or mixed momenta take the one-by-one path, with the same bits."""
+    torch.manual_seed(0)
+    model = create_model("Model_15")
+    for j, m in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        m.momentum = None if momenta == "cumulative" else (0.1, 0.3)[j % 2]
+    layers, prog = _pair(model)
+    batches = _batches()
+    _assert_same(_steps(layers, batches), _steps(prog, batches))
+
+
 def test_two_forward_passes_before_one_backward_keep_their_own_buffers(built):
     """Sharpness-aware minimisation runs a second forward pass while the first one's graph may live; and logits a
     caller keeps are not overwritten by the next step."""

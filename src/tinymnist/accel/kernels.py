@@ -85,7 +85,24 @@ PROTOTYPES = {
     "tm_dwconv_backward": (_P, _L, _L, _L, _I, _P, _I, _I, _P, _P, _P, _I),
     "tm_set_spin": (_L,),
     "tm_bn_supports": (_I,),
+    "tm_chain_forward": (_P, _I, _I),
+    "tm_chain_backward": (_P, _I, _I),
+    "tm_op_layout": (_P,),
 }
+
+
+class ChainOp(ctypes.Structure):
+    """One op of a chain the C library runs in one call (csrc/kernels.c: tm_op, tm_chain_forward and
+    tm_chain_backward; accel/program.py builds them): its kernel (CHAIN_KINDS), its input's shape (N, H, W, C,
+    channels-last) and its memory. Field for field the C struct (tm_op_layout says where C puts each)."""
+
+    _fields_ = [(name, _L) for name in ("kind", "n", "h", "w", "c", "co", "k", "act")] + [
+        ("eps", _D), ("slope", _F)] + [(name, _P) for name in (
+            "x", "out", "weight", "bias", "mean", "var", "coef", "idx", "g", "dx", "dweight", "dbias")] + [
+        ("ns_forward", _L), ("ns_backward", _L)]
+
+
+CHAIN_KINDS = {"conv": 0, "dwconv": 1, "bn": 2, "pool": 3}  # csrc/kernels.c: OP_CONV ...
 
 
 def supports(channels: int) -> bool:

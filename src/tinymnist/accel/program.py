@@ -5,8 +5,13 @@ Why: at batch 32 a training step of the answer (Model_15) is about 40 kernel cal
 microseconds each, and around each PyTorch added an autograd node, a ctypes call with its argument checks, new
 output tensors, layout checks on every input and gradient, and the batch-norm running statistics as separate small
 ops. A profile of that step (torch.profiler, 1 thread, AMD EPYC AVX-512) put the forward pass at twice the time of
-its kernels. A program walks the chain once per step with plain Python calls into the same kernels, on buffers it
-allocated for this batch shape the first time it met it.
+its kernels. A program runs each run of kernel leaves in one call of the C library (tm_chain_forward,
+tm_chain_backward: the same kernels, called from C in the same order) on buffers it allocated for this batch shape
+the first time it met it, and moves all its batch norms' running statistics in a few calls. Where a program had
+walked its leaves in Python, one ctypes call each, a py-spy profile (1 thread, the same host) put that Python at
+about a sixth of the step; one call per run of leaves took a step of Model_15 at batch 32 from 9.5 to 8.1 ms at
+1 thread and from 6.5 to 5.1 ms at 2 (a scratch script, one process after the other; `tinymnist bench
+--small-batches` is the repeatable measure).
 
 Results: the same kernels run on the same inputs in the same order, and the few layers that are not kernels (the
 global average pool, a flatten, a dropout) run on PyTorch's own ops and their own autograd, as before. So a step
@@ -27,6 +32,8 @@ the next step.
 
 from __future__ import annotations
 
+import ctypes
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -34,9 +41,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .kernels import ACTIVATIONS, BatchNormAct, Conv2d, MaxPool2x2, _check, library, threads
+from .kernels import ACTIVATIONS, CHAIN_KINDS, BatchNormAct, ChainOp, Conv2d, MaxPool2x2, _check, library, threads
 
 _CL = torch.channels_last
+_KERNEL_KINDS = ("conv", "bn", "pool")  # what a chain of the C library runs
 
 
 def _cl(t: torch.Tensor) -> torch.Tensor:
@@ -73,11 +81,14 @@ def compile_chain(seq: nn.Sequential) -> Optional[list[nn.Module]]:
 @dataclass
 class _Buffers:
     """One forward pass's activations, for one input shape: each op's output (and a max pool's winners), and
-    each op's input gradient in the backward pass."""
+    each op's input gradient in the backward pass; and each chain's ops for the C library, pointing at them."""
 
     out: list = field(default_factory=list)
     extra: list = field(default_factory=list)  # a pool's winners; a batch norm's [mean; var] and coefficients
     grad: list = field(default_factory=list)
+    chains: dict = field(default_factory=dict)  # a chain's first leaf -> its ChainOp array
+    stats: Optional[torch.Tensor] = None  # every batch norm's [mean; var] (their extra[i][0] are views of it)
+    unbias: Optional[torch.Tensor] = None  # per element of stats: 1 for a mean, m / (m - 1) for a variance
 
 
 class _Plan:
@@ -137,7 +148,9 @@ def _kind(m: nn.Module) -> str:
 
 
 class Program:
-    """The training step of one chain of leaves (compile_chain), forward and backward, on the C kernels."""
+    """The training step of one chain of leaves (compile_chain), forward and backward, on the C kernels: each run
+    of kernel leaves (a convolution, a batch norm with its activation, a max pool) in one call of the C library
+    (tm_chain_forward, tm_chain_backward), the other leaves between them on PyTorch's ops."""
 
     def __init__(self, leaves: list[nn.Module]):
         self.leaves = leaves
@@ -147,10 +160,18 @@ class Program:
                 if all(p is not q for q in self.params):  # a tied weight is one input, its gradients summed
                     self.params.append(p)
         self.kinds = [_kind(m) for m in leaves]
+        # the order a pass walks: ("chain", first, end) for a run of kernel leaves [first, end), ("leaf", i, i + 1)
+        self.parts: list[tuple[str, int, int]] = []
+        for i, kind in enumerate(self.kinds):
+            if kind in _KERNEL_KINDS and self.parts and self.parts[-1][0] == "chain" and self.parts[-1][2] == i:
+                self.parts[-1] = ("chain", self.parts[-1][1], i + 1)
+            else:
+                self.parts.append(("chain" if kind in _KERNEL_KINDS else "leaf", i, i + 1))
         self._plans: dict[tuple, _Plan] = {}
         self._free: dict[tuple, list[_Buffers]] = {}
+        self._grad_layouts: dict[int, tuple] = {}  # a chain's first leaf -> where its gradients go (_grad_block)
         # a list to time each leaf into ((leaf index, "forward" or "backward", seconds) per call), else None: what
-        # `tinymnist bench --layers` reads; off, it costs one test per leaf
+        # `tinymnist bench --layers` reads (a chain's leaves as the C library timed them)
         self.clock: Optional[list] = None
 
     def plan(self, shape: torch.Size) -> _Plan:
@@ -198,59 +219,124 @@ class Program:
             if isinstance(m, MaxPool2x2):
                 b.extra.append(torch.empty(shape_out, dtype=torch.uint8, memory_format=_CL))
             elif isinstance(m, BatchNormAct):
-                c = shape_in[1]
-                b.extra.append((torch.empty((2, c), dtype=torch.float64), torch.empty((3, c))))
+                b.extra.append([None, torch.empty((3, shape_in[1]))])
             else:
                 b.extra.append(None)
+        # the batch norms' statistics in one tensor, so that their running statistics move in a few calls (_track)
+        bns = [i for i, m in enumerate(self.leaves) if isinstance(m, BatchNormAct)]
+        b.stats = torch.empty(sum(2 * plan.shapes[i][1] for i in bns), dtype=torch.float64)
+        b.unbias = torch.ones_like(b.stats)
+        at = 0
+        for i in bns:
+            n, c, h, w = plan.shapes[i]
+            m = n * h * w
+            b.extra[i][0] = b.stats[at:at + 2 * c].view(2, c)
+            b.unbias[at + c:at + 2 * c] = m / max(m - 1, 1)  # BatchNormAct.track's factor, as a double
+            at += 2 * c
+        for part, first, end in self.parts:
+            if part == "chain":
+                b.chains[first] = self._chain_ops(b, plan, first, end)
         return b
+
+    def _chain_ops(self, b: _Buffers, plan: _Plan, first: int, end: int) -> ctypes.Array:
+        """The ops of leaves [first, end) over the buffers `b`: all but what a step sets (the chain's input, its
+        output's gradient, the weights and their gradients)."""
+        ops = (ChainOp * (end - first))()
+        for op, i in zip(ops, range(first, end)):
+            m, kind = self.leaves[i], self.kinds[i]
+            op.n, op.c, op.h, op.w = plan.shapes[i]
+            op.out, op.dx = b.out[i].data_ptr(), b.grad[i].data_ptr()
+            if i > first:
+                op.x = b.out[i - 1].data_ptr()
+            if kind == "conv":
+                op.kind = CHAIN_KINDS["dwconv" if m.groups > 1 else "conv"]
+                op.co, op.k = m.weight.shape[0], m.weight.shape[-1]
+            elif kind == "bn":
+                stats, coef = b.extra[i]
+                op.kind, op.eps, op.act, op.slope = CHAIN_KINDS["bn"], m.eps, ACTIVATIONS[m.act], m.slope
+                op.mean, op.var, op.coef = stats[0].data_ptr(), stats[1].data_ptr(), coef.data_ptr()
+            else:
+                op.kind, op.idx = CHAIN_KINDS["pool"], b.extra[i].data_ptr()
+        return ops
+
+    def _point_weights(self, ops: ctypes.Array, first: int) -> list[torch.Tensor]:
+        """Point a chain's ops at the weights as they are now; returns the tensors the pointers need kept alive."""
+        keep = []
+        for op, m in zip(ops, self.leaves[first:]):
+            if isinstance(m, Conv2d):
+                weight = m.weight.detach().contiguous()  # as kernels._Conv2d: a channels-last weight is copied
+                op.weight = weight.data_ptr()
+                keep.append(weight)
+            elif isinstance(m, BatchNormAct):
+                weight, bias = (m.weight, m.bias) if m.affine else (m._unit, m._zero)
+                op.weight, op.bias = weight.data_ptr(), bias.data_ptr()
+        return keep
+
+    def _chain_check(self, code: int, first: int) -> None:
+        if code:
+            kind = self.kinds[first + code // 16 - 1]
+            _check(code % 16, "convolution kernel" if kind == "conv" else "fused batch norm kernel" if kind == "bn"
+                   else "max pool kernel")
+
+    def _track(self, key: tuple, bufs: _Buffers) -> None:
+        """Move every batch norm's running statistics toward this batch's, as BatchNormAct.track does one by one
+        (the same operations on the same numbers, so the same bits), in a few calls for all of them: the variances
+        unbiased in double and every statistic rounded to float in one call each, then one lerp_ per momentum."""
+        bns = [m for m in self.leaves if isinstance(m, BatchNormAct)]
+        if not bns:
+            return
+        momenta = {m.momentum for m in bns}
+        if None in momenta or len(momenta) > 1:  # a cumulative average, or mixed momenta: one by one
+            for i, m in enumerate(self.leaves):
+                if isinstance(m, BatchNormAct):
+                    m.track(bufs.extra[i][0], torch.empty(self._plans[key].shapes[i], device="meta"))
+            return
+        with torch.no_grad():
+            torch._foreach_add_([m.num_batches_tracked for m in bns], 1)
+            ends = (bufs.stats * bufs.unbias).float().split([m.num_features for m in bns for _ in (0, 1)])
+            torch._foreach_lerp_([t for m in bns for t in (m.running_mean, m.running_var)], list(ends),
+                                 momenta.pop())
+
+    def _clock(self, ops: ctypes.Array, first: int, direction: str) -> None:
+        field_name = "ns_" + direction
+        for i, op in enumerate(ops, first):
+            self.clock.append((i, direction, getattr(op, field_name) * 1e-9))
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         lib, n_threads = library()[0], threads()
         key = tuple(x.shape)
         bufs = self._take(key)
-        inputs: list = []  # each leaf's input, as the backward pass needs it
-        islands: list = []  # a parameterless leaf's (input that requires grad, output) for its own backward
+        inputs: dict = {}  # each chain's input, as the backward pass reads it
+        islands: list = [None] * len(self.leaves)  # a parameterless leaf's (input, output) for its own backward
         cur = x
         clock = self.clock
-        for i, (m, kind) in enumerate(zip(self.leaves, self.kinds)):
+        for part, first, end in self.parts:
+            if part == "chain":  # one call of the C library, from a channels-last input into the leaves' buffers
+                cur = _cl(cur)
+                ops = bufs.chains[first]
+                ops[0].x = cur.data_ptr()
+                keep = self._point_weights(ops, first)
+                self._chain_check(lib.tm_chain_forward(ctypes.addressof(ops), end - first, n_threads), first)
+                del keep
+                if clock is not None:
+                    self._clock(ops, first, "forward")
+                inputs[first] = cur
+                cur = bufs.out[end - 1]
+                continue
+            m, kind = self.leaves[first], self.kinds[first]
             if clock is not None:
                 t0 = time.perf_counter()
-            if kind in ("conv", "bn", "pool"):  # a C kernel, from a channels-last input into this leaf's buffer
-                cur = _cl(cur)
-                n, c, h, w = cur.shape
-                out = bufs.out[i]
-                if kind == "conv":
-                    weight = m.weight.detach().contiguous()  # as kernels._Conv2d: a channels-last weight is copied
-                    fn = lib.tm_dwconv_forward if m.groups > 1 else lib.tm_conv_forward
-                    _check(fn(cur.data_ptr(), n, h, w, c, weight.data_ptr(), weight.shape[0], weight.shape[-1],
-                              out.data_ptr(), n_threads), "convolution kernel")
-                elif kind == "bn":
-                    weight, bias = (m.weight, m.bias) if m.affine else (m._unit, m._zero)
-                    stats, coef = bufs.extra[i]
-                    _check(lib.tm_bn_act_forward(cur.data_ptr(), n * h * w, c, weight.data_ptr(), bias.data_ptr(),
-                                                 m.eps, ACTIVATIONS[m.act], m.slope, out.data_ptr(),
-                                                 stats[0].data_ptr(), stats[1].data_ptr(), coef.data_ptr(),
-                                                 n_threads))
-                    m.track(stats, cur)
-                else:
-                    lib.tm_maxpool2_forward(cur.data_ptr(), n, h, w, c, out.data_ptr(), bufs.extra[i].data_ptr(),
-                                            n_threads)
-                inputs.append(None if kind == "pool" else cur)  # a pool's backward needs only its indices
-                islands.append(None)
-                cur = out
-            elif kind == "island":
+            if kind == "island":
                 with torch.enable_grad():
                     src = cur.detach().requires_grad_(True)
                     res = m(src)
-                inputs.append(None)
-                islands.append((src, res))
+                islands[first] = (src, res)
                 cur = res.detach()
             else:  # a flatten or a global average pool: PyTorch's op, outside autograd
-                inputs.append(None)
-                islands.append(None)
                 cur = m(cur)
             if clock is not None:
-                clock.append((i, "forward", time.perf_counter() - t0))
+                clock.append((first, "forward", time.perf_counter() - t0))
+        self._track(key, bufs)
         ctx.program_state = (key, bufs, inputs, islands)
         return cur.clone()  # the caller's own: the next step does not overwrite it
 
@@ -262,54 +348,43 @@ class Program:
         g = grad
         clock = self.clock
         shapes = self._plans[key].shapes
-        for i in range(len(self.leaves) - 1, -1, -1):
-            m, kind = self.leaves[i], self.kinds[i]
-            want_dx = i > 0 or needs_x
-            if clock is not None:
-                t0 = time.perf_counter()
-            if kind == "conv":
+        for part, first, end in reversed(self.parts):
+            if part == "chain":
                 g = _cl(g)
-                x = inputs[i]
-                n, ci, h, w = x.shape
-                weight = m.weight.detach().contiguous()
-                co, k = weight.shape[0], weight.shape[-1]
-                dx = bufs.grad[i] if want_dx else None
-                dweight = torch.empty_like(weight)
-                fn = lib.tm_dwconv_backward if m.groups > 1 else lib.tm_conv_backward
-                _check(fn(x.data_ptr(), n, h, w, ci, weight.data_ptr(), co, k, g.data_ptr(),
-                          None if dx is None else dx.data_ptr(), dweight.data_ptr(), n_threads),
-                       "convolution kernel")
-                grads.setdefault(id(m.weight), []).append(dweight)
-                g = dx
-            elif kind == "bn":
-                g = _cl(g)
-                x = inputs[i]
-                n, c, h, w = x.shape
-                stats, coef = bufs.extra[i]
-                dx, dweight, dbias = bufs.grad[i], x.new_empty(c), x.new_empty(c)
-                _check(lib.tm_bn_act_backward(g.data_ptr(), bufs.out[i].data_ptr(), x.data_ptr(), n * h * w, c,
-                                              stats[0].data_ptr(), coef.data_ptr(), ACTIVATIONS[m.act], m.slope,
-                                              dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), n_threads))
-                if m.affine:
-                    grads.setdefault(id(m.weight), []).append(dweight)
-                    grads.setdefault(id(m.bias), []).append(dbias)
-                g = dx
-            elif kind == "pool":
-                g = _cl(g)
-                dx = bufs.grad[i]
-                n, c, h, w = dx.shape
-                lib.tm_maxpool2_backward(g.data_ptr(), bufs.extra[i].data_ptr(), n, h, w, c, dx.data_ptr(),
-                                         n_threads)
-                g = dx
-            elif kind == "island":
-                src, res = islands[i]
-                (g,) = torch.autograd.grad(res, src, g)
-            elif kind == "flatten":
-                g = g.reshape(shapes[i])
-            elif kind == "gap":  # the mean's gradient, as autograd writes it: g spread over the map, over its size
-                g = (g / (shapes[i][2] * shapes[i][3])).expand(shapes[i])
-            if clock is not None:
-                clock.append((i, "backward", time.perf_counter() - t0))
+                ops = bufs.chains[first]
+                ops[end - first - 1].g = g.data_ptr()
+                keep = self._point_weights(ops, first)
+                if first == 0 and self.kinds[0] == "conv":  # the network's input: its gradient only if asked for
+                    ops[0].dx = bufs.grad[0].data_ptr() if needs_x else None
+                flat, views = self._grad_block(first, end)
+                for op, (dweight, dbias) in zip(ops, views):
+                    op.dweight = None if dweight is None else dweight.data_ptr()
+                    op.dbias = None if dbias is None else dbias.data_ptr()
+                self._chain_check(lib.tm_chain_backward(ctypes.addressof(ops), end - first, n_threads), first)
+                del keep
+                if clock is not None:
+                    self._clock(ops, first, "backward")
+                for i in range(end - 1, first - 1, -1):  # the order the pass made them: the last leaf's first
+                    m, (dweight, dbias) = self.leaves[i], views[i - first]
+                    if self.kinds[i] == "conv":
+                        grads.setdefault(id(m.weight), []).append(dweight)
+                    elif self.kinds[i] == "bn" and m.affine:
+                        grads.setdefault(id(m.weight), []).append(dweight)
+                        grads.setdefault(id(m.bias), []).append(dbias)
+                g = None if ops[0].dx is None else bufs.grad[first]
+            else:
+                kind = self.kinds[first]
+                if clock is not None:
+                    t0 = time.perf_counter()
+                if kind == "island":
+                    src, res = islands[first]
+                    (g,) = torch.autograd.grad(res, src, g)
+                elif kind == "flatten":
+                    g = g.reshape(shapes[first])
+                elif kind == "gap":  # the mean's gradient, as autograd writes it: g spread over the map, over its size
+                    g = (g / (shapes[first][2] * shapes[first][3])).expand(shapes[first])
+                if clock is not None:
+                    clock.append((first, "backward", time.perf_counter() - t0))
             if g is None:
                 break
         self._give(key, bufs)
@@ -324,6 +399,27 @@ class Program:
                 total = total + more
             out.append(total)
         return (g if needs_x else None, *out)
+
+    def _grad_block(self, first: int, end: int) -> tuple[torch.Tensor, list[tuple]]:
+        """New memory for the gradients a chain's backward pass writes, in one allocation: per leaf (dweight, dbias),
+        views of it shaped as the parameters (None where the leaf has none; a batch norm without affine weights
+        still gets the two it writes)."""
+        layout = self._grad_layouts.get(first)
+        if layout is None:
+            shapes = []
+            for m in self.leaves[first:end]:
+                if isinstance(m, Conv2d):
+                    shapes.append((tuple(m.weight.shape), None))
+                elif isinstance(m, BatchNormAct):
+                    shapes.append(((m.num_features,), (m.num_features,)))
+                else:
+                    shapes.append((None, None))
+            flat_shapes = [s for pair in shapes for s in pair if s is not None]
+            layout = self._grad_layouts[first] = (shapes, flat_shapes, [math.prod(s) for s in flat_shapes])
+        shapes, flat_shapes, sizes = layout
+        flat = torch.empty(sum(sizes))
+        parts = iter([v.view(s) for v, s in zip(flat.split(sizes), flat_shapes)])
+        return flat, [tuple(None if s is None else next(parts) for s in pair) for pair in shapes]
 
 
 class _Run(torch.autograd.Function):

@@ -25,7 +25,7 @@
 
 #define CHUNKS 64      /* fixed reduction slices: sums do not depend on the thread count */
 #define MAXU 1024      /* largest unit: C up to 128 always fits */
-#define SERIAL 32768   /* below this many elements one thread is faster than waking the others */
+#define SERIAL 2048    /* below this many elements one thread is faster than waking the others */
 #define INLINE static inline __attribute__((always_inline))
 
 
@@ -948,4 +948,105 @@ int tm_dwconv_backward(const float *x, long N, long H, long W, int C, const floa
     tm_run(dw_bwd_task, &a, N * OH * OW * C > SERIAL ? threads : 1);
     free(wt); free(part);
     return atomic_load(&a.failed) ? 2 : 0;
+}
+
+/* ---- a chain of the kernels above in one call: the forward or the backward pass of a program's run of kernel
+ * leaves (accel/program.py), one op after the other, each op the same call with the same arguments as the caller
+ * would make it, so the results are bit for bit those of calling them one by one.
+ *
+ * Why: at batch 32 a step of the answer is about 40 such calls of tens to hundreds of microseconds, and between
+ * them Python fetched each tensor's pointer and shape and marshalled a dozen ctypes arguments. A profile of that
+ * step (py-spy, 1 thread, AMD EPYC AVX-512) put the program's Python around its kernels at about a sixth of it.
+ *
+ * An op names its kernel, its input's shape (N, H, W, C: channels-last) and its memory. The caller builds the array
+ * once per set of buffers and, each step, sets what changes: the chain's input, the last op's output gradient, and
+ * the parameters' gradients (new tensors every step). In the backward pass, op i's output gradient is op i+1's dx.
+ * Returns 0, or (the op's index + 1) * 16 + its kernel's error code. Layout: kernels.py's ChainOp, field for field (tm_op_layout). */
+enum { OP_CONV = 0, OP_DWCONV = 1, OP_BN = 2, OP_POOL = 3 };
+
+typedef struct {
+    long kind, n, h, w, c, co, k, act;
+    double eps;
+    float slope;
+    const float *x;                  /* the input (the forward pass reads it; the backward pass too) */
+    float *out;                      /* the output */
+    const float *weight, *bias;      /* a convolution's weight; a batch norm's weight and bias */
+    double *mean, *var;              /* a batch norm's batch mean and variance, as the forward pass leaves them */
+    float *coef;                     /* ... and its coefficients */
+    unsigned char *idx;              /* a pool's winners */
+    const float *g;                  /* the output's gradient */
+    float *dx;                       /* the input's gradient; NULL: not wanted (a convolution only) */
+    float *dweight, *dbias;          /* the parameters' gradients */
+    long ns_forward, ns_backward;    /* written: how long the op's kernel took, in nanoseconds (bench --layers) */
+} tm_op;
+
+/* sizeof(tm_op), then each field's offset, in order: what tests/test_kernels.py holds ChainOp to */
+void tm_op_layout(long *out) {
+    long i = 0;
+    out[i++] = sizeof(tm_op);
+#define OFF(f) out[i++] = (long)__builtin_offsetof(tm_op, f);
+    OFF(kind) OFF(n) OFF(h) OFF(w) OFF(c) OFF(co) OFF(k) OFF(act) OFF(eps) OFF(slope) OFF(x) OFF(out) OFF(weight)
+    OFF(bias) OFF(mean) OFF(var) OFF(coef) OFF(idx) OFF(g) OFF(dx) OFF(dweight) OFF(dbias) OFF(ns_forward)
+    OFF(ns_backward)
+#undef OFF
+}
+
+int tm_chain_forward(tm_op *ops, int count, int threads) {
+    for (int i = 0; i < count; i++) {
+        tm_op *o = &ops[i];
+        const long t0 = now_ns();
+        int rc = 0;
+        switch (o->kind) {
+        case OP_CONV:
+            rc = tm_conv_forward(o->x, o->n, o->h, o->w, (int)o->c, o->weight, (int)o->co, (int)o->k, o->out, threads);
+            break;
+        case OP_DWCONV:
+            rc = tm_dwconv_forward(o->x, o->n, o->h, o->w, (int)o->c, o->weight, (int)o->co, (int)o->k, o->out,
+                                   threads);
+            break;
+        case OP_BN:
+            rc = tm_bn_act_forward(o->x, o->n * o->h * o->w, (int)o->c, o->weight, o->bias, o->eps, (int)o->act,
+                                   o->slope, o->out, o->mean, o->var, o->coef, threads);
+            break;
+        case OP_POOL:
+            tm_maxpool2_forward(o->x, o->n, o->h, o->w, (int)o->c, o->out, o->idx, threads);
+            break;
+        default:
+            rc = 15;
+        }
+        if (rc) return (i + 1) * 16 + rc;
+        o->ns_forward = now_ns() - t0;
+    }
+    return 0;
+}
+
+int tm_chain_backward(tm_op *ops, int count, int threads) {
+    for (int i = count - 1; i >= 0; i--) {
+        tm_op *o = &ops[i];
+        const long t0 = now_ns();
+        const float *g = i == count - 1 ? o->g : ops[i + 1].dx;
+        int rc = 0;
+        switch (o->kind) {
+        case OP_CONV:
+            rc = tm_conv_backward(o->x, o->n, o->h, o->w, (int)o->c, o->weight, (int)o->co, (int)o->k, g, o->dx,
+                                  o->dweight, threads);
+            break;
+        case OP_DWCONV:
+            rc = tm_dwconv_backward(o->x, o->n, o->h, o->w, (int)o->c, o->weight, (int)o->co, (int)o->k, g, o->dx,
+                                    o->dweight, threads);
+            break;
+        case OP_BN:
+            rc = tm_bn_act_backward(g, o->out, o->x, o->n * o->h * o->w, (int)o->c, o->mean, o->coef, (int)o->act,
+                                    o->slope, o->dx, o->dweight, o->dbias, threads);
+            break;
+        case OP_POOL:
+            tm_maxpool2_backward(g, o->idx, o->n, o->h, o->w, (int)o->c, o->dx, threads);
+            break;
+        default:
+            rc = 15;
+        }
+        if (rc) return (i + 1) * 16 + rc;
+        o->ns_backward = now_ns() - t0;
+    }
+    return 0;
 }
