@@ -112,6 +112,20 @@ def test_a_program_is_the_same_at_1_2_and_3_threads(built):
     _assert_same(runs[0], runs[2])
 
 
+def test_a_training_pass_without_autograd_runs_layer_by_layer(built):
+    """No backward pass would give a program's buffers back: such a pass runs the layers, with the same logits and
+    running statistics, and takes no buffers."""
+    from tinymnist.accel.program import programs
+
+    torch.manual_seed(0)
+    layers, prog = _pair(create_model("Model_15"))
+    x, _ = _batches(1)[0]
+    with torch.no_grad():
+        assert torch.equal(layers(x), prog(x))
+    assert all(torch.equal(a, b) for a, b in zip(layers.state_dict().values(), prog.state_dict().values()))
+    assert programs(prog) and all(not p._free for p in programs(prog))
+
+
 def test_evaluation_and_other_dtypes_run_layer_by_layer(built):
     torch.manual_seed(0)
     layers, prog = _pair(create_model("Model_15"))

@@ -435,7 +435,8 @@ class _Run(torch.autograd.Function):
 
 class KernelSequential(nn.Sequential):
     """nn.Sequential (the same children, so the same state_dict keys) that trains as one Program where the
-    kernels take its input: float32 CPU tensors in training mode. Otherwise, layer by layer, as nn.Sequential."""
+    kernels take its input: float32 CPU tensors in training mode, with autograd on. Otherwise, layer by layer, as
+    nn.Sequential."""
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -444,8 +445,10 @@ class KernelSequential(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prog = self._program
-        if (prog is None or not self.training or x.device.type != "cpu" or x.dtype != torch.float32
-                or not prog.plan(x.shape).ok):
+        if (prog is None or not self.training or not torch.is_grad_enabled() or x.device.type != "cpu"
+                or x.dtype != torch.float32 or not prog.plan(x.shape).ok):
+            # a training-mode pass without autograd (no backward pass would give its buffers back) runs layer by
+            # layer too: the same results
             return super().forward(x)
         return _Run.apply(prog, x, *prog.params)
 
