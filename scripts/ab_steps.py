@@ -9,8 +9,11 @@ these virtual hosts differed by more than the change measured (results/bench-sma
 so). Here each measurement is a fresh process of one tree (its own src/ on PYTHONPATH) timing `--steps` training
 steps of the step's recipe on one fixed batch, after 30 warm-up steps, with that tree's own bench helpers; the
 trees take turns within every round, thread count by thread count, so a host whose speed drifts biases neither.
-The report is the median images/s of each (tree, threads) and each tree's ratio to the first tree's, round by round
-paired. The hardware and versions are read, not typed; each tree's commit and whether it was dirty are recorded.
+Right after its steps, each process measures the fp32 matrix-multiply rate at the same thread count (bench's
+gemm_peak_gflops): on a host whose speed drifts by a third within the hour, images/s per GFLOP/s of that moment is
+the steadier figure. The report is, per (tree, threads), the median images/s and images/s per peak GFLOP/s, and
+each tree's ratio of both to the first tree's, round by round paired. Each process imports tinymnist before torch,
+as the CLI does. The hardware and versions are read, not typed; each tree's commit and whether it was dirty are recorded.
 """
 
 from __future__ import annotations
@@ -29,16 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # run in a child, from one tree: the images/s of STEPS steps of the recipe on a fixed batch (bench's own helpers;
 # their modules moved when the package took its layers, hence the fallbacks)
 CHILD = r"""
+import tinymnist  # first, as the CLI: its OpenMP and heap policy apply before torch loads
 import json, sys, time, torch
 from dataclasses import replace
 step_name, model, batch, threads, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 try:
-    from tinymnist.apps.bench import _train_step, _timed_steps
+    from tinymnist.apps.bench import _train_step, _timed_steps, gemm_peak_gflops
     from tinymnist.lab.series import get_step
     from tinymnist.core.plan import resolve_for
     from tinymnist.accel.device import configure_threads, hardware
 except ImportError:
-    from tinymnist.bench import _train_step, _timed_steps
+    from tinymnist.bench import _train_step, _timed_steps, gemm_peak_gflops
     from tinymnist.experiments import get_step
     from tinymnist.engine import resolve_for
     from tinymnist.device import configure_threads, hardware
@@ -52,7 +56,8 @@ g = torch.Generator().manual_seed(0)
 fixed = (torch.rand(batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batch,), generator=g))
 batches = iter(lambda: fixed, None)
 _timed_steps(batches, step, 30, dev)
-print(json.dumps({"images_per_s": _timed_steps(batches, step, steps, dev), "model": cfg.model,
+rate = _timed_steps(batches, step, steps, dev)
+print(json.dumps({"images_per_s": rate, "gemm_gflops": gemm_peak_gflops(dev, seconds=1.0), "model": cfg.model,
                   "threads": torch.get_num_threads()}))
 """
 
@@ -92,21 +97,29 @@ def main(argv: list[str] | None = None) -> int:
     if len(trees) < 2:
         raise SystemExit("ab_steps: name two trees or more")
     runs: dict = {f"{name}@{t}": [] for t in args.threads for name in trees}
+    peaks: dict = {key: [] for key in runs}
     for r in range(args.rounds):
         for t in args.threads:
             order = list(trees) if r % 2 == 0 else list(reversed(trees))  # who goes first alternates too
             for name in order:
                 got = measure(trees[name], args.step, args.model, args.batch_size, t, args.steps)
                 runs[f"{name}@{t}"].append(got["images_per_s"])
-                print(f"round {r + 1} {name} {t} thread(s): {got['images_per_s']:,.0f} images/s", flush=True)
+                peaks[f"{name}@{t}"].append(got["gemm_gflops"])
+                print(f"round {r + 1} {name} {t} thread(s): {got['images_per_s']:,.0f} images/s, matrix multiply "
+                      f"{got['gemm_gflops']:.0f} GFLOP/s", flush=True)
     first = next(iter(trees))
     summary = {}
     for t in args.threads:
         for name in trees:
             mine, base = runs[f"{name}@{t}"], runs[f"{first}@{t}"]
+            norm = [a / p for a, p in zip(mine, peaks[f"{name}@{t}"])]
+            norm_base = [a / p for a, p in zip(base, peaks[f"{first}@{t}"])]
             summary[f"{name}@{t}"] = {"median_images_per_s": round(statistics.median(mine), 1),
                                       f"paired_ratio_to_{first}": round(statistics.median(
-                                          a / b for a, b in zip(mine, base)), 3)}
+                                          a / b for a, b in zip(mine, base)), 3),
+                                      "median_images_per_s_per_gflops": round(statistics.median(norm), 2),
+                                      f"paired_ratio_per_gflops_to_{first}": round(statistics.median(
+                                          a / b for a, b in zip(norm, norm_base)), 3)}
     for name in trees:
         if len(args.threads) > 1:
             lo, hi = min(args.threads), max(args.threads)
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "dirty": bool(_git(path, "status", "--porcelain",
                                                                          "--untracked-files=no"))}
                                                for name, path in trees.items()},
-              "runs": runs, "summary": summary,
+              "runs": runs, "gemm_gflops": peaks, "summary": summary,
               "env": {"hardware": hardware(torch.device("cpu")), "torch": torch.__version__,
                       "python": platform.python_version(), "cpu_count": os.cpu_count(),
                       "command": "python scripts/ab_steps.py " + " ".join(argv if argv is not None else sys.argv[1:])}}
