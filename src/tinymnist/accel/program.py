@@ -7,11 +7,11 @@ output tensors, layout checks on every input and gradient, and the batch-norm ru
 ops. A profile of that step (torch.profiler, 1 thread, AMD EPYC AVX-512) put the forward pass at twice the time of
 its kernels. A program runs each run of kernel leaves in one call of the C library (tm_chain_forward,
 tm_chain_backward: the same kernels, called from C in the same order) on buffers it allocated for this batch shape
-the first time it met it, and moves all its batch norms' running statistics in a few calls. Where a program had
-walked its leaves in Python, one ctypes call each, a py-spy profile (1 thread, the same host) put that Python at
-about a sixth of the step; one call per run of leaves took a step of Model_15 at batch 32 from 9.5 to 8.1 ms at
-1 thread and from 6.5 to 5.1 ms at 2 (a scratch script, one process after the other; `tinymnist bench
---small-batches` is the repeatable measure).
+the first time it met it, and moves all its batch norms' running statistics in a few calls. Measured against
+the walk over leaves in Python that it replaced (scripts/ab_steps.py, the two versions taking turns on one AMD EPYC
+AVX-512 host, results/bench-chains/): a step of Model_15 at batch 32 gained 2.5% at 1 thread and 5% at 2 (9% and
+5% per GFLOP/s of the machine's matrix multiply at that moment). The Python between the kernels was a small part of
+the step; the kernels themselves, the 3x3 convolutions first, are most of it (`tinymnist bench --layers`).
 
 Results: the same kernels run on the same inputs in the same order, and the few layers that are not kernels (the
 global average pool, a flatten, a dropout) run on PyTorch's own ops and their own autograd, as before. So a step
