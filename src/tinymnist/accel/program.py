@@ -169,6 +169,7 @@ class Program:
                 self.parts.append(("chain" if kind in _KERNEL_KINDS else "leaf", i, i + 1))
         self._plans: dict[tuple, _Plan] = {}
         self._free: dict[tuple, list[_Buffers]] = {}
+        self._bns = [m for m in leaves if isinstance(m, BatchNormAct)]
         self._grad_layouts: dict[int, tuple] = {}  # a chain's first leaf -> where its gradients go (_grad_block)
         # a list to time each leaf into ((leaf index, "forward" or "backward", seconds) per call), else None: what
         # `tinymnist bench --layers` reads (a chain's leaves as the C library timed them)
@@ -282,10 +283,10 @@ class Program:
         """Move every batch norm's running statistics toward this batch's, as BatchNormAct.track does one by one
         (the same operations on the same numbers, so the same bits), in a few calls for all of them: the variances
         unbiased in double and every statistic rounded to float in one call each, then one lerp_ per momentum."""
-        bns = [m for m in self.leaves if isinstance(m, BatchNormAct)]
+        bns = self._bns
         if not bns:
             return
-        momenta = {m.momentum for m in bns}
+        momenta = {m.momentum for m in bns}  # read each step: sharpness-aware minimisation sets 0 for its second pass
         if None in momenta or len(momenta) > 1:  # a cumulative average, or mixed momenta: one by one
             for i, m in enumerate(self.leaves):
                 if isinstance(m, BatchNormAct):
@@ -356,7 +357,7 @@ class Program:
                 keep = self._point_weights(ops, first)
                 if first == 0 and self.kinds[0] == "conv":  # the network's input: its gradient only if asked for
                     ops[0].dx = bufs.grad[0].data_ptr() if needs_x else None
-                flat, views = self._grad_block(first, end)
+                views = self._grad_block(first, end)
                 for op, (dweight, dbias) in zip(ops, views):
                     op.dweight = None if dweight is None else dweight.data_ptr()
                     op.dbias = None if dbias is None else dbias.data_ptr()
@@ -400,7 +401,7 @@ class Program:
             out.append(total)
         return (g if needs_x else None, *out)
 
-    def _grad_block(self, first: int, end: int) -> tuple[torch.Tensor, list[tuple]]:
+    def _grad_block(self, first: int, end: int) -> list[tuple]:
         """New memory for the gradients a chain's backward pass writes, in one allocation: per leaf (dweight, dbias),
         views of it shaped as the parameters (None where the leaf has none; a batch norm without affine weights
         still gets the two it writes)."""
@@ -419,7 +420,7 @@ class Program:
         shapes, flat_shapes, sizes = layout
         flat = torch.empty(sum(sizes))
         parts = iter([v.view(s) for v, s in zip(flat.split(sizes), flat_shapes)])
-        return flat, [tuple(None if s is None else next(parts) for s in pair) for pair in shapes]
+        return [tuple(None if s is None else next(parts) for s in pair) for pair in shapes]
 
 
 class _Run(torch.autograd.Function):
