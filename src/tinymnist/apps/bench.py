@@ -24,7 +24,8 @@ from ..errors import TinyMnistError
 from ..core.data import MEAN, MNIST, STD, Loader, load_mnist
 from ..accel.device import (autocast, available_cores, configure_threads, hardware, seed_everything, sync,
                      torch_memory_format)
-from ..core.engine import evaluate, make_optimizer, train_epoch
+from ..core.engine import evaluate, train_epoch
+from ..core.optim import make_optimizer
 from ..core.plan import build_for, resolve_for
 from ..models.summary import summarize
 
