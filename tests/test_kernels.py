@@ -164,20 +164,24 @@ def test_configs_saved_before_kernels_existed_mean_native():
         TrainConfig(kernels="fast").validate()
 
 
-@pytest.mark.parametrize("shape", [(4, 16, 24, 24), (3, 10, 7, 9), (2, 3, 5, 5)])  # odd sizes drop a row/column
+@pytest.mark.parametrize("shape", [(4, 16, 24, 24), (3, 10, 7, 9), (2, 3, 5, 5), (2, 12, 22, 22), (2, 8, 6, 6),
+                                   (1, 20, 4, 6)])  # odd sizes drop a row/column; 10, 12, 20: groups of 8 overlap
 def test_the_max_pool_kernel_is_bit_identical_to_pytorchs_with_ties_and_nan(built, shape):
     from tinymnist.accel.kernels import MaxPool2x2
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     x[:, :, ::3, ::2] = 0.5  # ties inside windows: the first maximum wins in both
-    x[0, 0, 0, 0] = float("nan")  # NaN propagates in both
+    x[0, 0, 0, 0] = float("nan")  # NaN propagates in both, first in its window or not
+    x[0, -1, 1, 1] = float("nan")
+    x[-1, shape[1] // 2, 0, 1] = float("nan")
     x = x.contiguous(memory_format=CL)
     g = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, generator=torch.Generator().manual_seed(1))
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = F.max_pool2d(a, 2), MaxPool2x2().train()(b)
     ya.backward(g)
     yb.backward(g)
-    assert torch.equal(ya.nan_to_num(), yb.nan_to_num()) and yb[0, 0, 0, 0].isnan()
+    assert torch.equal(ya.nan_to_num(), yb.nan_to_num()) and torch.equal(ya.isnan(), yb.isnan())
+    assert yb[0, 0, 0, 0].isnan() and yb[0, -1, 0, 0].isnan()
     assert torch.equal(a.grad, b.grad) and b.grad.is_contiguous(memory_format=CL)
 
 

@@ -453,10 +453,47 @@ int tm_bn_act_backward(const float *g, const float *y, const float *x, long rows
  * PyTorch, so forward and backward are bit-identical to max_pool2d's. Backward writes every element of dx once:
  * the gradient where an input won, else zero (PyTorch zero-fills dx, then scatters). */
 
+/* 8 channels of one window at a time (GCC's vectors, as the convolutions below use): lanes compare and select
+   as the scalar loop's branches do, element by element, so the same maxima and winners. C >= 8: the last group of
+   8 ends at channel C, overlapping the one before when 8 does not divide C (its lanes are written twice, alike). */
+typedef float pv8 __attribute__((vector_size(32)));
+typedef float pv8u __attribute__((vector_size(32), aligned(4)));
+typedef int pi8 __attribute__((vector_size(32)));
+typedef unsigned char pb8 __attribute__((vector_size(8)));
+#define PLD(p) (*(const pv8u *)(p))
+#define PST(p, v) (*(pv8u *)(p) = (v))
+
+INLINE void pool8(const float *a, const float *b, const int C, float *o, unsigned char *id) {
+    pv8 m = PLD(a), v;
+    pi8 k = {0}, won;
+#define PICK(src, j) v = PLD(src); won = (v > m) | (v != v); \
+    m = (pv8)(((pi8)v & won) | ((pi8)m & ~won)); k = (k & ~won) | ((pi8){j, j, j, j, j, j, j, j} & won);
+    PICK(a + C, 1) PICK(b, 2) PICK(b + C, 3)
+#undef PICK
+    PST(o, m);
+    pb8 kb = __builtin_convertvector(k, pb8);
+    memcpy(id, &kb, 8);
+}
+
+INLINE void unpool8(const float *g, const unsigned char *id, const int C, float *d0, float *d1) {
+    pb8 kb;
+    memcpy(&kb, id, 8);
+    const pi8 k = __builtin_convertvector(kb, pi8), v = (pi8)PLD(g);
+    PST(d0, (pv8)(v & (k == 0))); PST(d0 + C, (pv8)(v & (k == 1)));
+    PST(d1, (pv8)(v & (k == 2))); PST(d1 + C, (pv8)(v & (k == 3)));
+}
+
 INLINE void pool_row(const float *restrict r0, const float *restrict r1, long OW, const int C, float *restrict o,
                      unsigned char *restrict id) {
     for (long ow = 0; ow < OW; ow++) {
         const float *a = r0 + 2 * ow * C, *b = r1 + 2 * ow * C;
+        if (C >= 8) {
+            for (int c = 0; c < C; c += 8) {
+                const int c0 = c + 8 <= C ? c : C - 8;
+                pool8(a + c0, b + c0, C, o + ow * C + c0, id + ow * C + c0);
+            }
+            continue;
+        }
         for (int c = 0; c < C; c++) {
             float m = a[c]; unsigned char k = 0;
             float v = a[C + c]; if (v > m || v != v) { m = v; k = 1; }
@@ -471,6 +508,13 @@ INLINE void unpool_row(const float *restrict g, const unsigned char *restrict id
                        float *restrict d0, float *restrict d1) {
     for (long ow = 0; ow < OW; ow++) {
         float *a = d0 + 2 * ow * C, *b = d1 + 2 * ow * C;
+        if (C >= 8) {
+            for (int c = 0; c < C; c += 8) {
+                const int c0 = c + 8 <= C ? c : C - 8;
+                unpool8(g + ow * C + c0, id + ow * C + c0, C, a + c0, b + c0);
+            }
+            continue;
+        }
         for (int c = 0; c < C; c++) {
             float v = g[ow * C + c]; unsigned char k = id[ow * C + c];
             a[c] = k == 0 ? v : 0.f; a[C + c] = k == 1 ? v : 0.f;
