@@ -2,7 +2,7 @@
 
     python scripts/ab_steps.py --tree before=/path/to/worktree-A --tree after=/path/to/worktree-B \
         [--step dw-gelu-8000] [--model NAME] [--batch-size 32] [--threads 1 2] [--rounds 7] [--steps 200] \
-        --out results/NAME.json
+        [--epoch --data-dir DIR] --out results/NAME.json
 
 Why: `tinymnist bench` compares pipelines of one version in one run; across commits, two bench runs minutes apart on
 these virtual hosts differed by more than the change measured (results/bench-small-batches.json as of 3c17c52 says
@@ -14,6 +14,10 @@ gemm_peak_gflops): on a host whose speed drifts by a third within the hour, imag
 the steadier figure. The report is, per (tree, threads), the median images/s and images/s per peak GFLOP/s, and
 each tree's ratio of both to the first tree's, round by round paired. Each process imports tinymnist before torch,
 as the CLI does. The hardware and versions are read, not typed; each tree's commit and whether it was dirty are recorded.
+
+With --epoch, each measurement is instead one whole epoch of the recipe on real MNIST (--data-dir), through that
+tree's own train_run: the loader, its augmentation, the step, the schedule, the average and the test pass, as a
+run trains them. Its images/s are the training images over the epoch's seconds (the history's, test pass included).
 """
 
 from __future__ import annotations
@@ -62,15 +66,43 @@ print(json.dumps({"images_per_s": rate, "gemm_gflops": gemm_peak_gflops(dev, sec
 """
 
 
+# the same, one whole epoch through the tree's train_run (its modules moved too)
+EPOCH_CHILD = r"""
+import tinymnist
+import json, sys, tempfile, torch
+from dataclasses import replace
+step_name, model, batch, threads, data_dir = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+try:
+    from tinymnist.core.runs import train_run
+    from tinymnist.lab.series import get_step
+    from tinymnist.apps.bench import gemm_peak_gflops
+except ImportError:
+    from tinymnist.runs import train_run
+    from tinymnist.experiments import get_step
+    from tinymnist.bench import gemm_peak_gflops
+cfg = get_step(step_name).config
+cfg = replace(cfg, model=model or cfg.model, batch_size=batch)
+with tempfile.TemporaryDirectory() as d:
+    _, history = train_run(cfg, out=d + "/run", data_dir=data_dir, device="cpu", threads=threads, until=1,
+                           progress=False, verbose=False)
+seconds = history[0]["seconds"]
+print(json.dumps({"images_per_s": 60000 / seconds, "epoch_seconds": seconds,
+                  "gemm_gflops": gemm_peak_gflops(torch.device("cpu"), seconds=1.0), "model": cfg.model,
+                  "threads": torch.get_num_threads()}))
+"""
+
+
 def _git(tree: Path, *args: str) -> str:
     out = subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True)
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
-def measure(tree: Path, step: str, model: str, batch: int, threads: int, steps: int) -> dict:
+def measure(tree: Path, step: str, model: str, batch: int, threads: int, steps: int, data_dir: str = "") -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
-    out = subprocess.run([sys.executable, "-c", CHILD, step, model, str(batch), str(threads), str(steps)],
-                         cwd=tree, env=env, capture_output=True, text=True, timeout=900)
+    child = [EPOCH_CHILD, step, model, str(batch), str(threads), data_dir] if data_dir else \
+        [CHILD, step, model, str(batch), str(threads), str(steps)]
+    out = subprocess.run([sys.executable, "-c", *child], cwd=tree, env=env, capture_output=True, text=True,
+                         timeout=900)
     if out.returncode != 0:
         lines = out.stderr.strip().splitlines() or [f"exit status {out.returncode}"]
         raise SystemExit(f"ab_steps: {tree}: {lines[-1]}")
@@ -86,8 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--epoch", action="store_true", help="time one whole epoch on real MNIST instead of --steps")
+    p.add_argument("--data-dir", default=os.environ.get("TINYMNIST_DATA", ""), help="the MNIST files (--epoch)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.epoch and not args.data_dir:
+        raise SystemExit("ab_steps: --epoch trains on real MNIST: name its directory (--data-dir or TINYMNIST_DATA)")
     trees = {}
     for spec in args.tree:
         name, _, path = spec.partition("=")
@@ -102,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         for t in args.threads:
             order = list(trees) if r % 2 == 0 else list(reversed(trees))  # who goes first alternates too
             for name in order:
-                got = measure(trees[name], args.step, args.model, args.batch_size, t, args.steps)
+                got = measure(trees[name], args.step, args.model, args.batch_size, t, args.steps,
+                              args.data_dir if args.epoch else "")
                 runs[f"{name}@{t}"].append(got["images_per_s"])
                 peaks[f"{name}@{t}"].append(got["gemm_gflops"])
-                print(f"round {r + 1} {name} {t} thread(s): {got['images_per_s']:,.0f} images/s, matrix multiply "
-                      f"{got['gemm_gflops']:.0f} GFLOP/s", flush=True)
+                epoch = f" (an epoch in {got['epoch_seconds']:.1f} s)" if args.epoch else ""
+                print(f"round {r + 1} {name} {t} thread(s): {got['images_per_s']:,.0f} images/s{epoch}, matrix "
+                      f"multiply {got['gemm_gflops']:.0f} GFLOP/s", flush=True)
     first = next(iter(trees))
     summary = {}
     for t in args.threads:
@@ -132,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from tinymnist.accel.device import hardware
 
-    result = {"step": args.step, "model": args.model or None, "batch_size": args.batch_size, "steps": args.steps,
+    result = {"step": args.step, "model": args.model or None, "batch_size": args.batch_size,
+              "unit": "one epoch on real MNIST, test pass included" if args.epoch else f"{args.steps} steps",
+              "steps": None if args.epoch else args.steps,
               "rounds": args.rounds, "trees": {name: {"commit": _git(path, "rev-parse", "HEAD"),
                                                       "dirty": bool(_git(path, "status", "--porcelain",
                                                                          "--untracked-files=no"))}
