@@ -16,7 +16,7 @@ def _params(seed=0):
 def _grads(params, step, skip=()):
     gen = torch.Generator().manual_seed(1000 + step)
     for i, p in enumerate(params):
-        p.grad = None if i in skip else torch.randn(p.shape, generator=gen)
+        p.grad = None if i in skip else torch.randn(p.shape, generator=gen).to(p.dtype)
 
 
 @pytest.mark.parametrize("kw", [
@@ -88,3 +88,17 @@ def test_the_recipes_sgd_is_the_lean_one():
     opt = make_optimizer(model, TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True))
     assert isinstance(opt, LeanSGD) and opt.param_groups[0]["nesterov"] and opt.param_groups[0]["foreach"]
     assert isinstance(make_optimizer(model, TrainConfig(optimizer="adam", lr=1e-3)), torch.optim.Adam)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_lean_sgd_in_other_dtypes_is_pytorchs(dtype):
+    # the momentum multiplies as a number of the parameters' own dtype, as PyTorch's does
+    ours, theirs = ([p.to(dtype).detach().requires_grad_() for p in _params()] for _ in range(2))
+    a = LeanSGD(ours, lr=0.1, momentum=0.9, nesterov=True)
+    b = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, nesterov=True, foreach=True)
+    for step in range(4):
+        for params in (ours, theirs):
+            _grads(params, step)
+        a.step()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))

@@ -31,6 +31,13 @@ class LeanSGD(torch.optim.SGD):
         first = params[0]
         return all(p.device == first.device and p.dtype == first.dtype and not p.grad.is_sparse for p in params)
 
+    @staticmethod
+    def _scalar(value: float, like: torch.Tensor):
+        """`value` for a foreach multiply: on a CPU a 0-dim tensor of the parameters' dtype, which the multiply reads as
+        it reads a Python number (converted to that dtype), without wrapping the number again for every tensor (50
+        against 13 us for the answer's 28 tensors, a scratch timing); elsewhere the number itself."""
+        return torch.tensor(value, dtype=like.dtype) if like.device.type == "cpu" else value
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -52,7 +59,7 @@ class LeanSGD(torch.optim.SGD):
                 states = [self.state[p] for p in params]
                 bufs = [s.get("momentum_buffer") for s in states]
                 if all(b is not None for b in bufs):
-                    torch._foreach_mul_(bufs, momentum)
+                    torch._foreach_mul_(bufs, self._scalar(momentum, params[0]))
                     torch._foreach_add_(bufs, grads, alpha=1 - group["dampening"])
                 else:  # the first step, as PyTorch takes it: a buffer is a copy of its gradient
                     for i, (state, buf) in enumerate(zip(states, bufs)):
