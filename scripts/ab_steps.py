@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("ab_steps: name two trees or more")
     runs: dict = {f"{name}@{t}": [] for t in args.threads for name in trees}
     peaks: dict = {key: [] for key in runs}
+    models: dict = {}
     for r in range(args.rounds):
         for t in args.threads:
             order = list(trees) if r % 2 == 0 else list(reversed(trees))  # who goes first alternates too
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                               args.data_dir if args.epoch else "")
                 runs[f"{name}@{t}"].append(got["images_per_s"])
                 peaks[f"{name}@{t}"].append(got["gemm_gflops"])
+                models[name] = got["model"]
                 epoch = f" (an epoch in {got['epoch_seconds']:.1f} s)" if args.epoch else ""
                 print(f"round {r + 1} {name} {t} thread(s): {got['images_per_s']:,.0f} images/s{epoch}, matrix "
                       f"multiply {got['gemm_gflops']:.0f} GFLOP/s", flush=True)
@@ -171,13 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     from tinymnist.accel.device import hardware
 
     result = {"step": args.step, "model": args.model or None, "batch_size": args.batch_size,
-              "unit": "one epoch on real MNIST, test pass included" if args.epoch else f"{args.steps} steps",
+              "unit": "one epoch on real MNIST, test pass included" if args.epoch else f"{args.steps} steps on one fixed batch",
               "steps": None if args.epoch else args.steps,
               "rounds": args.rounds, "trees": {name: {"commit": _git(path, "rev-parse", "HEAD"),
                                                       "dirty": bool(_git(path, "status", "--porcelain",
                                                                          "--untracked-files=no"))}
                                                for name, path in trees.items()},
-              "runs": runs, "gemm_gflops": peaks, "summary": summary,
+              "models": models, "runs": runs, "gemm_gflops": peaks, "summary": summary,
               "env": {"hardware": hardware(torch.device("cpu")), "torch": torch.__version__,
                       "python": platform.python_version(), "cpu_count": os.cpu_count(),
                       "command": "python scripts/ab_steps.py " + " ".join(argv if argv is not None else sys.argv[1:])}}

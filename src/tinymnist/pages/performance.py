@@ -22,7 +22,7 @@ def render_performance(results: Path = RESULTS) -> str:
                            g=lambda v: f"{v:g}", kernels_text=_kernels_text, wait=_wait)
     lines = text.rstrip("\n").split("\n")
     if b is not None:
-        lines += _small_batch_lines(results) + _layer_lines(results) + _timed_checks(results)
+        lines += _small_batch_lines(results) + _layer_lines(results) + _version_lines(results) + _timed_checks(results)
     return "\n".join([start, NOTE, "", *lines, "", end])
 
 
@@ -80,6 +80,12 @@ def _layer_lines(results: Path) -> list[str]:
     """Where a step of the answer goes, layer by layer, from one bench --layers run."""
     lt = Records(results).layer_times()
     return [] if lt is None else render_template("layers.md.j2", lt=lt).split("\n")
+
+
+def _version_lines(results: Path) -> list[str]:
+    """Before/after measurements of the code, versions taking turns on one host (scripts/ab_steps.py)."""
+    versions = Records(results).versions()
+    return [] if not versions else ["", *render_template("versions.md.j2", versions=versions).rstrip("\n").split("\n"), ""]
 
 
 def _timed_checks(results: Path) -> list[str]:

@@ -19,6 +19,7 @@ from .common import RESULTS, _anchor, _kernels_text, hardware_text, seconds_per_
 FIRST_COMMAND = "first-command-time.json"  # scripts/time_first_command.py
 SMALL_BATCHES_FILE = "bench-small-batches.json"  # tinymnist bench --small-batches
 LAYERS_FILE = "bench-layers.json"  # tinymnist bench --layers
+VERSIONS_DIR = "bench-chains"  # scripts/ab_steps.py: versions of the code taking turns on one host
 WRITEUPS_FILE = "writeups.json"  # published networks of this assignment, rebuilt and checked: the claim beside ours
 
 
@@ -105,6 +106,39 @@ class LayerTimes:
     steps: int
     repeats: int
     rows: tuple[LayerRow, ...]
+
+
+@dataclass(frozen=True)
+class VersionCell:
+    """One version at one thread count in an A/B: its median images/s, and the median of its round-by-round ratios to
+    the first version's (also per GFLOP/s of the matrix multiply measured right after each timing)."""
+
+    tree: str
+    threads: int
+    images_per_s: float
+    ratio: float
+    ratio_per_gflops: float
+
+
+@dataclass(frozen=True)
+class VersionAB:
+    """scripts/ab_steps.py: versions of the code, each a checkout at a commit, taking turns on one host."""
+
+    file: str
+    host: str
+    unit: str  # what one measurement timed
+    step: str
+    model: str
+    batch_size: int
+    rounds: int
+    trees: tuple[tuple[str, str], ...]  # (name, short commit), the first the baseline
+    cells: tuple[VersionCell, ...]
+    two_over_one: tuple[tuple[str, float], ...]  # (name, its images/s at the most threads over the fewest)
+    thread_range: tuple[int, int]  # the fewest and the most threads measured
+
+    @property
+    def base(self) -> str:
+        return self.trees[0][0]
 
 
 def rate_cell(pr: Proof, wide: Optional[Proof] = None) -> str:
@@ -253,6 +287,26 @@ class Records:
                                     for l in r["leaves"])) for r in b["rows"])
         return LayerTimes(LAYERS_FILE, hardware_text(b["env"]), b["recipe"], b["model"], b["batch_size"], b["steps"],
                           b["repeats"], rows)
+
+    def versions(self) -> list[VersionAB]:
+        """Every A/B of versions under results/bench-chains/, oldest baseline first (then by name)."""
+        out = []
+        for path in sorted((self.root / VERSIONS_DIR).glob("*.json")):
+            b = self.json(f"{VERSIONS_DIR}/{path.name}")
+            trees = tuple((name, t["commit"][:7]) for name, t in b["trees"].items())
+            base = trees[0][0]
+            cells = tuple(VersionCell(key.split("@")[0], int(key.split("@")[1]), v["median_images_per_s"],
+                                      v[f"paired_ratio_to_{base}"], v[f"paired_ratio_per_gflops_to_{base}"])
+                          for key, v in b["summary"].items() if "@" in key)
+            two = tuple((key.split(":")[0], v) for key, v in b["summary"].items() if key.endswith(" threads"))
+            threads = sorted({int(key.split("@")[1]) for key in b["summary"] if "@" in key})
+            unit = f"{b['steps']} steps on one fixed batch" if b.get("steps") else b["unit"]
+            step_model = {st.name: st.config.model for st in STEPS}.get(b["step"], "the step's own network")
+            model = b["model"] or next(iter(b.get("models", {}).values()), step_model)
+            out.append(VersionAB(f"{VERSIONS_DIR}/{path.name}", hardware_text(b["env"]),
+                                 unit, b["step"], model, b["batch_size"], b["rounds"], trees, cells, two,
+                                 (threads[0], threads[-1])))
+        return out
 
     def check(self, step: Step) -> Optional[StepCheck]:
         name = CHECK_FILE.format(step=step.name)
