@@ -85,7 +85,7 @@ def _layer_lines(results: Path) -> list[str]:
 def _version_lines(results: Path) -> list[str]:
     """Before/after measurements of the code, versions taking turns on one host (scripts/ab_steps.py)."""
     versions = Records(results).versions()
-    return [] if not versions else ["", *render_template("versions.md.j2", versions=versions).rstrip("\n").split("\n"), ""]
+    return [] if not versions else ["", *render_template("versions.md.j2", versions=versions).rstrip("\n").split("\n")]
 
 
 def _timed_checks(results: Path) -> list[str]:
