@@ -237,7 +237,7 @@ def training_threads(model: nn.Module):
     Only a model that trains wholly on the kernels (trains_on_kernels) gets this; a network with convolutions on
     PyTorch's ops keeps their threads. Evaluation (large batches, PyTorch's ops) runs outside this block, with
     every thread."""
-    if not trains_on_kernels(model) or getattr(_local, "threads", None):
+    if getattr(_local, "threads", None) or not trains_on_kernels(model):  # inside the block already: nothing to walk
         yield
         return
     _local.threads = torch.get_num_threads()

@@ -64,13 +64,15 @@ def _timed_steps(batches, step: Callable, steps: int, device: torch.device) -> f
     """Images per second over `steps` training steps drawn from the iterator `batches`."""
     n = 0
     sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        x, y = next(batches)
-        step(x, y)
-        n += y.shape[0]
-    sync(device)
-    return n / (time.perf_counter() - t0)
+    # a training step's threads are set once around the steps, as train_epoch sets them once an epoch
+    with getattr(step, "threads", contextlib.nullcontext)():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            x, y = next(batches)
+            step(x, y)
+            n += y.shape[0]
+        sync(device)
+        return n / (time.perf_counter() - t0)
 
 
 FLOPS_PER_MAC = 6  # a training image costs forward + 2 backward passes, each 2 FLOPs per multiply-accumulate
@@ -98,10 +100,14 @@ class _Step:
         self.fmt = torch_memory_format(cfg.memory_format)
         self.optimizer = make_optimizer(model, cfg)
 
+    def threads(self):
+        """The block a run of steps takes as train_epoch's epoch does (kernels.training_threads)."""
+        return training_threads(self.model)
+
     def __call__(self, x, y):
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
         y = y.to(self.device, non_blocking=True)
-        with training_threads(self.model):  # as train_epoch runs a step
+        with self.threads():  # inside _timed_steps' block already: returns at once
             with autocast(self.device, self.cfg.precision):
                 loss = F.cross_entropy(self.model(x).float(), y)
             self.optimizer.zero_grad(set_to_none=True)
@@ -291,10 +297,11 @@ def _pipeline_rate(data_dir: Optional[str], model_name: str, config: dict, threa
         step(*next_batch())
     barrier.wait()
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        x, y = next_batch()
-        step(x, y)
-        n += y.shape[0]
+    with step.threads():  # once, as an epoch of train_epoch
+        while time.perf_counter() - t0 < seconds:
+            x, y = next_batch()
+            step(x, y)
+            n += y.shape[0]
     results.put(n / (time.perf_counter() - t0))
 
 
