@@ -218,7 +218,8 @@ def _conv_case(n, ci, h, w, co, k, seed=0):
 # outputs of one pixel and of fewer pixels than a register tile
 @pytest.mark.parametrize("case", [(4, 8, 26, 26, 16, 3), (3, 1, 28, 28, 8, 3), (5, 16, 12, 12, 10, 1),
                                   (2, 10, 12, 12, 16, 3), (2, 3, 9, 7, 26, 3), (2, 5, 11, 11, 20, 5),
-                                  (3, 16, 3, 3, 16, 3), (2, 7, 4, 6, 3, 2)])
+                                  (3, 16, 3, 3, 16, 3), (2, 7, 4, 6, 3, 2), (4, 8, 26, 26, 12, 3),
+                                  (3, 12, 24, 24, 12, 3), (2, 13, 20, 25, 13, 3)])
 def test_the_convolution_kernel_matches_pytorch_in_both_directions(built, case):
     from tinymnist.accel.kernels import Conv2d
 
@@ -289,6 +290,39 @@ def test_depthwise_results_do_not_depend_on_the_thread_count(built):
         torch.set_num_threads(before)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+# the answer's front (12 channels on 26x26 and 24x24 maps: 16 pixels and a tail of 8, and of 6), each count of 9 to
+# 15 channels (a last channel group of one to six, halves of the tail above 12), rows of 8 to 17 pixels, a 1x1 and a
+# 5x5 kernel, into 3 to 13 input channels
+@pytest.mark.parametrize("ci, co, hw, k", [(8, 12, 26, 3), (12, 12, 24, 3)] + [
+    (ci, co, hw, 3) for co in range(9, 16) for ci, hw in ((3, 10), (12, 13), (5, 19))] + [
+    (12, 10, 9, 1), (13, 11, 20, 5)])
+def test_pixel_tiles_give_the_channel_tiles_bits(built, ci, co, hw, k):
+    # a row of 9 to 15 channels runs with 8 pixels in a vector; its sums are the same operations in the same
+    # order as the channel tiles', so each output, input gradient and weight gradient is the same bit for bit
+    from tinymnist.accel.kernels import _ptr, library
+
+    lib = library()[0]
+    x, weight, g = _conv_case(3, ci, hw, hw, co, k, seed=co)
+    x[0, 0, 0, :3] = 0.0  # zero products: the sign of a zero sum too
+    w = weight.contiguous()
+    got = []
+    try:
+        for pixels in (1, 0):
+            lib.tm_set_pixel_tiles(pixels)
+            for threads in (1, 2, 3):
+                y = torch.empty_like(g)
+                dx, dw = torch.empty_like(x), torch.empty_like(w)
+                assert lib.tm_conv_forward(_ptr(x), 3, hw, hw, ci, _ptr(w), co, k, _ptr(y), threads) == 0
+                assert lib.tm_conv_backward(_ptr(x), 3, hw, hw, ci, _ptr(w), co, k, _ptr(g), _ptr(dx), _ptr(dw),
+                                            threads) == 0
+                got.append((y, dx, dw))
+    finally:
+        lib.tm_set_pixel_tiles(1)
+    for other in got[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got[0], other))
+    assert torch.allclose(got[0][0].double(), F.conv2d(x.double(), w.double()), atol=1e-5)
 
 
 def test_the_convolution_kernel_skips_dx_when_the_input_needs_no_gradient(built):

@@ -84,6 +84,7 @@ PROTOTYPES = {
     "tm_dwconv_forward": (_P, _L, _L, _L, _I, _P, _I, _I, _P, _I),
     "tm_dwconv_backward": (_P, _L, _L, _L, _I, _P, _I, _I, _P, _P, _P, _I),
     "tm_set_spin": (_L,),
+    "tm_set_pixel_tiles": (_I,),
     "tm_bn_supports": (_I,),
     "tm_chain_forward": (_P, _I, _I),
     "tm_chain_backward": (_P, _I, _I),

@@ -651,6 +651,105 @@ static void conv_row(const float *x, long xrow, int Ci, int K, const float *w, i
     }
 }
 
+/* ---- the same rows with pixels in the vector lanes, for Co that 8 does not divide and below 16 (12: the answer's
+ * front). The channel-vector tiles above then leave lanes idle (12 of 16); here a vector holds 8 consecutive output
+ * pixels of one channel, and the input is read from a planar copy of the image (xt[(h*Ci + ci)*plane + w], plane >=
+ * W + 16, readable past a row's end). Each output element is still the sum over kh, then kw, then ci of x * w, one
+ * fused multiply-add each from zero: the same operations in the same order as conv_tile, so the same bits.
+ * Tiles: 16 pixels x up to 6 channels, or, for the last <= 8 pixels of a row, 8 pixels x up to 12 channels; 12
+ * accumulators either way. */
+#define EACH6(M) M(0) M(1) M(2) M(3) M(4) M(5)
+INLINE void px_tile16(const float *restrict xt, long plane, int Ci, int K, const float *restrict w, int ws,
+                      const int NC, float *restrict o, int Co, int valid) {
+#define DECL(j) v8 a##j##_0 = {0}, a##j##_1 = {0};
+#define FMA(j) if (j < NC) { const v8 b = bc(wp[j]); a##j##_0 += x0 * b; a##j##_1 += x1 * b; }
+#define KEEP(j) if (j < NC) { VST(t[j], a##j##_0); VST(t[j] + 8, a##j##_1); }
+    EACH6(DECL)
+    for (int kh = 0; kh < K; kh++)
+        for (int kw = 0; kw < K; kw++)
+            for (int ci = 0; ci < Ci; ci++) {
+                const float *xp = xt + ((long)kh * Ci + ci) * plane + kw;
+                const v8 x0 = VLD(xp), x1 = VLD(xp + 8);
+                const float *wp = w + ((long)(kh * K + kw) * Ci + ci) * ws;
+                EACH6(FMA)
+            }
+    float t[6][16];
+    EACH6(KEEP)
+    for (int p = 0; p < valid; p++)
+        for (int j = 0; j < NC; j++) o[(long)p * Co + j] = t[j][p];
+#undef DECL
+#undef FMA
+#undef KEEP
+}
+
+INLINE void px_tile8(const float *restrict xt, long plane, int Ci, int K, const float *restrict w, int ws,
+                     const int NC, float *restrict o, int Co, int valid) {
+#define DECL(j) v8 a##j = {0};
+#define FMA(j) if (j < NC) a##j += x0 * bc(wp[j]);
+#define KEEP(j) if (j < NC) VST(t[j], a##j);
+    EACH12(DECL)
+    for (int kh = 0; kh < K; kh++)
+        for (int kw = 0; kw < K; kw++)
+            for (int ci = 0; ci < Ci; ci++) {
+                const v8 x0 = VLD(xt + ((long)kh * Ci + ci) * plane + kw);
+                const float *wp = w + ((long)(kh * K + kw) * Ci + ci) * ws;
+                EACH12(FMA)
+            }
+    float t[12][8];
+    EACH12(KEEP)
+    for (int p = 0; p < valid; p++)
+        for (int j = 0; j < NC; j++) o[(long)p * Co + j] = t[j][p];
+#undef DECL
+#undef FMA
+#undef KEEP
+}
+
+/* Whether a row of OW pixels and Co channels takes the pixel tiles: 9 to 15 channels, where the channel tiles leave
+   a quarter or more of their lanes idle. Fewer than 8 channels stay on the channel tiles: there the compiler fuses
+   the multiply-adds of some tail tiles and not others (a row's last pixels, in separate multiply and add), so no
+   other arrangement gives their bits. tm_set_pixel_tiles(0) turns the pixel tiles off, for the test that holds
+   both to the same bits. */
+static atomic_int px_on = 1;
+void tm_set_pixel_tiles(int on) { atomic_store(&px_on, on); }
+static int px_rows(int Co, int OW) { return atomic_load(&px_on) && Co > 8 && Co < 16 && OW >= 8; }
+
+#define T16(NC) px_tile16(xr + ow, plane, Ci, K, w + c0, ws, NC, o + (long)ow * Co + c0, Co, valid)
+#define T8(NC) px_tile8(xr + ow, plane, Ci, K, w + c0, ws, NC, o + (long)ow * Co + c0, Co, valid)
+
+/* One output row: xr is the planar copy at the row's first input row; w packed as for conv_row (ws = up8(Co)). */
+static void conv_row_px(const float *xr, long plane, int Ci, int K, const float *w, int ws, int OW, float *o, int Co) {
+    int ow = 0;
+    for (; OW - ow > 8; ow += 16) {
+        const int valid = OW - ow < 16 ? OW - ow : 16;
+        for (int c0 = 0; c0 < Co; c0 += 6)
+            switch (Co - c0 < 6 ? Co - c0 : 6) {
+                case 1: T16(1); break; case 2: T16(2); break; case 3: T16(3); break;
+                case 4: T16(4); break; case 5: T16(5); break; default: T16(6);
+            }
+    }
+    if (ow < OW) {  /* 8 pixels x all the channels, or, above 12, two halves (a lone channel's tile is not fused) */
+        const int valid = OW - ow, half = Co > 12 ? (Co + 1) / 2 : Co;
+        for (int c0 = 0; c0 < Co; c0 += half)
+            switch (Co - c0 < half ? Co - c0 : half) {
+                case 1: T8(1); break; case 2: T8(2); break; case 3: T8(3); break; case 4: T8(4); break;
+                case 5: T8(5); break; case 6: T8(6); break; case 7: T8(7); break; case 8: T8(8); break;
+                case 9: T8(9); break; case 10: T8(10); break; case 11: T8(11); break; default: T8(12);
+            }
+    }
+}
+#undef T16
+#undef T8
+
+/* `rows` rows of one channels-last image (W pixels of C channels each) into the planar layout
+   xt[(h*C + c)*plane + w]; what lies around them in xt (a plane's columns from W on, a padding) is left as it is */
+static void planar(const float *x, long rows, long W, int C, long plane, float *xt) {
+    for (long h = 0; h < rows; h++)
+        for (long w = 0; w < W; w++) {
+            const float *px = x + (h * W + w) * C;
+            for (int c = 0; c < C; c++) xt[(h * C + c) * plane + w] = px[c];
+        }
+}
+
 /* w (Co x Ci x K x K) -> [kh][kw][ci][co] with co padded to ws = up8(Co); flip = 1 packs the kernel for dx:
    [kh][kw][co][ci] of the flipped kernel, ci padded to up8(Ci). */
 static void pack(const float *w, int Co, int Ci, int K, int flip, float *out) {
@@ -671,8 +770,23 @@ struct conv { const float *x; long N, H, W; int Ci, Co, K; const float *g; float
 static void conv_fwd_task(void *arg, int tid, int n) {
     struct conv *a = arg;
     const long H = a->H, W = a->W, OH = H - a->K + 1, OW = W - a->K + 1, rows = a->N * OH;
+    const int Ci = a->Ci, K = a->K;
+    if (px_rows(a->Co, (int)OW)) {  /* a planar copy of each image this thread's rows read, made once */
+        const long plane = W + 16;
+        float *xt = calloc(H * Ci * plane + 16, sizeof(float));
+        if (!xt) { atomic_store(&a->failed, 1); return; }
+        long have = -1;
+        for (long r = lo(rows, tid, n); r < lo(rows, tid + 1, n); r++) {
+            const long i = r / OH, oh = r % OH;
+            if (i != have) { planar(a->x + i * H * W * Ci, H, W, Ci, plane, xt); have = i; }
+            conv_row_px(xt + oh * Ci * plane, plane, Ci, K, a->wp, up8(a->Co), (int)OW, a->out + r * OW * a->Co,
+                        a->Co);
+        }
+        free(xt);
+        return;
+    }
     for (long r = lo(rows, tid, n); r < lo(rows, tid + 1, n); r++)
-        conv_row(a->x + ((r / OH * H + r % OH) * W) * a->Ci, W * a->Ci, a->Ci, a->K, a->wp, up8(a->Co), (int)OW,
+        conv_row(a->x + ((r / OH * H + r % OH) * W) * Ci, W * Ci, Ci, K, a->wp, up8(a->Co), (int)OW,
                  a->out + r * OW * a->Co, a->Co);
 }
 
@@ -685,7 +799,7 @@ int tm_conv_forward(const float *x, long N, long H, long W, int Ci, const float 
     struct conv a = {x, N, H, W, Ci, Co, K, NULL, out, NULL, NULL, wp, NULL, 0};
     tm_run(conv_fwd_task, &a, N * OH * OW * Co > SERIAL ? threads : 1);
     free(wp);
-    return 0;
+    return atomic_load(&a.failed) ? 2 : 0;
 }
 
 /* dw slice accumulation: taps (kh, kw0 .. kw0+KB-1), channels ci0 .. ci0+CB-1, 8*CV output channels; g has pixel
@@ -782,7 +896,18 @@ static void conv_bwd_task(void *arg, int tid, int n) {
     const long padded = a->dx ? PH * PW * Co : 0, copied = gs != Co ? OH * OW * gs : 0;
     float *buf = malloc(sizeof(float) * (padded + copied + 1));
     if (!buf) atomic_store(&a->failed, 1);
-    if (a->dx && buf)
+    if (a->dx && buf && px_rows(Ci, (int)W)) {  /* dx in pixel tiles: the padded gradient as planes, zeroed once */
+        const long plane = PW + 16;
+        float *gt = calloc(PH * Co * plane + 16, sizeof(float));
+        if (!gt) atomic_store(&a->failed, 1);
+        for (long i = lo(N, tid, n); gt && i < lo(N, tid + 1, n); i++) {
+            planar(a->g + i * OH * OW * Co, OH, OW, Co, plane, gt + (K - 1) * Co * plane + (K - 1));
+            for (long r = 0; r < H; r++)
+                conv_row_px(gt + r * Co * plane, plane, Co, K, a->wp, up8(Ci), (int)W, a->dx + ((i * H + r) * W) * Ci,
+                            Ci);
+        }
+        free(gt);
+    } else if (a->dx && buf)
         for (long i = lo(N, tid, n); i < lo(N, tid + 1, n); i++) {
             pad_image(a->g + i * OH * OW * Co, OH, OW, Co, K, buf);
             for (long r = 0; r < H; r++)
