@@ -20,10 +20,10 @@ def _grads(params, step, skip=()):
 
 
 @pytest.mark.parametrize("kw", [
-    dict(momentum=0.9, nesterov=True),
-    dict(momentum=0.9, nesterov=True, weight_decay=1e-4),
-    dict(momentum=0.8, dampening=0.1),
-    dict(momentum=0.0, weight_decay=5e-4),
+    {"momentum": 0.9, "nesterov": True},
+    {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
+    {"momentum": 0.8, "dampening": 0.1},
+    {"momentum": 0.0, "weight_decay": 5e-4},
 ])
 def test_lean_sgd_is_pytorchs_sgd_bit_for_bit(kw):
     ours, theirs = _params(), _params()
