@@ -107,7 +107,7 @@ def test_the_sampling_grid_is_affine_grids(n, h, w):
         ours = sampling_grid(theta, h, w)
         theirs = torch.nn.functional.affine_grid(theta, [n, 1, h, w], align_corners=False)
         assert ours.shape == theirs.shape == (n, h, w, 2)
-        assert torch.allclose(ours, theirs, rtol=0, atol=4e-7)
+        assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6)  # within a rounding or two, on any host
         # a point of the grid is the map applied to that pixel's centre
         x, y = (2 * 0 + 1) / w - 1, (2 * (h - 1) + 1) / h - 1
         want = theta[:, :, 0] * x + theta[:, :, 1] * y + theta[:, :, 2]
